@@ -1,0 +1,110 @@
+"""Atom-budget batching of records into graph batches with neighbour lists (vesin).
+
+A batch holds as many whole structures as fit in ``max_atoms`` (fairchem-style), so cost per step
+is steady whatever the molecule sizes. A structure larger than the budget gets a batch of its own
+rather than being dropped. Batch keys and shapes (N atoms, E edges, G graphs):
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import vesin
+
+from mlfound.data.record import Record
+from mlfound.data.streams import TaskStream
+
+
+@dataclasses.dataclass
+class GraphBatch:
+    z: torch.Tensor  # (N,) int64 atomic numbers
+    pos_a: torch.Tensor  # (N, 3) float32 Å
+    graph_index: torch.Tensor  # (N,) int64 graph of each atom
+    edge_index: torch.Tensor  # (2, E) int64 [sender, receiver]
+    edge_shift_a: torch.Tensor  # (E, 3) float32 Å; edge vector = pos[j] - pos[i] + shift
+    energy_ev: torch.Tensor  # (G,) float64 total energies
+    forces_ev_a: torch.Tensor  # (N, 3) float32; zeros where a graph has no forces
+    has_forces: torch.Tensor  # (G,) bool
+    task_index: torch.Tensor  # (G,) int64 position of the graph's task in the task list
+    num_atoms: torch.Tensor  # (G,) int64
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.energy_ev)
+
+    def to(self, device) -> "GraphBatch":
+        return GraphBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+def neighbour_list(rec: Record, cutoff_a: float) -> tuple[np.ndarray, np.ndarray]:
+    """Full neighbour list of one structure: (2, E) indices and (E, 3) Cartesian cell shifts in Å."""
+    periodic = rec.pbc if rec.pbc is not None else np.zeros(3, bool)
+    box = rec.cell_a if rec.cell_a is not None else np.zeros((3, 3))
+    calculator = vesin.NeighborList(cutoff=cutoff_a, full_list=True)
+    i, j, shifts = calculator.compute(points=rec.pos_a, box=box, periodic=periodic, quantities="ijS")
+    return np.stack([i, j]).astype(np.int64), shifts.astype(np.float64) @ box
+
+
+def collate(records: Sequence[Record], cutoff_a: float, task_names: Sequence[str]) -> GraphBatch:
+    """One GraphBatch from records; tasks are indexed by their position in ``task_names``."""
+    task_position = {name: i for i, name in enumerate(task_names)}
+    edges, shifts, atom_offset = [], [], 0
+    for rec in records:
+        edge_index, shift_a = neighbour_list(rec, cutoff_a)
+        edges.append(edge_index + atom_offset)
+        shifts.append(shift_a)
+        atom_offset += rec.num_atoms
+    num_atoms = np.array([r.num_atoms for r in records])
+    forces = [r.forces_ev_a if r.forces_ev_a is not None else np.zeros((r.num_atoms, 3)) for r in records]
+    try:
+        task_index = [task_position[r.task] for r in records]
+    except KeyError as err:
+        raise KeyError(f"record task {err} is not among the model's tasks {list(task_names)}") from None
+    return GraphBatch(
+        z=torch.from_numpy(np.concatenate([r.z for r in records])),
+        pos_a=torch.from_numpy(np.concatenate([r.pos_a for r in records])).float(),
+        graph_index=torch.from_numpy(np.repeat(np.arange(len(records)), num_atoms)),
+        edge_index=torch.from_numpy(np.concatenate(edges, axis=1)),
+        edge_shift_a=torch.from_numpy(np.concatenate(shifts)).float(),
+        energy_ev=torch.tensor([r.energy_ev for r in records], dtype=torch.float64),
+        forces_ev_a=torch.from_numpy(np.concatenate(forces)).float(),
+        has_forces=torch.tensor([r.forces_ev_a is not None for r in records]),
+        task_index=torch.tensor(task_index, dtype=torch.int64),
+        num_atoms=torch.from_numpy(num_atoms).long(),
+    )
+
+
+class AtomBudgetBatcher:
+    """Infinite GraphBatches from one TaskStream; its state is the stream's state."""
+
+    def __init__(self, stream: TaskStream, max_atoms: int, cutoff_a: float, task_names: Sequence[str],
+                 max_graphs: int | None = None):
+        if max_atoms < 1:
+            raise ValueError(f"max_atoms must be >= 1, got {max_atoms}")
+        self.stream, self.max_atoms, self.cutoff_a = stream, max_atoms, cutoff_a
+        self.task_names, self.max_graphs = list(task_names), max_graphs
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> GraphBatch:
+        return collate(self.next_records(), self.cutoff_a, self.task_names)
+
+    def next_records(self) -> list[Record]:
+        records = [next(self.stream)]
+        num_atoms = records[0].num_atoms
+        while self.max_graphs is None or len(records) < self.max_graphs:
+            upcoming = self.stream.peek()
+            if num_atoms + upcoming.num_atoms > self.max_atoms:
+                break
+            records.append(next(self.stream))
+            num_atoms += upcoming.num_atoms
+        return records
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)

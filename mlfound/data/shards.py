@@ -1,0 +1,241 @@
+"""Write one task's records into webdataset shards plus a ``manifest.json``.
+
+Layout: ``<out>/<task>/<task>-00000.tar ...`` and ``<out>/<task>/manifest.json``. Every file is
+written to a temporary name and renamed, the manifest last, so a crash never leaves a manifest
+pointing at half-written shards. Tar headers carry fixed times and owners, so the same sources
+give byte-identical shards, and a rerun whose sources and options are unchanged does nothing.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from mlfound.data import shard_format
+from mlfound.data.readers import SourceSpec, lot_metadata, read_source
+from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, validate_record
+from mlfound.data.references import ReferenceFit, reference_energy
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+TOOL_VERSION = "mlfound-shard 0.1"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardOptions:
+    records_per_shard: int = 1000
+    min_distance_a: float = DEFAULT_MIN_DISTANCE_A
+    skip_bad: bool = False
+
+
+def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: ShardOptions,
+               lot: dict | None = None, progress: bool = True) -> dict:
+    """Shard every record of ``sources`` into ``out_dir/task``; return the manifest."""
+    task_dir = Path(out_dir) / task
+    fingerprint = _fingerprint(sources, options, lot)
+    manifest_path = task_dir / MANIFEST_NAME
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("fingerprint") == fingerprint and _shards_intact(task_dir, old):
+            return old  # idempotent: same inputs, same outputs, already on disk
+    task_dir.mkdir(parents=True, exist_ok=True)
+    stats = _TaskStats()
+    rejects: list[dict] = []
+    writer = _ShardWriter(task_dir, task, options.records_per_shard)
+    for rec in tqdm(_valid_records(sources, options, rejects), desc=f"shard {task}", unit="rec",
+                    disable=not progress):
+        writer.add(rec)
+        stats.add(rec)
+    shards = writer.close()
+    if stats.num_records == 0:
+        raise DataError(f"task {task!r}: no valid records in {[str(s.path) for s in sources]}")
+    _write_rejects(task_dir, rejects)
+    manifest = {
+        "format_version": MANIFEST_VERSION, "tool": TOOL_VERSION, "task": task,
+        "lot": {**_lot_from_sources(sources), **(lot or {})}, "fingerprint": fingerprint,
+        "sources": [_describe_source(s) for s in sources], "options": dataclasses.asdict(options),
+        "num_records": stats.num_records, "num_rejected": len(rejects), "shards": shards,
+        **stats.summary(),
+    }
+    _remove_stale_shards(task_dir, {s["name"] for s in shards})
+    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def load_manifest(task_dir: Path) -> dict:
+    path = Path(task_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise DataError(f"{path}: no manifest; run tools/shard_dataset.py to create the shards for this task")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise DataError(f"{path}: manifest format {manifest.get('format_version')} is not {MANIFEST_VERSION}; "
+                        "re-shard the sources with this version of tools/shard_dataset.py")
+    manifest["references_ev"] = {int(z): e for z, e in manifest["references_ev"].items()}
+    return manifest
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _valid_records(sources: list[SourceSpec], options: ShardOptions, rejects: list[dict]) -> Iterable[Record]:
+    for spec in sources:
+        for rec in read_source(spec):
+            try:
+                validate_record(rec, options.min_distance_a)
+            except DataError as err:
+                if not options.skip_bad:
+                    raise DataError(f"{err} (pass --skip-bad to reject such records to a list instead)") from None
+                rejects.append({"source": rec.source, "index": rec.index, "reason": str(err)})
+                continue
+            yield rec
+
+
+class _ShardWriter:
+    """Deterministic tar shards of at most ``records_per_shard`` records, each renamed into place."""
+
+    def __init__(self, task_dir: Path, task: str, records_per_shard: int):
+        if records_per_shard < 1:
+            raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
+        self.task_dir, self.task, self.records_per_shard = task_dir, task, records_per_shard
+        self.shards: list[dict] = []
+        self._tar = self._file = None
+        self._count = 0
+        self._num_written = 0
+
+    def add(self, rec: Record) -> None:
+        if self._tar is None:
+            self._open()
+        key = f"{self.task}-{self._num_written:09d}"
+        self._tar.write({"__key__": key, shard_format.MEMBER_EXT: shard_format.encode(rec)})
+        self._count += 1
+        self._num_written += 1
+        if self._count == self.records_per_shard:
+            self._finish()
+
+    def close(self) -> list[dict]:
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+    def _name(self) -> str:
+        return f"{self.task}-{len(self.shards):05d}.tar"
+
+    def _open(self) -> None:
+        self._tmp = self.task_dir / f".{self._name()}.tmp{os.getpid()}"
+        self._file = open(self._tmp, "wb")
+        self._tar = wds.TarWriter(self._file, user="mlfound", group="mlfound", mtime=0.0)
+        self._count = 0
+
+    def _finish(self) -> None:
+        self._tar.close()  # also closes the file
+        name = self._name()
+        os.replace(self._tmp, self.task_dir / name)
+        self.shards.append({"name": name, "sha256": sha256_file(self.task_dir / name), "num_records": self._count})
+        self._tar = self._file = None
+
+
+class _TaskStats:
+    """Everything the manifest says about a task, gathered in the same single pass."""
+
+    def __init__(self) -> None:
+        self.refs = ReferenceFit()
+        self.num_records = 0
+        self.atom_hist: collections.Counter = collections.Counter()
+        self.element_atoms: collections.Counter = collections.Counter()
+        self.energies_ev: list[float] = []
+        self.compositions: list[np.ndarray] = []
+        self.force_sq_sum = 0.0
+        self.num_force_components = 0
+        self.num_with_forces = 0
+
+    def add(self, rec: Record) -> None:
+        self.num_records += 1
+        self.refs.add(rec.z, rec.energy_ev)
+        self.atom_hist[rec.num_atoms] += 1
+        self.element_atoms.update(rec.z.tolist())
+        self.energies_ev.append(rec.energy_ev)
+        self.compositions.append(rec.z)
+        if rec.forces_ev_a is not None:
+            self.num_with_forces += 1
+            self.force_sq_sum += float((rec.forces_ev_a**2).sum())
+            self.num_force_components += rec.forces_ev_a.size
+
+    def summary(self) -> dict:
+        refs, notes = self.refs.solve()
+        residual_ev = np.array([e - reference_energy(z, refs) for e, z in zip(self.energies_ev, self.compositions)])
+        num_atoms = np.array([len(z) for z in self.compositions], np.float64)
+        energies = np.array(self.energies_ev)
+        return {
+            "num_atoms_total": int(num_atoms.sum()),
+            "atom_count_histogram": {str(k): v for k, v in sorted(self.atom_hist.items())},
+            "element_counts": {str(k): v for k, v in sorted(self.element_atoms.items())},
+            "element_structure_counts": {str(z): int(self.refs.structures_with[z]) for z in refs},
+            "references_ev": {str(z): e for z, e in refs.items()},
+            "reference_notes": notes,
+            "num_with_forces": self.num_with_forces,
+            "stats": {
+                "energy_mean_ev": float(energies.mean()), "energy_std_ev": float(energies.std()),
+                "residual_rms_ev": float(np.sqrt((residual_ev**2).mean())),
+                "residual_per_atom_std_ev": float((residual_ev / num_atoms).std()),
+                "forces_rms_ev_a": (float(np.sqrt(self.force_sq_sum / self.num_force_components))
+                                    if self.num_force_components else None),
+            },
+        }
+
+
+def _fingerprint(sources: list[SourceSpec], options: ShardOptions, lot: dict | None) -> str:
+    parts = [json.dumps(_describe_source(s), sort_keys=True) for s in sources]
+    parts += [json.dumps(dataclasses.asdict(options), sort_keys=True), json.dumps(lot or {}, sort_keys=True),
+              TOOL_VERSION]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _describe_source(spec: SourceSpec) -> dict:
+    return {"path": str(spec.path), "sha256": sha256_file(Path(spec.path)), "format": spec.format,
+            "energy_key": spec.energy_key, "forces_key": spec.forces_key,
+            "energy_unit": spec.energy_unit, "length_unit": spec.length_unit}
+
+
+def _lot_from_sources(sources: list[SourceSpec]) -> dict:
+    metas = [lot_metadata(s) for s in sources]
+    if any(m != metas[0] for m in metas):
+        raise DataError(f"sources disagree on level-of-theory metadata: {metas}; one task needs one LoT")
+    return metas[0]
+
+
+def _shards_intact(task_dir: Path, manifest: dict) -> bool:
+    return all((task_dir / s["name"]).exists() and sha256_file(task_dir / s["name"]) == s["sha256"]
+               for s in manifest["shards"])
+
+
+def _write_rejects(task_dir: Path, rejects: list[dict]) -> None:
+    path = task_dir / "rejects.jsonl"
+    if rejects:
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rejects).encode())
+    elif path.exists():
+        path.unlink()
+
+
+def _remove_stale_shards(task_dir: Path, keep: set[str]) -> None:
+    for path in task_dir.glob("*.tar"):
+        if path.name not in keep:
+            path.unlink()

@@ -1,0 +1,134 @@
+"""Per-task, per-rank, infinite record streams with exact resume.
+
+Epoch plan (a pure function of seed, task, epoch, rank and world size):
+  * shards are permuted with an RNG seeded by (seed, task, epoch), the same on every rank;
+  * with at least as many shards as ranks, rank r reads shards ``order[r::world]``;
+    with fewer, every rank reads every shard and keeps records ``i % world == r``;
+  * inside each shard, the rank's records are permuted by (seed, task, epoch, rank, shard).
+So ranks are disjoint and together cover the task once per epoch. Streams never end (the next
+epoch follows), so no rank can run dry and hang a collective. The state (epoch, cursor, offset)
+goes into checkpoints: ``load_state_dict`` resumes at exactly the next record.
+"""
+from __future__ import annotations
+
+import tarfile
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from mlfound.data import shard_format
+from mlfound.data.record import DataError, Record
+from mlfound.data.shards import load_manifest, sha256_file
+
+
+class TaskStream:
+    """Infinite stream of one task's records for one rank; ``peek()`` looks ahead without consuming."""
+
+    def __init__(self, task_dir: Path, seed: int, rank: int = 0, world_size: int = 1,
+                 shard_url_template: str | None = None):
+        """``shard_url_template`` (e.g. ``"pipe:curl -s https://host/{task}/{name}"``) streams shards from
+        remote storage instead of ``task_dir``; the manifest is always read from ``task_dir``."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.task_dir = Path(task_dir)
+        self.manifest = load_manifest(self.task_dir)
+        self.task = self.manifest["task"]
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shard_url_template = shard_url_template
+        if self.manifest["num_records"] < world_size:
+            raise DataError(f"task {self.task!r} has {self.manifest['num_records']} records, fewer than "
+                            f"{world_size} ranks: every rank needs at least one")
+        self.epoch, self.cursor, self.offset = 0, 0, 0
+        self._parts: list[tuple[int, int]] | None = None  # (shard index, record stride) of this epoch
+        self._buffer: list[Record] | None = None
+        self._verified: set[int] = set()
+
+    # -- iteration -------------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Record:
+        rec = self.peek()
+        self.offset += 1
+        return rec
+
+    def peek(self) -> Record:
+        while True:
+            if self._buffer is None:
+                self._buffer = self._load_part()
+            if self.offset < len(self._buffer):
+                return self._buffer[self.offset]
+            self._advance_part()
+
+    def _advance_part(self) -> None:
+        self._buffer, self.offset = None, 0
+        self.cursor += 1
+        if self.cursor == len(self._epoch_parts()):
+            self.epoch, self.cursor, self._parts = self.epoch + 1, 0, None
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"task": self.task, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "epoch": self.epoch, "cursor": self.cursor, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["task"], state["seed"]) != (self.task, self.seed):
+            raise ValueError(f"stream state is for task {state['task']!r} seed {state['seed']}, "
+                             f"not task {self.task!r} seed {self.seed}")
+        self._parts = self._buffer = None
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            warnings.warn(f"task {self.task!r}: resuming with rank {self.rank}/{self.world_size} from a state "
+                          f"saved at {state['rank']}/{state['world_size']}; exact resume is impossible, "
+                          f"restarting epoch {state['epoch']}", stacklevel=2)
+            self.epoch, self.cursor, self.offset = state["epoch"], 0, 0
+            return
+        self.epoch, self.cursor, self.offset = state["epoch"], state["cursor"], state["offset"]
+
+    # -- epoch plan and shard reading ------------------------------------------------------
+    def _rng(self, *parts: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, zlib.crc32(self.task.encode()), self.epoch, *parts])
+
+    def _epoch_parts(self) -> list[tuple[int, int]]:
+        if self._parts is None:
+            num_shards = len(self.manifest["shards"])
+            order = self._rng().permutation(num_shards).tolist()
+            if num_shards >= self.world_size:
+                self._parts = [(s, 1) for s in order[self.rank::self.world_size]]
+            else:
+                self._parts = [(s, self.world_size) for s in order]
+        return self._parts
+
+    def _load_part(self) -> list[Record]:
+        shard, stride = self._epoch_parts()[self.cursor]
+        records = self._read_shard(shard)
+        if stride > 1:
+            records = records[self.rank::stride]
+        permutation = self._rng(self.rank, shard).permutation(len(records))
+        return [records[i] for i in permutation]
+
+    def _read_shard(self, shard: int) -> list[Record]:
+        info = self.manifest["shards"][shard]
+        local = self.task_dir / info["name"]
+        if self.shard_url_template is None:
+            url = str(local)
+            if shard not in self._verified:
+                if not local.exists():
+                    raise DataError(f"shard {local} listed in the manifest is missing")
+                if sha256_file(local) != info["sha256"]:
+                    raise DataError(f"shard {local}: sha256 does not match the manifest; the file is "
+                                    "corrupted or was changed, re-run tools/shard_dataset.py")
+                self._verified.add(shard)
+        else:
+            url = self.shard_url_template.format(task=self.task, name=info["name"])
+        pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+        try:
+            records = [shard_format.decode(sample[shard_format.MEMBER_EXT], self.task) for sample in pipeline]
+        except (tarfile.TarError, OSError, ValueError, KeyError) as err:
+            raise DataError(f"shard {url}: cannot read ({type(err).__name__}: {err})") from err
+        if len(records) != info["num_records"]:
+            raise DataError(f"shard {url}: {len(records)} records, manifest says {info['num_records']}; "
+                            "the shard is truncated or was changed")
+        return records

@@ -1,0 +1,168 @@
+"""Resumable, parallel generation of a recipe's corpus: one extxyz per LoT task.
+
+Work is split into units whose results are written atomically under ``<out>/.work/<recipe>/``:
+first one MD trajectory per (molecule, temperature), then one label chunk per
+(task, molecule, temperature, chunk). A killed run loses at most the units in flight; rerunning
+skips every unit already on disk. SCF failures go to ``<task>.rejects.jsonl``, never lost silently.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mlfound.qmdata import geometries, levels
+from mlfound.qmdata.recipes import Recipe
+
+LABEL_CHUNK_FRAMES = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class GeometryUnit:
+    molecule: str
+    temperature_k: float
+
+    @property
+    def stem(self) -> str:
+        return f"{self.molecule}_T{int(self.temperature_k)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelUnit:
+    task: str
+    geometry: GeometryUnit
+    first_frame: int
+    num_frames: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.task}/{self.geometry.stem}_f{self.first_frame:04d}"
+
+
+def make_corpus(recipe_name: str, recipe: Recipe, out_dir: Path, workers: int) -> dict[str, dict]:
+    """Run (or resume) every unit of ``recipe`` and write ``<out_dir>/<task>.extxyz``; return counts."""
+    work_dir = out_dir / ".work" / recipe_name
+    geom_units = [GeometryUnit(m, t) for m in _molecules_used(recipe) for t in recipe.temperatures_k]
+    _run_units(_make_geometry, [(recipe, u, work_dir) for u in geom_units
+                                if not _geometry_path(work_dir, u).exists()], workers, "MD")
+    label_units = [
+        LabelUnit(task.lot, GeometryUnit(m, t), first, min(LABEL_CHUNK_FRAMES, recipe.frames_per_temperature - first))
+        for task in recipe.tasks for m in task.molecules for t in recipe.temperatures_k
+        for first in range(0, recipe.frames_per_temperature, LABEL_CHUNK_FRAMES)
+    ]
+    _run_units(_make_labels, [(u, work_dir) for u in label_units
+                              if not _label_path(work_dir, u).exists()], workers, "labels")
+    return {task.lot: _write_task(task.lot, recipe, [u for u in label_units if u.task == task.lot],
+                                  work_dir, out_dir) for task in recipe.tasks}
+
+
+def _molecules_used(recipe: Recipe) -> list[str]:
+    used = {m for task in recipe.tasks for m in task.molecules}
+    unknown = used - set(recipe.smiles)
+    if unknown:
+        raise ValueError(f"recipe tasks name molecules without SMILES: {sorted(unknown)}")
+    return [m for m in recipe.smiles if m in used]
+
+
+def _run_units(fn, args_list, workers: int, what: str) -> None:
+    if not args_list:
+        return
+    if workers <= 1:
+        for args in tqdm(args_list, desc=what, unit="unit"):
+            fn(*args)
+        return
+    with cf.ProcessPoolExecutor(workers, initializer=_single_thread) as pool:
+        futures = [pool.submit(fn, *args) for args in args_list]
+        for future in tqdm(cf.as_completed(futures), total=len(futures), desc=what, unit="unit"):
+            future.result()  # re-raise a worker's error here, with its traceback
+
+
+def _single_thread() -> None:
+    """Each worker process uses one core; parallelism comes from the pool."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from pyscf import lib
+
+    lib.num_threads(1)
+
+
+def _geometry_path(work_dir: Path, unit: GeometryUnit) -> Path:
+    return work_dir / "geometries" / f"{unit.stem}.npz"
+
+
+def _label_path(work_dir: Path, unit: LabelUnit) -> Path:
+    return work_dir / "labels" / f"{unit.stem}.json"
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF  # RDKit wants a C int
+
+
+def _make_geometry(recipe: Recipe, unit: GeometryUnit, work_dir: Path) -> None:
+    symbols, pos0_a = geometries.rdkit_conformer(recipe.smiles[unit.molecule], _seed(recipe.seed, unit.molecule))
+    frames_a = geometries.xtb_md_frames(symbols, pos0_a, unit.temperature_k, recipe.frames_per_temperature,
+                                        seed=_seed(recipe.seed, unit.stem), stride=recipe.md_stride_steps)
+    path = _geometry_path(work_dir, unit)
+    _atomic_write(path, lambda f: np.savez(f, symbols=np.array(symbols), frames_a=frames_a))
+
+
+def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
+    lot = levels.LEVELS[unit.task]
+    geom = np.load(_geometry_path(work_dir, unit.geometry))
+    symbols = [str(s) for s in geom["symbols"]]
+    records, rejects = [], []
+    for frame in range(unit.first_frame, unit.first_frame + unit.num_frames):
+        try:
+            energy_ev, forces = levels.label(lot, symbols, geom["frames_a"][frame])
+        except levels.NotConvergedError as err:
+            rejects.append({"frame": frame, "reason": str(err)})
+            continue
+        records.append({"frame": frame, "energy_ev": energy_ev,
+                        "forces_ev_a": None if forces is None else forces.tolist()})
+    payload = json.dumps({"records": records, "rejects": rejects})
+    _atomic_write(_label_path(work_dir, unit), lambda f: f.write(payload.encode()))
+
+
+def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Path, out_dir: Path) -> dict:
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    lot = levels.LEVELS[task]
+    frames, rejects = [], []
+    for unit in units:
+        geom = np.load(_geometry_path(work_dir, unit.geometry))
+        result = json.loads(_label_path(work_dir, unit).read_text())
+        for rec in result["records"]:
+            atoms = Atoms([str(s) for s in geom["symbols"]], positions=geom["frames_a"][rec["frame"]])
+            atoms.info.update(lot.metadata())
+            atoms.info.update(molecule=unit.geometry.molecule, smiles=recipe.smiles[unit.geometry.molecule],
+                              temperature_K=unit.geometry.temperature_k, md_frame=rec["frame"])
+            forces = None if rec["forces_ev_a"] is None else np.array(rec["forces_ev_a"])
+            atoms.calc = SinglePointCalculator(atoms, energy=rec["energy_ev"], forces=forces)
+            frames.append(atoms)
+        rejects += [{"task": task, "molecule": unit.geometry.molecule,
+                     "temperature_K": unit.geometry.temperature_k, **r} for r in result["rejects"]]
+    out_path = out_dir / f"{task}.extxyz"
+    _atomic_write(out_path, lambda f: write(f, frames, format="extxyz"), text=True)
+    rejects_path = out_dir / f"{task}.rejects.jsonl"
+    if rejects:
+        _atomic_write(rejects_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rejects)), text=True)
+    elif rejects_path.exists():
+        rejects_path.unlink()
+    return {"structures": len(frames), "rejected": len(rejects),
+            "molecules": len({a.info["molecule"] for a in frames}), "forces": lot.with_forces}
+
+
+def _atomic_write(path: Path, write_fn, text: bool = False) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w" if text else "wb") as f:
+        write_fn(f)
+    os.replace(tmp, path)

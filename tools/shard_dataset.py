@@ -1,0 +1,70 @@
+"""Shard QM source files into per-task webdataset shards with a manifest.json each.
+
+    python tools/shard_dataset.py data/demo/*.extxyz --out runs/demo/shards
+    python tools/shard_dataset.py rmd17_aspirin.npz --task rmd17 --energy-key energies \\
+        --energy-unit kcal/mol --out shards
+    python tools/shard_dataset.py ani1x.h5 --task ani1x --energy-key wb97x_dz.energy \\
+        --forces-key wb97x_dz.forces --energy-unit hartree --out shards --skip-bad
+
+Each file's task is its file name stem unless --task is given (files of one task are merged).
+Re-running with unchanged sources and options does nothing. A bad record stops the run with an
+error naming file and index, or with --skip-bad is listed in <out>/<task>/rejects.jsonl.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from mlfound.data import DataError
+from mlfound.data.readers import SourceSpec
+from mlfound.data.record import DEFAULT_MIN_DISTANCE_A
+from mlfound.data.shards import ShardOptions, shard_task
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", type=Path, help="extxyz/ASE db/any ASE format, .npz (rMD17), .h5 (ANI-1x)")
+    p.add_argument("--out", type=Path, required=True, help="shard root; each task gets <out>/<task>/")
+    p.add_argument("--task", help="task (level-of-theory) name for all sources; default: each file's stem")
+    p.add_argument("--format", default="auto", choices=["auto", "ase", "npz", "hdf5"])
+    p.add_argument("--energy-key", default="energy")
+    p.add_argument("--forces-key", default="forces")
+    p.add_argument("--energy-unit", default="eV", help="eV, hartree, kcal/mol, kJ/mol")
+    p.add_argument("--length-unit", default="Ang", help="Ang or bohr")
+    p.add_argument("--records-per-shard", type=int, default=1000)
+    p.add_argument("--min-distance", type=float, default=DEFAULT_MIN_DISTANCE_A,
+                   help="closer atom pairs are rejected as overlapping (Å)")
+    p.add_argument("--skip-bad", action="store_true", help="reject bad records to a list instead of stopping")
+    p.add_argument("--method", help="LoT method to record in the manifest (overrides the source's)")
+    p.add_argument("--basis", help="LoT basis to record in the manifest")
+    p.add_argument("--code", help="QM code to record in the manifest")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    by_task: dict[str, list[SourceSpec]] = {}
+    for path in args.sources:
+        task = args.task or path.stem
+        by_task.setdefault(task, []).append(SourceSpec(
+            path=path, task=task, format=args.format, energy_key=args.energy_key, forces_key=args.forces_key,
+            energy_unit=args.energy_unit, length_unit=args.length_unit))
+    options = ShardOptions(args.records_per_shard, args.min_distance, args.skip_bad)
+    lot = {f"lot_{k}": v for k, v in (("method", args.method), ("basis", args.basis), ("code", args.code)) if v}
+    print(f"{'task':<14}{'records':>8}{'rejected':>9}{'shards':>7}{'atoms':>8}{'forces':>7}"
+          f"{'ref RMS eV':>11}  LoT")
+    try:
+        for task, specs in by_task.items():
+            m = shard_task(task, specs, args.out, options, lot=lot)
+            lot_text = "/".join(v for v in (m["lot"].get("lot_method"), m["lot"].get("lot_basis")) if v)
+            print(f"{task:<14}{m['num_records']:>8}{m['num_rejected']:>9}{len(m['shards']):>7}"
+                  f"{m['num_atoms_total']:>8}{m['num_with_forces']:>7}{m['stats']['residual_rms_ev']:>11.4f}  {lot_text}")
+            for note in m["reference_notes"]:
+                print(f"  warning ({task}): {note}")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
