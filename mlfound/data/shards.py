@@ -40,6 +40,9 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
                lot: dict | None = None, progress: bool = True) -> dict:
     """Shard every record of ``sources`` into ``out_dir/task``; return the manifest."""
     task_dir = Path(out_dir) / task
+    for spec in sources:
+        if not Path(spec.path).is_file():
+            raise DataError(f"{spec.path}: no such file")
     fingerprint = _fingerprint(sources, options, lot)
     manifest_path = task_dir / MANIFEST_NAME
     if manifest_path.exists():
@@ -50,10 +53,14 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
     stats = _TaskStats()
     rejects: list[dict] = []
     writer = _ShardWriter(task_dir, task, options.records_per_shard)
-    for rec in tqdm(_valid_records(sources, options, rejects), desc=f"shard {task}", unit="rec",
-                    disable=not progress):
-        writer.add(rec)
-        stats.add(rec)
+    try:
+        for rec in tqdm(_valid_records(sources, options, rejects), desc=f"shard {task}", unit="rec",
+                        disable=not progress):
+            writer.add(rec)
+            stats.add(rec)
+    except BaseException:
+        writer.abort()
+        raise
     shards = writer.close()
     if stats.num_records == 0:
         raise DataError(f"task {task!r}: no valid records in {[str(s.path) for s in sources]}")
@@ -97,13 +104,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _valid_records(sources: list[SourceSpec], options: ShardOptions, rejects: list[dict]) -> Iterable[Record]:
+    hint = "(pass --skip-bad to reject such records to a list instead)"
     for spec in sources:
-        for rec in read_source(spec):
+        records = read_source(spec)
+        index = -1
+        while True:
+            try:
+                rec = next(records)
+            except StopIteration:
+                break
+            except DataError as err:  # unreadable rest of the file, e.g. truncated: reject it as a whole
+                if not options.skip_bad:
+                    raise DataError(f"{err} {hint}") from None
+                rejects.append({"source": str(spec.path), "index": index + 1, "reason": f"{err} (rest of file)"})
+                break
+            index = rec.index
             try:
                 validate_record(rec, options.min_distance_a)
             except DataError as err:
                 if not options.skip_bad:
-                    raise DataError(f"{err} (pass --skip-bad to reject such records to a list instead)") from None
+                    raise DataError(f"{err} {hint}") from None
                 rejects.append({"source": rec.source, "index": rec.index, "reason": str(err)})
                 continue
             yield rec
@@ -136,6 +156,14 @@ class _ShardWriter:
             self._finish()
         return self.shards
 
+    def abort(self) -> None:
+        """Drop the shard being written; shards already renamed stay (the old manifest ignores them)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = self._file = None
+
     def _name(self) -> str:
         return f"{self.task}-{len(self.shards):05d}.tar"
 
@@ -146,7 +174,8 @@ class _ShardWriter:
         self._count = 0
 
     def _finish(self) -> None:
-        self._tar.close()  # also closes the file
+        self._tar.close()
+        self._file.close()  # TarWriter leaves a file object it did not open to its owner
         name = self._name()
         os.replace(self._tmp, self.task_dir / name)
         self.shards.append({"name": name, "sha256": sha256_file(self.task_dir / name), "num_records": self._count})

@@ -27,6 +27,7 @@ class LevelOfTheory:
     code: str  # "tblite" or "pyscf"
     with_forces: bool = True
     dft_grid_level: int = 0  # PySCF grid level; 0 is coarse but smooth enough for small basis sets
+    max_scf_cycles: int = 100
 
     def metadata(self) -> dict:
         meta = {"lot_name": self.name, "lot_method": self.method, "lot_basis": self.basis,
@@ -57,6 +58,7 @@ def _label_tblite(lot, symbols, pos_a):
     numbers = np.array([_atomic_number(s) for s in symbols])
     calc = Calculator(lot.method, numbers, pos_a / BOHR_A)
     calc.set("verbosity", 0)
+    calc.set("max-iter", lot.max_scf_cycles)
     try:
         result = calc.singlepoint()
     except RuntimeError as err:  # tblite raises on SCF failure
@@ -77,7 +79,7 @@ def _label_pyscf(lot, symbols, pos_a):
         mf = dft.RKS(mol, xc=lot.method)
         mf.grids.level = lot.dft_grid_level
     mf = mf.density_fit()
-    mf.max_cycle = 100
+    mf.max_cycle = lot.max_scf_cycles
     energy_ha = mf.kernel()
     if not mf.converged:
         raise NotConvergedError(f"{lot.method}/{lot.basis} SCF not converged after {mf.max_cycle} cycles")

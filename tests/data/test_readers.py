@@ -1,0 +1,71 @@
+"""Readers convert units at the door: rMD17 npz (kcal/mol), ANI-1x HDF5 (Hartree), ASE db (eV)."""
+import h5py
+import numpy as np
+import pytest
+from ase import units
+from ase.db import connect
+from ase.io import read
+
+from mlfound.data.readers import SourceSpec, read_source
+
+
+@pytest.fixture
+def methanol_frames(demo_dir):
+    return [a for a in read(demo_dir / "gfn2_xtb.extxyz", index=":") if a.info["molecule"] == "methanol"]
+
+
+def assert_records_match(records, frames, atol_e=1e-9, atol_f=1e-9):
+    assert len(records) == len(frames)
+    for rec, atoms in zip(records, frames):
+        np.testing.assert_array_equal(rec.z, atoms.numbers)
+        np.testing.assert_allclose(rec.pos_a, atoms.positions, atol=1e-9)
+        assert rec.energy_ev == pytest.approx(atoms.get_potential_energy(), abs=atol_e)
+        np.testing.assert_allclose(rec.forces_ev_a, atoms.get_forces(), atol=atol_f)
+
+
+def test_rmd17_npz_in_kcal_per_mol(methanol_frames, tmp_path):
+    kcal = units.kcal / units.mol
+    path = tmp_path / "rmd17_methanol.npz"
+    np.savez(path, nuclear_charges=methanol_frames[0].numbers,
+             coords=np.stack([a.positions for a in methanol_frames]),
+             energies=np.array([a.get_potential_energy() / kcal for a in methanol_frames]),
+             forces=np.stack([a.get_forces() / kcal for a in methanol_frames]))
+    records = list(read_source(SourceSpec(path, task="t", energy_key="energies", energy_unit="kcal/mol")))
+    assert_records_match(records, methanol_frames)
+    assert [r.index for r in records] == list(range(len(methanol_frames)))
+
+
+def test_ani1x_hdf5_in_hartree_and_bohr_free(methanol_frames, demo_dir, tmp_path):
+    water = [a for a in read(demo_dir / "gfn2_xtb.extxyz", index=":") if a.info["molecule"] == "water"]
+    path = tmp_path / "ani.h5"
+    with h5py.File(path, "w") as f:
+        for name, frames in (("CH4O", methanol_frames), ("H2O", water)):
+            g = f.create_group(name)
+            g["atomic_numbers"] = frames[0].numbers
+            g["coordinates"] = np.stack([a.positions for a in frames])
+            g["wb97x_dz.energy"] = np.array([a.get_potential_energy() / units.Hartree for a in frames])
+            g["wb97x_dz.forces"] = np.stack([a.get_forces() / units.Hartree for a in frames])
+    spec = SourceSpec(path, task="t", energy_key="wb97x_dz.energy", forces_key="wb97x_dz.forces",
+                      energy_unit="hartree")
+    records = list(read_source(spec))
+    assert_records_match(records, methanol_frames + water)
+    assert [r.index for r in records] == list(range(len(records)))
+
+
+def test_ase_db_and_bohr_positions(methanol_frames, tmp_path):
+    path = tmp_path / "frames.db"
+    with connect(path) as db:
+        for atoms in methanol_frames:
+            db.write(atoms)
+    assert_records_match(list(read_source(SourceSpec(path, task="t"))), methanol_frames)
+    spec = SourceSpec(path, task="t", length_unit="bohr")
+    rec = next(read_source(spec))
+    np.testing.assert_allclose(rec.pos_a, methanol_frames[0].positions * units.Bohr)
+
+
+def test_unknown_unit_is_an_error(methanol_frames, tmp_path):
+    path = tmp_path / "x.db"
+    with connect(path) as db:
+        db.write(methanol_frames[0])
+    with pytest.raises(ValueError, match="unknown energy unit 'rydberg'"):
+        list(read_source(SourceSpec(path, task="t", energy_unit="rydberg")))

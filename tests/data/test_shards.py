@@ -1,0 +1,79 @@
+"""Shard writing: manifest contents, determinism, idempotent re-runs, periodic neighbour lists."""
+import json
+
+import numpy as np
+from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read, write
+from ase.neighborlist import neighbor_list
+
+from mlfound.data.batching import collate, neighbour_list
+from mlfound.data.readers import SourceSpec, read_source
+from mlfound.data.references import reference_energy
+from mlfound.data.shards import ShardOptions, load_manifest, shard_task, sha256_file
+from mlfound.data.streams import TaskStream
+from tests.data.helpers import demo_slice, shard
+
+
+def test_manifest_describes_the_task(demo_dir, tmp_path):
+    source = demo_slice(demo_dir, "pbe0_631gs", 50, tmp_path)
+    manifest = shard(source, tmp_path / "shards", records_per_shard=20)
+    frames = read(source, index=":")
+    assert manifest["lot"]["lot_method"] == "PBE0" and manifest["lot"]["lot_basis"] == "6-31G*"
+    assert manifest["num_records"] == 50 and [s["num_records"] for s in manifest["shards"]] == [20, 20, 10]
+    for s in manifest["shards"]:
+        assert sha256_file(tmp_path / "shards" / "pbe0_631gs" / s["name"]) == s["sha256"]
+    assert sum(manifest["atom_count_histogram"].values()) == 50
+    assert manifest["num_atoms_total"] == sum(len(a) for a in frames)
+    element_counts = np.bincount(np.concatenate([a.numbers for a in frames]))
+    assert manifest["element_counts"] == {str(z): int(c) for z, c in enumerate(element_counts) if c}
+    refs = load_manifest(tmp_path / "shards" / "pbe0_631gs")["references_ev"]
+    residual = [a.get_potential_energy() - reference_energy(a.numbers, refs) for a in frames]
+    assert manifest["stats"]["residual_rms_ev"] == np.sqrt(np.mean(np.square(residual))).item()
+    forces = np.concatenate([a.get_forces() for a in frames])
+    assert np.isclose(manifest["stats"]["forces_rms_ev_a"], np.sqrt((forces**2).mean()))
+
+
+def test_same_sources_give_identical_bytes_and_reruns_do_nothing(demo_dir, tmp_path):
+    source = demo_slice(demo_dir, "gfn2_xtb", 30, tmp_path)
+    first = shard(source, tmp_path / "a", records_per_shard=10)
+    second = shard(source, tmp_path / "b", records_per_shard=10)
+    assert [s["sha256"] for s in first["shards"]] == [s["sha256"] for s in second["shards"]]
+    manifest_path = tmp_path / "a" / "gfn2_xtb" / "manifest.json"
+    stamp = manifest_path.stat().st_mtime_ns
+    assert shard(source, tmp_path / "a", records_per_shard=10) == json.loads(manifest_path.read_text())
+    assert manifest_path.stat().st_mtime_ns == stamp, "unchanged inputs: nothing rewritten"
+    # changed options rewrite, and shards no longer listed are removed
+    third = shard(source, tmp_path / "a", records_per_shard=30)
+    assert len(third["shards"]) == 1
+    assert sorted(p.name for p in (tmp_path / "a" / "gfn2_xtb").glob("*.tar")) == ["gfn2_xtb-00000.tar"]
+
+
+def test_periodic_cells_match_ase_neighbour_list(tmp_path):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 1, 1)
+    atoms.rattle(0.05, seed=0)
+    atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.zeros((len(atoms), 3)))
+    path = tmp_path / "cu.extxyz"
+    write(path, atoms)
+    shard(path, tmp_path / "shards")
+    rec = next(TaskStream(tmp_path / "shards" / "cu", seed=0))
+    assert rec.pbc.all() and np.allclose(rec.cell_a, atoms.cell[:])
+    edges, shift_a = neighbour_list(rec, cutoff_a=4.0)
+    i, j, d = neighbor_list("ijd", atoms, 4.0)
+    ours = np.linalg.norm(rec.pos_a[edges[1]] - rec.pos_a[edges[0]] + shift_a, axis=1)
+    ours_sorted = sorted(zip(edges[0], edges[1], ours))
+    ase_sorted = sorted(zip(i, j, d))
+    assert [(a, b) for a, b, _ in ours_sorted] == [(a, b) for a, b, _ in ase_sorted]
+    np.testing.assert_allclose([x for *_, x in ours_sorted], [x for *_, x in ase_sorted], atol=1e-9)
+    batch = collate([rec, rec], cutoff_a=4.0, task_names=["cu"])
+    assert batch.edge_index.shape[1] == 2 * len(i)
+
+
+def test_sources_of_one_task_are_merged(demo_dir, tmp_path):
+    (tmp_path / "x").mkdir()
+    a = demo_slice(demo_dir, "gfn2_xtb", 5, tmp_path / "x")
+    b = demo_slice(demo_dir, "gfn2_xtb", 7, tmp_path)
+    manifest = shard_task("xtb", [SourceSpec(a, "xtb"), SourceSpec(b, "xtb")], tmp_path / "s", ShardOptions(),
+                          progress=False)
+    assert manifest["num_records"] == 12 and len(manifest["sources"]) == 2
+    assert len(list(read_source(SourceSpec(a, "xtb")))) == 5

@@ -1,0 +1,53 @@
+"""The QM corpus tool on a seconds-long recipe: real xTB MD, real tblite and PySCF labels."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from ase.io import read
+
+from mlfound.qmdata import levels
+from mlfound.qmdata.corpus import make_corpus
+from mlfound.qmdata.recipes import RECIPES, TaskRecipe
+
+
+def test_tiny_corpus_labels_resume_and_metadata(tmp_path):
+    recipe = RECIPES["tiny"]
+    summary = make_corpus("tiny", recipe, tmp_path, workers=1)
+    assert summary == {"gfn2_xtb": {"structures": 4, "rejected": 0, "molecules": 2, "forces": True},
+                       "hf_sto3g": {"structures": 2, "rejected": 0, "molecules": 1, "forces": True}}
+    frames = read(tmp_path / "hf_sto3g.extxyz", index=":")
+    assert frames[0].info["lot_method"] == "HF" and frames[0].info["lot_basis"] == "STO-3G"
+    assert frames[0].info["lot_code"] == "pyscf" and frames[0].info["energy_unit"] == "eV"
+    energy, forces = levels.label(levels.LEVELS["hf_sto3g"], frames[0].get_chemical_symbols(), frames[0].positions)
+    assert frames[0].get_potential_energy() == pytest.approx(energy, abs=1e-6)
+    np.testing.assert_allclose(frames[0].get_forces(), forces, atol=1e-6)
+
+    # a rerun computes nothing new: every unit file stays as it was
+    work_files = sorted((tmp_path / ".work").rglob("*.*"))
+    stamps = [p.stat().st_mtime_ns for p in work_files]
+    assert make_corpus("tiny", recipe, tmp_path, workers=1) == summary
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / ".work").rglob("*.*"))] == stamps
+
+
+def test_forces_are_minus_energy_gradient_in_ev_per_angstrom(tmp_path):
+    """Units check: PySCF's Hartree/Bohr gradient converted to eV/Å equals a finite difference in eV/Å."""
+    lot = levels.LEVELS["hf_sto3g"]
+    symbols, pos = ["O", "H", "H"], np.array([[0.0, 0.0, 0.1], [0.0, 0.76, -0.47], [0.0, -0.76, -0.47]])
+    _, forces = levels.label(lot, symbols, pos)
+    step = 1e-3
+    plus, minus = pos.copy(), pos.copy()
+    plus[1, 1] += step
+    minus[1, 1] -= step
+    numeric = -(levels.label(lot, symbols, plus)[0] - levels.label(lot, symbols, minus)[0]) / (2 * step)
+    assert forces[1, 1] == pytest.approx(numeric, rel=1e-4)
+
+
+def test_unconverged_scf_goes_to_the_rejects_file(tmp_path, monkeypatch):
+    starved = dataclasses.replace(levels.LEVELS["hf_sto3g"], name="hf_starved", max_scf_cycles=1)
+    monkeypatch.setitem(levels.LEVELS, "hf_starved", starved)
+    recipe = dataclasses.replace(RECIPES["tiny"], tasks=(TaskRecipe("hf_starved", ("water",)),))
+    summary = make_corpus("starved", recipe, tmp_path, workers=1)
+    assert summary["hf_starved"]["structures"] == 0 and summary["hf_starved"]["rejected"] == 2
+    rejects = [json.loads(line) for line in (tmp_path / "hf_starved.rejects.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in rejects] == [0, 1] and "not converged" in rejects[0]["reason"]

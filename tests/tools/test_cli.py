@@ -1,0 +1,34 @@
+"""The command-line tools as a user runs them: help, a table on success, exit 2 with the reason on bad data."""
+import subprocess
+import sys
+from pathlib import Path
+
+from ase.io import read, write
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_shard_dataset_then_bench(demo_dir, tmp_path):
+    assert "--skip-bad" in run("tools/shard_dataset.py", "--help").stdout
+    source = tmp_path / "b3lyp_631g.extxyz"
+    write(source, read(demo_dir / "b3lyp_631g.extxyz", index=":40"))
+    done = run("tools/shard_dataset.py", source, "--out", tmp_path / "shards", "--records-per-shard", "15")
+    assert done.returncode == 0, done.stderr
+    assert "b3lyp_631g" in done.stdout and "B3LYP/6-31G" in done.stdout
+    bench = run("tools/bench_data.py", tmp_path / "shards", "--records", "50")
+    assert bench.returncode == 0, bench.stderr
+    assert bench.stdout.count("+neighbour lists") == 2  # one row per simulated rank
+
+
+def test_shard_dataset_bad_record_exit_code(demo_dir, tmp_path):
+    frames = read(demo_dir / "gfn2_xtb.extxyz", index=":5")
+    frames[2].positions[3] = frames[2].positions[0]
+    source = tmp_path / "bad.extxyz"
+    write(source, frames)
+    done = run("tools/shard_dataset.py", source, "--out", tmp_path / "shards")
+    assert done.returncode == 2
+    assert f"{source} record 2: atoms 0 and 3 are 0.000 Å apart" in done.stderr
