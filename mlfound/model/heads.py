@@ -1,0 +1,22 @@
+"""One small readout per task on the shared trunk.
+
+Every head runs on every atom and a fixed one-hot mask selects each atom's task: the autograd
+graph is then identical on every rank, which ZeRO-1/2 needs (platform-notes.md, Pitfall 2).
+"""
+import torch
+from torch import nn
+
+
+class TaskHeads(nn.Module):
+    def __init__(self, task_names: list[str], channels: int, hidden: int):
+        super().__init__()
+        self.task_names = list(task_names)
+        self.heads = nn.ModuleDict({
+            name: nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+            for name in self.task_names})
+
+    def forward(self, features_NC: torch.Tensor, task_index_N: torch.Tensor) -> torch.Tensor:
+        """(N, C) invariant features, (N,) task positions -> (N,) per-atom outputs of each atom's head."""
+        outputs_TN = torch.stack([self.heads[name](features_NC).squeeze(-1) for name in self.task_names])
+        mask_TN = nn.functional.one_hot(task_index_N, len(self.task_names)).T.to(outputs_TN.dtype)
+        return (outputs_TN * mask_TN).sum(0)

@@ -1,0 +1,77 @@
+"""Potential: E = Σ_atoms [e_Z(task) + σ_task · head_task(trunk(atoms))], F = -∂E/∂pos.
+
+The per-task references e_Z (float64, from the shard manifests) absorb the LoT's absolute energy
+scale, so tasks that disagree by thousands of eV train together; σ_task puts the network's output
+in the task's natural unit. Total energies are summed in float64.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from mlfound.model.heads import TaskHeads
+from mlfound.model.trunk import Trunk
+
+NUM_Z = 119
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    channels: int = Field(32, ge=1)
+    l_max: int = Field(2, ge=0, le=4)
+    num_layers: int = Field(3, ge=1)
+    cutoff_a: float = Field(5.0, gt=0)
+    num_basis: int = Field(8, ge=1)
+    radial_hidden: int = Field(64, ge=1)
+    head_hidden: int = Field(32, ge=1)
+    avg_num_neighbors: float = Field(10.0, gt=0)
+
+
+class Potential(nn.Module):
+    def __init__(self, config: ModelConfig, elements: list[int], task_names: list[str],
+                 references_ev: dict[str, dict[int, float]], scales_ev: dict[str, float]):
+        super().__init__()
+        self.config, self.elements, self.task_names = config, sorted(elements), list(task_names)
+        species_of_z = torch.full((NUM_Z,), -1, dtype=torch.long)
+        species_of_z[self.elements] = torch.arange(len(self.elements))
+        self.register_buffer("species_of_z", species_of_z, persistent=False)
+        refs = torch.zeros(len(task_names), len(self.elements), dtype=torch.float64)
+        for t, task in enumerate(task_names):
+            for z, e in references_ev[task].items():
+                refs[t, self.elements.index(int(z))] = e
+        self.register_buffer("references_ev", refs)  # (T, S) float64
+        self.register_buffer("scales_ev", torch.tensor([scales_ev[t] for t in task_names], dtype=torch.float64))
+        self.trunk = Trunk(len(self.elements), config.channels, config.l_max, config.num_layers, config.cutoff_a,
+                           config.num_basis, config.radial_hidden, config.avg_num_neighbors)
+        self.heads = TaskHeads(task_names, config.channels, config.head_hidden)
+
+    def species(self, z_N: torch.Tensor) -> torch.Tensor:
+        species_N = self.species_of_z[z_N]
+        if (species_N < 0).any():
+            unknown = sorted(set(z_N[species_N < 0].tolist()))
+            raise ValueError(f"elements {unknown} are unknown to this model; it knows {self.elements}")
+        return species_N
+
+    def energy(self, batch, pos_N3: torch.Tensor) -> torch.Tensor:
+        """(G,) float64 total energies in eV; ``pos_N3`` is passed separately so forces can differentiate it."""
+        species_N = self.species(batch.z)
+        sender, receiver = batch.edge_index
+        vectors_E3 = pos_N3[receiver] - pos_N3[sender] + batch.edge_shift_a.to(pos_N3.dtype)
+        features_NC = self.trunk(species_N, vectors_E3, batch.edge_index)
+        task_N = batch.task_index[batch.graph_index]
+        out_N = self.heads(features_NC, task_N)
+        atom_energy_N = self.references_ev[task_N, species_N] + self.scales_ev[task_N] * out_N.double()
+        energy_G = torch.zeros(batch.num_graphs, dtype=torch.float64, device=pos_N3.device)
+        return energy_G.index_add_(0, batch.graph_index, atom_energy_N)
+
+    def forward(self, batch, compute_forces: bool = True, training: bool = False):
+        """Energies (G,) float64 eV and forces (N, 3) eV/Å (None if not asked for)."""
+        pos_N3 = batch.pos_a.to(next(self.parameters()).dtype)
+        if compute_forces:
+            pos_N3 = pos_N3.detach().requires_grad_(True)
+        energy_G = self.energy(batch, pos_N3)
+        if not compute_forces:
+            return energy_G, None
+        (grad_N3,) = torch.autograd.grad(energy_G.sum(), pos_N3, create_graph=training)
+        return energy_G, -grad_N3

@@ -1,0 +1,83 @@
+"""e3nn message-passing trunk, NequIP-like: species embedding, spherical harmonics of edge
+directions, radial-weighted tensor-product convolutions, gated nonlinearities.
+
+Shape legend: N atoms, E edges, C channels, B radial basis functions.
+"""
+from __future__ import annotations
+
+import torch
+from e3nn import o3
+from e3nn.nn import FullyConnectedNet, Gate
+from torch import nn
+
+from mlfound.model.radial import BesselBasis
+
+
+def hidden_irreps(channels: int, l_max: int) -> o3.Irreps:
+    """C copies of each l <= l_max with natural parity: Cx0e + Cx1o + Cx2e + ..."""
+    return o3.Irreps([(channels, (l, (-1) ** l)) for l in range(l_max + 1)])
+
+
+class Interaction(nn.Module):
+    """h_i <- Gate(Linear(Σ_j TP(h_j, Y(r̂_ij); R(|r_ij|)))) + Linear(h_i)."""
+
+    def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, irreps_sh: o3.Irreps,
+                 num_basis: int, radial_hidden: int, avg_num_neighbors: float):
+        super().__init__()
+        irreps_mid, instructions = [], []
+        for i, (mul, ir_in) in enumerate(irreps_in):
+            for j, (_, ir_sh) in enumerate(irreps_sh):
+                for ir in ir_in * ir_sh:
+                    if ir in irreps_out:
+                        instructions.append((i, j, len(irreps_mid), "uvu", True))
+                        irreps_mid.append((mul, ir))
+        irreps_mid = o3.Irreps(irreps_mid)
+        irreps_mid_sorted, perm, _ = irreps_mid.sort()
+        instructions = [(i, j, perm[k], mode, train) for i, j, k, mode, train in instructions]
+        self.tp = o3.TensorProduct(irreps_in, irreps_sh, irreps_mid_sorted, instructions,
+                                   shared_weights=False, internal_weights=False)
+        self.radial = FullyConnectedNet([num_basis, radial_hidden, radial_hidden, self.tp.weight_numel],
+                                        torch.nn.functional.silu)
+        scalars = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l == 0])
+        gated = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l > 0])
+        self.gate = Gate(scalars, [torch.nn.functional.silu], o3.Irreps(f"{gated.num_irreps}x0e"),
+                         [torch.sigmoid], gated)
+        self.linear = o3.Linear(irreps_mid_sorted.simplify(), self.gate.irreps_in)
+        self.self_connection = o3.Linear(irreps_in, self.gate.irreps_out)
+        self.norm = avg_num_neighbors**0.5
+        self.irreps_out = self.gate.irreps_out
+
+    def forward(self, h_NI, sh_EY, radial_EB, edge_index_2E):
+        sender, receiver = edge_index_2E
+        messages_EM = self.tp(h_NI[sender], sh_EY, self.radial(radial_EB))
+        aggregated_NM = torch.zeros(h_NI.shape[0], messages_EM.shape[1], dtype=messages_EM.dtype,
+                                    device=messages_EM.device).index_add_(0, receiver, messages_EM)
+        return self.gate(self.linear(aggregated_NM / self.norm)) + self.self_connection(h_NI)
+
+
+class Trunk(nn.Module):
+    """Species indices and edge vectors -> per-atom invariant features (N, C)."""
+
+    def __init__(self, num_species: int, channels: int, l_max: int, num_layers: int, cutoff_a: float,
+                 num_basis: int, radial_hidden: int, avg_num_neighbors: float):
+        super().__init__()
+        self.embedding = nn.Embedding(num_species, channels)
+        self.irreps_sh = o3.Irreps.spherical_harmonics(l_max)
+        self.spherical_harmonics = o3.SphericalHarmonics(self.irreps_sh, normalize=True, normalization="component")
+        self.radial_basis = BesselBasis(cutoff_a, num_basis)
+        irreps = o3.Irreps(f"{channels}x0e")
+        self.layers = nn.ModuleList()
+        for _ in range(num_layers):
+            layer = Interaction(irreps, hidden_irreps(channels, l_max), self.irreps_sh, num_basis, radial_hidden,
+                                avg_num_neighbors)
+            self.layers.append(layer)
+            irreps = layer.irreps_out
+        self.readout = o3.Linear(irreps, o3.Irreps(f"{channels}x0e"))
+
+    def forward(self, species_N, vectors_E3, edge_index_2E):
+        h = self.embedding(species_N)
+        sh_EY = self.spherical_harmonics(vectors_E3)
+        radial_EB = self.radial_basis(vectors_E3.norm(dim=-1))
+        for layer in self.layers:
+            h = layer(h, sh_EY, radial_EB, edge_index_2E)
+        return self.readout(h)

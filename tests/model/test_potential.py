@@ -1,0 +1,101 @@
+"""Model symmetries and consistency on real demo molecules: rotation, translation, permutation,
+forces = -dE/dpos by finite differences, and one head per graph in mixed-task batches."""
+import numpy as np
+import pytest
+import torch
+from ase.io import read
+from e3nn import o3
+
+from mlfound.data.batching import collate
+from mlfound.data.readers import SourceSpec, read_source
+from mlfound.model import ModelConfig, Potential
+
+TASKS = ["gfn2_xtb", "hf_sto3g"]
+CONFIG = ModelConfig(channels=8, l_max=2, num_layers=2, cutoff_a=4.0, radial_hidden=16, head_hidden=8)
+
+
+@pytest.fixture(scope="module")
+def records(demo_dir):
+    recs = list(read_source(SourceSpec(demo_dir / "gfn2_xtb.extxyz", task="gfn2_xtb")))
+    by_molecule = {}
+    for rec, atoms in zip(recs, read(demo_dir / "gfn2_xtb.extxyz", index=":")):
+        by_molecule.setdefault(atoms.info["molecule"], rec)
+    return [by_molecule[m] for m in ("glycine", "furan", "acetamide")]
+
+
+def make_potential(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    refs = {"gfn2_xtb": {1: -10.0, 6: -48.0, 7: -71.0, 8: -103.0}, "hf_sto3g": {1: -13.0, 6: -1020.0, 7: -1470.0,
+                                                                                 8: -2030.0}}
+    model = Potential(CONFIG, [1, 6, 7, 8], TASKS, refs, {"gfn2_xtb": 0.5, "hf_sto3g": 2.0})
+    return model.to(dtype)
+
+
+def batch_of(records, tasks=None):
+    for rec, task in zip(records, tasks or ["gfn2_xtb"] * len(records)):
+        rec.task = task
+    return collate(records, CONFIG.cutoff_a, TASKS)
+
+
+def test_rotation_invariant_energy_and_equivariant_forces(records):
+    model = make_potential(torch.float64)
+    batch = batch_of(records)
+    energy, forces = model(batch)
+    torch.manual_seed(3)
+    rotation = o3.rand_matrix(dtype=torch.float64)
+    batch.pos_a = batch.pos_a.double() @ rotation.T
+    energy_rot, forces_rot = model(batch)
+    torch.testing.assert_close(energy_rot, energy, rtol=0, atol=1e-9)
+    torch.testing.assert_close(forces_rot, forces @ rotation.T, rtol=0, atol=1e-9)
+
+
+def test_translation_and_permutation_invariance(records):
+    model = make_potential(torch.float64)
+    rec = records[0]
+    energy, forces = model(batch_of([rec]))
+    shifted = batch_of([rec])
+    shifted.pos_a = shifted.pos_a.double() + torch.tensor([3.0, -1.5, 7.0], dtype=torch.float64)
+    torch.testing.assert_close(model(shifted)[0], energy, rtol=0, atol=1e-9)
+    perm = np.random.default_rng(0).permutation(rec.num_atoms)
+    rec_perm = type(rec)(z=rec.z[perm], pos_a=rec.pos_a[perm], energy_ev=rec.energy_ev, task=rec.task)
+    energy_perm, forces_perm = model(batch_of([rec_perm]))
+    torch.testing.assert_close(energy_perm, energy, rtol=0, atol=1e-9)
+    torch.testing.assert_close(forces_perm, forces[perm], rtol=0, atol=1e-9)
+
+
+def test_forces_are_minus_energy_gradient_by_finite_differences(records):
+    model = make_potential(torch.float64)
+    batch = batch_of(records[:1])
+    batch.pos_a = batch.pos_a.double()
+    _, forces = model(batch)
+    step = 1e-5
+    for atom, axis in [(0, 0), (2, 1), (5, 2)]:
+        plus, minus = batch_of(records[:1]), batch_of(records[:1])
+        plus.pos_a, minus.pos_a = batch.pos_a.clone(), batch.pos_a.clone()
+        plus.pos_a[atom, axis] += step
+        minus.pos_a[atom, axis] -= step
+        numeric = -(model(plus, compute_forces=False)[0] - model(minus, compute_forces=False)[0]) / (2 * step)
+        assert forces[atom, axis].item() == pytest.approx(numeric.item(), abs=1e-6)
+
+
+def test_each_graph_in_a_mixed_task_batch_gets_its_own_head(records):
+    model = make_potential()
+    mixed = batch_of(records, ["gfn2_xtb", "hf_sto3g", "gfn2_xtb"])
+    energy_mixed, forces_mixed = model(mixed)
+    for g, (rec, task) in enumerate(zip(records, ["gfn2_xtb", "hf_sto3g", "gfn2_xtb"])):
+        energy_alone, _ = model(batch_of([rec], [task]))
+        torch.testing.assert_close(energy_mixed[g], energy_alone[0], rtol=1e-6, atol=1e-4)
+    # perturbing the hf_sto3g head changes only the hf_sto3g graph
+    with torch.no_grad():
+        model.heads.heads["hf_sto3g"][2].bias += 1.0
+    energy_after, _ = model(mixed)
+    assert (energy_after[1] - energy_mixed[1]).item() == pytest.approx(2.0 * records[1].num_atoms, rel=1e-6)
+    torch.testing.assert_close(energy_after[[0, 2]], energy_mixed[[0, 2]])
+
+
+def test_unknown_element_is_an_error(records):
+    model = make_potential()
+    batch = batch_of(records[:1])
+    batch.z[0] = 9
+    with pytest.raises(ValueError, match=r"elements \[9\] are unknown to this model; it knows \[1, 6, 7, 8\]"):
+        model(batch)
