@@ -1,0 +1,91 @@
+"""Task sampling and the Reptile update rule, checked by hand in one process (no DeepSpeed)."""
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from mlfound.data.batching import collate
+from mlfound.data.readers import SourceSpec, read_source
+from mlfound.meta.loss import LossWeights, potential_loss
+from mlfound.meta.reptile import inner_loop, scale_task_heads, surrogate_loss
+from mlfound.meta.sampling import TaskSampler
+from tests.model.test_potential import CONFIG, TASKS, make_potential
+
+
+def test_sampler_probabilities_and_determinism():
+    sizes = {"a": 100, "b": 400, "c": 1600}
+    assert np.allclose(TaskSampler(sizes, "uniform").probabilities, 1 / 3)
+    assert np.allclose(TaskSampler(sizes, "proportional").probabilities, [1 / 21, 4 / 21, 16 / 21])
+    assert np.allclose(TaskSampler(sizes, "temperature", 2.0).probabilities, [1 / 7, 2 / 7, 4 / 7])
+    sampler = TaskSampler(sizes, "temperature", 2.0, seed=5)
+    draws = [sampler.draw(step, rank) for step in range(3000) for rank in range(2)]
+    assert draws == [TaskSampler(sizes, "temperature", 2.0, seed=5).draw(s, r) for s in range(3000) for r in range(2)]
+    realised = [draws.count(t) / len(draws) for t in sizes]
+    assert np.allclose(realised, [1 / 7, 2 / 7, 4 / 7], atol=0.02)
+    assert [sampler.draw(s, 0) for s in range(50)] != [sampler.draw(s, 1) for s in range(50)]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"strategy": "greedy"}, "unknown sampling strategy 'greedy'"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+])
+def test_sampler_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TaskSampler({"a": 1}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def batches(demo_dir):
+    recs = list(itertools.islice(read_source(SourceSpec(demo_dir / "gfn2_xtb.extxyz", "gfn2_xtb")), 12))
+    return [collate(recs[i:i + 3], CONFIG.cutoff_a, TASKS) for i in range(0, 12, 3)]
+
+
+def loss_fn(model, batch):
+    return potential_loss(model, batch, LossWeights())[0]
+
+
+def test_reptile_outer_step_moves_theta_toward_the_adapted_weights(batches):
+    model = make_potential()
+    work = copy.deepcopy(model)
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    inner_opt = torch.optim.Adam(work.parameters(), lr=1e-2, betas=(0.0, 0.999))
+    delta = inner_loop(work, theta0, iter(batches), 3, inner_opt, loss_fn)
+    theta_k = [p.detach().clone() for p in work.parameters()]
+    epsilon = 0.3
+    outer = torch.optim.SGD(model.parameters(), lr=epsilon)
+    outer.zero_grad()
+    surrogate_loss(list(model.parameters()), delta).backward()
+    outer.step()
+    for p, p0, pk in zip(model.parameters(), theta0, theta_k):
+        torch.testing.assert_close(p.detach(), p0 + epsilon * (pk - p0), rtol=1e-6, atol=1e-6)
+    assert any((pk - p0).abs().max() > 1e-4 for p0, pk in zip(theta0, theta_k)), "the inner loop moved"
+
+
+def test_k1_sgd_reptile_equals_one_sgd_step(batches):
+    model = make_potential()
+    reference = copy.deepcopy(model)
+    lr = 1e-3
+    opt = torch.optim.SGD(reference.parameters(), lr=lr)
+    opt.zero_grad()
+    loss_fn(reference, batches[0]).backward()
+    opt.step()
+    work = copy.deepcopy(model)
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    delta = inner_loop(work, theta0, iter(batches), 1, torch.optim.SGD(work.parameters(), lr=lr), loss_fn)
+    outer = torch.optim.SGD(model.parameters(), lr=1.0)
+    outer.zero_grad()
+    surrogate_loss(list(model.parameters()), delta).backward()
+    outer.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_head_rescaling_touches_only_that_head():
+    model = make_potential()
+    names = [n for n, _ in model.named_parameters()]
+    grads = [torch.ones_like(p) for p in model.parameters()]
+    scale_task_heads(grads, names, "heads.heads.", "hf_sto3g", 2.0)
+    for name, g in zip(names, grads):
+        assert g.max().item() == (2.0 if name.startswith("heads.heads.hf_sto3g.") else 1.0), name
