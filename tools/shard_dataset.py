@@ -33,6 +33,8 @@ def parse_args(argv):
     p.add_argument("--records-per-shard", type=int, default=1000)
     p.add_argument("--min-distance", type=float, default=DEFAULT_MIN_DISTANCE_A,
                    help="closer atom pairs are rejected as overlapping (Å)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of records held out for validation in <out>/<task>/val/ (by a stable hash)")
     p.add_argument("--skip-bad", action="store_true", help="reject bad records to a list instead of stopping")
     p.add_argument("--method", help="LoT method to record in the manifest (overrides the source's)")
     p.add_argument("--basis", help="LoT basis to record in the manifest")
@@ -48,15 +50,15 @@ def main(argv=None) -> int:
         by_task.setdefault(task, []).append(SourceSpec(
             path=path, task=task, format=args.format, energy_key=args.energy_key, forces_key=args.forces_key,
             energy_unit=args.energy_unit, length_unit=args.length_unit))
-    options = ShardOptions(args.records_per_shard, args.min_distance, args.skip_bad)
+    options = ShardOptions(args.records_per_shard, args.min_distance, args.skip_bad, args.val_fraction)
     lot = {f"lot_{k}": v for k, v in (("method", args.method), ("basis", args.basis), ("code", args.code)) if v}
-    print(f"{'task':<14}{'records':>8}{'rejected':>9}{'shards':>7}{'atoms':>8}{'forces':>7}"
+    print(f"{'task':<14}{'records':>8}{'val':>6}{'rejected':>9}{'shards':>7}{'atoms':>8}{'forces':>7}"
           f"{'ref RMS eV':>11}  LoT")
     try:
         for task, specs in by_task.items():
             m = shard_task(task, specs, args.out, options, lot=lot)
             lot_text = "/".join(v for v in (m["lot"].get("lot_method"), m["lot"].get("lot_basis")) if v)
-            print(f"{task:<14}{m['num_records']:>8}{m['num_rejected']:>9}{len(m['shards']):>7}"
+            print(f"{task:<14}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}{len(m['shards']):>7}"
                   f"{m['num_atoms_total']:>8}{m['num_with_forces']:>7}{m['stats']['residual_rms_ev']:>11.4f}  {lot_text}")
             for note in m["reference_notes"]:
                 print(f"  warning ({task}): {note}")

@@ -1,6 +1,7 @@
 """Write one task's records into webdataset shards plus a ``manifest.json``.
 
-Layout: ``<out>/<task>/<task>-00000.tar ...`` and ``<out>/<task>/manifest.json``. Every file is
+Layout: ``<out>/<task>/<task>-00000.tar ...`` and ``<out>/<task>/manifest.json``; with a
+validation fraction, the held-out records get the same layout in ``<out>/<task>/val/``. Every file is
 written to a temporary name and renamed, the manifest last, so a crash never leaves a manifest
 pointing at half-written shards. Tar headers carry fixed times and owners, so the same sources
 give byte-identical shards, and a rerun whose sources and options are unchanged does nothing.
@@ -12,6 +13,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, valid
 from mlfound.data.references import ReferenceFit, reference_energy
 
 MANIFEST_NAME = "manifest.json"
+VALIDATION_DIR = "val"
 MANIFEST_VERSION = 1
 TOOL_VERSION = "mlfound-shard 0.1"
 
@@ -34,11 +38,17 @@ class ShardOptions:
     records_per_shard: int = 1000
     min_distance_a: float = DEFAULT_MIN_DISTANCE_A
     skip_bad: bool = False
+    val_fraction: float = 0.0  # held-out validation records, in <task>/val/
+
+    def __post_init__(self):
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: ShardOptions,
                lot: dict | None = None, progress: bool = True) -> dict:
-    """Shard every record of ``sources`` into ``out_dir/task``; return the manifest."""
+    """Shard every record of ``sources`` into ``out_dir/task`` (and the held-out validation records
+    into ``out_dir/task/val``); return the training manifest."""
     task_dir = Path(out_dir) / task
     for spec in sources:
         if not Path(spec.path).is_file():
@@ -49,32 +59,60 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
         old = json.loads(manifest_path.read_text())
         if old.get("fingerprint") == fingerprint and _shards_intact(task_dir, old):
             return old  # idempotent: same inputs, same outputs, already on disk
-    task_dir.mkdir(parents=True, exist_ok=True)
-    stats = _TaskStats()
+    splits = {"train": _Split(task_dir, task, options.records_per_shard)}
+    if options.val_fraction > 0:
+        splits["val"] = _Split(task_dir / VALIDATION_DIR, task, options.records_per_shard)
     rejects: list[dict] = []
-    writer = _ShardWriter(task_dir, task, options.records_per_shard)
     try:
         for rec in tqdm(_valid_records(sources, options, rejects), desc=f"shard {task}", unit="rec",
                         disable=not progress):
-            writer.add(rec)
-            stats.add(rec)
+            splits["val" if is_validation(rec, options.val_fraction) else "train"].add(rec)
     except BaseException:
-        writer.abort()
+        for split in splits.values():
+            split.writer.abort()
         raise
-    shards = writer.close()
-    if stats.num_records == 0:
-        raise DataError(f"task {task!r}: no valid records in {[str(s.path) for s in sources]}")
+    if splits["train"].stats.num_records == 0:
+        raise DataError(f"task {task!r}: no valid training records in {[str(s.path) for s in sources]}")
     _write_rejects(task_dir, rejects)
-    manifest = {
-        "format_version": MANIFEST_VERSION, "tool": TOOL_VERSION, "task": task,
-        "lot": {**_lot_from_sources(sources), **(lot or {})}, "fingerprint": fingerprint,
-        "sources": [_describe_source(s) for s in sources], "options": dataclasses.asdict(options),
-        "num_records": stats.num_records, "num_rejected": len(rejects), "shards": shards,
-        **stats.summary(),
-    }
-    _remove_stale_shards(task_dir, {s["name"] for s in shards})
-    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1).encode())
-    return manifest
+    common = {"format_version": MANIFEST_VERSION, "tool": TOOL_VERSION, "task": task,
+              "lot": {**_lot_from_sources(sources), **(lot or {})}, "fingerprint": fingerprint,
+              "sources": [_describe_source(s) for s in sources], "options": dataclasses.asdict(options),
+              "num_rejected": len(rejects)}
+    if "val" in splits:
+        splits["val"].finish({**common, "split": "val"})
+    elif (task_dir / VALIDATION_DIR).exists():
+        shutil.rmtree(task_dir / VALIDATION_DIR)
+    num_val = splits["val"].stats.num_records if "val" in splits else 0
+    return splits["train"].finish({**common, "split": "train", "num_validation_records": num_val})
+
+
+def is_validation(rec: Record, val_fraction: float) -> bool:
+    """Held out by a hash of (source file name, index): stable across reruns, orders and machines."""
+    return zlib.crc32(f"{Path(rec.source).name}:{rec.index}".encode()) < val_fraction * 2**32
+
+
+class _Split:
+    """Shards, statistics and manifest of one split (training or validation) of a task."""
+
+    def __init__(self, split_dir: Path, task: str, records_per_shard: int):
+        split_dir.mkdir(parents=True, exist_ok=True)
+        self.dir = split_dir
+        self.writer = _ShardWriter(split_dir, task, records_per_shard)
+        self.stats = _TaskStats()
+
+    def add(self, rec: Record) -> None:
+        self.writer.add(rec)
+        self.stats.add(rec)
+
+    def finish(self, header: dict) -> dict:
+        shards = self.writer.close()
+        if self.stats.num_records == 0:
+            raise DataError(f"task {header['task']!r}: the {header['split']} split is empty; "
+                            "lower or raise --val-fraction")
+        manifest = {**header, "num_records": self.stats.num_records, "shards": shards, **self.stats.summary()}
+        _remove_stale_shards(self.dir, {s["name"] for s in shards})
+        atomic_write_bytes(self.dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        return manifest
 
 
 def load_manifest(task_dir: Path) -> dict:
@@ -252,8 +290,12 @@ def _lot_from_sources(sources: list[SourceSpec]) -> dict:
 
 
 def _shards_intact(task_dir: Path, manifest: dict) -> bool:
-    return all((task_dir / s["name"]).exists() and sha256_file(task_dir / s["name"]) == s["sha256"]
-               for s in manifest["shards"])
+    intact = all((task_dir / s["name"]).exists() and sha256_file(task_dir / s["name"]) == s["sha256"]
+                 for s in manifest["shards"])
+    if intact and manifest.get("num_validation_records"):
+        val_manifest = task_dir / VALIDATION_DIR / MANIFEST_NAME
+        return val_manifest.exists() and _shards_intact(task_dir / VALIDATION_DIR, json.loads(val_manifest.read_text()))
+    return intact
 
 
 def _write_rejects(task_dir: Path, rejects: list[dict]) -> None:

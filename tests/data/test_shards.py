@@ -77,3 +77,21 @@ def test_sources_of_one_task_are_merged(demo_dir, tmp_path):
                           progress=False)
     assert manifest["num_records"] == 12 and len(manifest["sources"]) == 2
     assert len(list(read_source(SourceSpec(a, "xtb")))) == 5
+
+
+def test_validation_split_is_disjoint_stable_and_complete(demo_dir, tmp_path):
+    source = demo_slice(demo_dir, "gfn2_xtb", 100, tmp_path)
+    manifest = shard(source, tmp_path / "shards", val_fraction=0.2, records_per_shard=30)
+    task_dir = tmp_path / "shards" / "gfn2_xtb"
+    val_manifest = load_manifest(task_dir / "val")
+    assert manifest["num_records"] + val_manifest["num_records"] == 100
+    assert manifest["num_validation_records"] == val_manifest["num_records"]
+    assert 10 <= val_manifest["num_records"] <= 30
+    train_ids = {next(s).index for s in [TaskStream(task_dir, seed=0)] for _ in range(manifest["num_records"])}
+    val_stream = TaskStream(task_dir / "val", seed=0)
+    val_ids = {next(val_stream).index for _ in range(val_manifest["num_records"])}
+    assert not train_ids & val_ids and len(train_ids | val_ids) == 100
+    again = shard(source, tmp_path / "other", val_fraction=0.2, records_per_shard=30)
+    assert again["num_validation_records"] == manifest["num_validation_records"]
+    shard(source, tmp_path / "shards", records_per_shard=30)
+    assert not (task_dir / "val").exists(), "a split no longer asked for is removed"
