@@ -63,6 +63,16 @@ class TaskStream:
                 return self._buffer[self.offset]
             self._advance_part()
 
+    def rest_of_epoch(self) -> list[Record]:
+        """This rank's remaining records of the current epoch (all of them on a fresh stream):
+        what distributed validation needs to see every record exactly once."""
+        epoch, records = self.epoch, []
+        while True:
+            self.peek()  # crosses into the next epoch once this one is exhausted
+            if self.epoch != epoch:
+                return records
+            records.append(next(self))
+
     def _advance_part(self) -> None:
         self._buffer, self.offset = None, 0
         self.cursor += 1

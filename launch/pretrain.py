@@ -1,0 +1,41 @@
+"""Pretrain on many LoT tasks with DeepSpeed.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml [--resume auto] [key=value ...]
+    torchrun --nproc_per_node 2 launch/pretrain.py --config configs/demo.yaml
+    python launch/pretrain.py --config configs/demo.yaml          # one process
+"""
+import argparse
+import os
+import sys
+
+from mlfound.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", help="'auto' for the latest complete checkpoint, or a checkpoint tag")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. meta.inner_steps=5")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from mlfound.train.trainer import Trainer  # after the config is known good: importing DeepSpeed is slow
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.train(resume=args.resume)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

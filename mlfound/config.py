@@ -1,0 +1,131 @@
+"""Typed run configuration: defaults < YAML < dotted CLI overrides; unknown keys are errors.
+
+    cfg = load_config("configs/demo.yaml", ["meta.inner_steps=5", "deepspeed.zero_stage=2"])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlfound.model.potential import ModelConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    shard_root: Path
+    tasks: list[str] = Field(min_length=1)  # pretraining tasks: <shard_root>/<task>/manifest.json
+    max_atoms_per_batch: int = Field(128, ge=1)
+    max_graphs_per_batch: int | None = Field(None, ge=1)
+
+
+class SamplingConfig(_Strict):
+    strategy: Literal["uniform", "proportional", "temperature"] = "temperature"
+    temperature: float = Field(2.0, gt=0)
+
+
+class MetaConfig(_Strict):
+    mode: Literal["reptile", "joint", "single"] = "reptile"
+    inner_steps: int = Field(10, description="k: inner optimizer steps per outer step (reptile)")
+    inner_lr: float = Field(1e-3, gt=0)
+    outer_lr: float = Field(1.0, gt=0, description="ε for reptile; the optimizer lr for joint/single")
+    outer_lr_final: float = Field(0.0, ge=0, description="linear anneal target of the outer lr")
+    single_task: str | None = None
+    sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.inner_steps < 1:
+            raise ValueError(f"meta.inner_steps (k) must be >= 1, got {self.inner_steps}")
+        if self.mode == "single" and self.single_task is None:
+            raise ValueError("meta.mode 'single' needs meta.single_task")
+        return self
+
+
+class LossConfig(_Strict):
+    energy_weight: float = Field(10.0, ge=0)
+    forces_weight: float = Field(1.0, ge=0)
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: int = Field(0, ge=0)
+    gradient_clipping: float = Field(0.0, ge=0, description="0 disables; DeepSpeed's own default is 1.0")
+    bf16: bool = False
+    extra: dict[str, Any] = {}  # passed through to DeepSpeed's config (monitors, comms logging, ...)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.zero_stage == 3:
+            raise ValueError("deepspeed.zero_stage 3 is not supported: it partitions parameters, which the "
+                             "per-rank Reptile inner copy cannot see; use stage 0, 1 or 2")
+        if self.zero_stage > 3:
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        return self
+
+
+class TrainConfig(_Strict):
+    outer_steps: int = Field(100, ge=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    save_every: int = Field(50, ge=1)
+
+
+class RunConfig(_Strict):
+    run_dir: Path
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    meta: MetaConfig = MetaConfig()
+    loss: LossConfig = LossConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.meta.single_task is not None and self.meta.single_task not in self.data.tasks:
+            raise ValueError(f"meta.single_task {self.meta.single_task!r} is not among data.tasks {self.data.tasks}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+def load_config(path: Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    raw = dict(base or {})
+    if path is not None:
+        if not Path(path).exists():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = _merge(raw, yaml.safe_load(Path(path).read_text()) or {})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(raw, key, yaml.safe_load(value))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {problems}") from None
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(raw: dict, dotted: str, value) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine, the pretraining loop, validation, checkpoints."""

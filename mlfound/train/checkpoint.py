@@ -1,0 +1,58 @@
+"""Training checkpoints: DeepSpeed state (sharded optimizer) plus our per-rank state.
+
+``<run_dir>/checkpoints/step00000100/`` holds DeepSpeed's files, ``rank{r}.pt`` (stream states and
+RNG states, loadable with ``weights_only=True``) and, written last, ``complete.json``. The file
+``<run_dir>/checkpoints/latest`` names the newest complete checkpoint and is replaced atomically
+after every rank has finished writing, so an interrupted save never replaces the last good one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+LATEST = "latest"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(engine, run_dir: Path, step: int, client_state: dict, rank_state: dict, rank: int) -> Path:
+    root = checkpoint_dir(run_dir)
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    _atomic(root / tag / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
+    torch.distributed.barrier()
+    if rank == 0:
+        _atomic(root / tag / "complete.json", lambda f: f.write(json.dumps({"step": step}).encode()))
+        _atomic(root / LATEST, lambda f: f.write(tag.encode()))
+    torch.distributed.barrier()
+    return root / tag
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    path = checkpoint_dir(run_dir) / LATEST
+    return path.read_text().strip() if path.exists() else None
+
+
+def restore(engine, run_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
+    """Load DeepSpeed state and this rank's state from checkpoint ``tag``; (client_state, rank_state)."""
+    root = checkpoint_dir(run_dir)
+    if not (root / tag / "complete.json").exists():
+        raise FileNotFoundError(f"checkpoint {root / tag} is incomplete or missing; resume from "
+                                f"{latest_tag(run_dir)!r} (--resume auto) instead")
+    _, client_state = engine.load_checkpoint(str(root), tag=tag)
+    rank_path = root / tag / f"rank{rank}.pt"
+    if not rank_path.exists():
+        raise FileNotFoundError(f"{rank_path} missing: the checkpoint was written with fewer ranks")
+    return client_state, torch.load(rank_path, weights_only=True)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)

@@ -1,0 +1,166 @@
+"""The pretraining loop: per outer step, each rank draws its task, then Reptile (k inner steps on a
+plain copy, pseudo-gradient through the engine), joint (one gradient step on its own task's batch,
+averaged over ranks) or single (one task everywhere)."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mlfound.config import RunConfig
+from mlfound.meta.loss import LossWeights, potential_loss
+from mlfound.meta.reptile import inner_loop, scale_task_heads, surrogate_loss
+from mlfound.meta.sampling import TaskSampler
+from mlfound.train import checkpoint
+from mlfound.train.build import build_batchers, build_potential, load_manifests, validation_dirs
+from mlfound.train.engine import build_engine, init_distributed
+from mlfound.train.validation import format_validation, validate
+
+HEAD_PREFIX = "heads.heads."
+
+
+class _TimedBatches:
+    """Iterator over a batcher that counts atoms and the seconds spent waiting for data."""
+
+    def __init__(self, batcher, clock: dict):
+        self.batcher, self.clock = batcher, clock
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        batch = next(self.batcher)
+        self.clock["data_s"] += time.perf_counter() - start
+        self.clock["atoms"] += len(batch.z)
+        return batch
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.rank, self.world_size = init_distributed()
+        torch.manual_seed(cfg.seed)
+        self.manifests = load_manifests(cfg)
+        model = build_potential(cfg, self.manifests)
+        self.work = copy.deepcopy(model)  # the plain per-rank inner copy: no DeepSpeed hooks
+        self.engine = build_engine(cfg, model)
+        self.param_names = [n for n, _ in self.engine.module.named_parameters()]
+        self.batchers = build_batchers(cfg, self.rank, self.world_size)
+        self.sampler = TaskSampler({t: m["num_records"] for t, m in self.manifests.items()},
+                                   cfg.meta.sampling.strategy, cfg.meta.sampling.temperature, cfg.seed)
+        self.weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight)
+        self.step = 0
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._window = self._new_window()
+
+    def train(self, resume: str | None = None) -> dict:
+        """Run to ``train.outer_steps``; returns the final validation table (per task)."""
+        if resume:
+            self.restore(resume)
+        if self.rank == 0:
+            (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=1))
+        while self.step < self.cfg.train.outer_steps:
+            tasks = self.tasks_of_step(self.step)
+            self.outer_step(tasks)
+            self.step += 1
+            if self.step % self.cfg.train.log_every == 0:
+                self.log()
+            if self.step % self.cfg.train.eval_every == 0:
+                self.evaluate()
+            if self.step % self.cfg.train.save_every == 0:
+                self.save()
+        results = self.evaluate()
+        if self.rank == 0:
+            print(format_validation(results), flush=True)
+        return results
+
+    def tasks_of_step(self, step: int) -> list[str]:
+        """Every rank's task at ``step``: a pure function of (seed, step, rank), so no communication."""
+        if self.cfg.meta.mode == "single":
+            return [self.cfg.meta.single_task] * self.world_size
+        return [self.sampler.draw(step, r) for r in range(self.world_size)]
+
+    def outer_step(self, tasks: list[str]) -> None:
+        task = tasks[self.rank]
+        batches = _TimedBatches(self.batchers[task], self._window)
+        parts: list[dict] = []
+
+        def loss_fn(model, batch):
+            loss, part = potential_loss(model, batch, self.weights)
+            parts.append(part)
+            return loss
+
+        if self.cfg.meta.mode == "reptile":
+            theta0 = [p.detach().clone() for p in self.engine.module.parameters()]
+            inner = torch.optim.Adam(self.work.parameters(), lr=self.cfg.meta.inner_lr, betas=(0.0, 0.999))
+            delta = inner_loop(self.work, theta0, batches, self.cfg.meta.inner_steps, inner, loss_fn)
+            scale_task_heads(delta, self.param_names, HEAD_PREFIX, task, self.world_size / tasks.count(task))
+            loss = surrogate_loss(list(self.engine.module.parameters()), delta)
+        else:
+            loss = loss_fn(self.engine.module, next(batches))
+        self.engine.backward(loss)
+        self.engine.step()
+        self._window["tasks"].append(task)
+        self._window["losses"].setdefault(task, []).extend(p["energy_mse"] + p.get("forces_mse", 0.0)
+                                                           for p in parts)
+
+    # -- logging, evaluation, checkpoints ---------------------------------------------------------
+    def _new_window(self) -> dict:
+        return {"start": time.perf_counter(), "data_s": 0.0, "atoms": 0, "tasks": [], "losses": {}}
+
+    def log(self) -> None:
+        w, self._window = self._window, self._new_window()
+        seconds = time.perf_counter() - w["start"]
+        record = {
+            "step": self.step, "rank": self.rank, "lr": self.engine.get_lr()[0],
+            "seconds_per_step": seconds / max(len(w["tasks"]), 1), "atoms_per_s": w["atoms"] / seconds,
+            "data_wait_fraction": w["data_s"] / seconds,
+            "task_mixture": {t: w["tasks"].count(t) / len(w["tasks"]) for t in sorted(set(w["tasks"]))},
+            "loss": {t: sum(v) / len(v) for t, v in w["losses"].items()},
+        }
+        with open(self.run_dir / f"metrics_rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events([(f"train/loss/{t}", v, self.step) for t, v in record["loss"].items()])
+        if self.rank == 0:
+            losses = " ".join(f"{t}={v:.4g}" for t, v in record["loss"].items())
+            print(f"step {self.step:>6}  lr {record['lr']:.3g}  {record['seconds_per_step']:.2f} s/step  "
+                  f"{record['atoms_per_s']:.0f} atoms/s  data wait {100 * record['data_wait_fraction']:.0f}%  "
+                  f"loss[rank0] {losses}", flush=True)
+
+    def evaluate(self) -> dict:
+        results = validate(self.engine.module, validation_dirs(self.cfg), self.cfg.data.tasks, self.cfg.model.cutoff_a,
+                           self.cfg.data.max_atoms_per_batch, self.rank, self.world_size)
+        if self.rank == 0 and results:
+            with open(self.run_dir / "validation.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "tasks": results}) + "\n")
+        return results
+
+    def save(self) -> Path:
+        client_state = {"step": self.step, "config": self.cfg.model_dump(mode="json"),
+                        "manifest_fingerprints": {t: m["fingerprint"] for t, m in self.manifests.items()}}
+        rank_state = {"streams": {t: b.state_dict() for t, b in self.batchers.items()},
+                      "torch_rng": torch.get_rng_state()}
+        return checkpoint.save(self.engine, self.run_dir, self.step, client_state, rank_state, self.rank)
+
+    def restore(self, resume: str) -> None:
+        tag = checkpoint.latest_tag(self.run_dir) if resume == "auto" else resume
+        if tag is None:
+            if self.rank == 0:
+                print(f"no checkpoint in {checkpoint.checkpoint_dir(self.run_dir)}; starting fresh", flush=True)
+            return
+        client_state, rank_state = checkpoint.restore(self.engine, self.run_dir, tag, self.rank)
+        changed = [t for t, m in self.manifests.items()
+                   if client_state["manifest_fingerprints"].get(t) != m["fingerprint"]]
+        if changed:
+            raise ValueError(f"the shards of tasks {changed} changed since checkpoint {tag}; exact resume is "
+                             "impossible. Re-shard the original sources or start a new run_dir")
+        self.step = client_state["step"]
+        for task, state in rank_state["streams"].items():
+            self.batchers[task].load_state_dict(state)
+        torch.set_rng_state(rank_state["torch_rng"])
