@@ -8,7 +8,9 @@ import argparse
 import os
 import sys
 
-from mlfound.config import ConfigError, load_config
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: the deepspeed launcher leaves it unset
+
+from mlfound.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -18,7 +20,6 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. meta.inner_steps=5")
     args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -26,9 +27,13 @@ def main(argv=None) -> int:
         return 2
     from mlfound.train.trainer import Trainer  # after the config is known good: importing DeepSpeed is slow
 
-    trainer = Trainer(cfg)
+    from mlfound.data import DataError
+
     try:
-        trainer.train(resume=args.resume)
+        Trainer(cfg).train(resume=args.resume)
+    except (DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         import torch.distributed as dist
 

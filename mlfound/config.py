@@ -70,6 +70,8 @@ class DeepSpeedConfig(_Strict):
 
 class TrainConfig(_Strict):
     outer_steps: int = Field(100, ge=0)
+    stop_after_steps: int | None = Field(None, ge=0, description="stop early (job time limit); "
+                                         "the schedule still spans outer_steps, resume continues it")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(50, ge=1)
     save_every: int = Field(50, ge=1)

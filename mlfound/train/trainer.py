@@ -64,7 +64,8 @@ class Trainer:
             self.restore(resume)
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=1))
-        while self.step < self.cfg.train.outer_steps:
+        last_step = min(self.cfg.train.outer_steps, self.cfg.train.stop_after_steps or self.cfg.train.outer_steps)
+        while self.step < last_step:
             tasks = self.tasks_of_step(self.step)
             self.outer_step(tasks)
             self.step += 1
@@ -74,6 +75,8 @@ class Trainer:
                 self.evaluate()
             if self.step % self.cfg.train.save_every == 0:
                 self.save()
+        if self.step % self.cfg.train.save_every != 0:
+            self.save()  # the final state is always checkpointed
         results = self.evaluate()
         if self.rank == 0:
             print(format_validation(results), flush=True)

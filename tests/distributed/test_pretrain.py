@@ -1,0 +1,148 @@
+"""Real 2-rank CPU DeepSpeed runs (torchrun, gloo) against serial references computed here by hand
+on the same batches: Reptile at ZeRO 0/1/2, joint, resume, and config errors."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mlfound.config import load_config
+from mlfound.meta.loss import LossWeights, potential_loss
+from mlfound.meta.reptile import inner_loop, scale_task_heads
+from mlfound.meta.sampling import TaskSampler
+from mlfound.train import checkpoint
+from mlfound.train.build import build_batchers, build_potential, load_manifests
+from tests.data.helpers import demo_slice, shard
+
+ROOT = Path(__file__).resolve().parents[2]
+TASKS = ["gfn2_xtb", "hf_sto3g"]
+
+
+@pytest.fixture(scope="module")
+def shard_root(demo_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    for task in TASKS:
+        shard(demo_slice(demo_dir, task, 40, root), root, val_fraction=0.2, records_per_shard=16)
+    return root
+
+
+def write_config(tmp_path, shard_root, **sections) -> Path:
+    raw = {"run_dir": str(tmp_path / "run"), "seed": 4,
+           "data": {"shard_root": str(shard_root), "tasks": TASKS, "max_atoms_per_batch": 30},
+           "model": {"channels": 8, "l_max": 1, "num_layers": 1, "cutoff_a": 4.0, "radial_hidden": 8,
+                     "head_hidden": 8},
+           "meta": {"mode": "reptile", "inner_steps": 2, "inner_lr": 1e-2, "outer_lr": 0.8, "outer_lr_final": 0.2,
+                    "sampling": {"strategy": "uniform"}},
+           "train": {"outer_steps": 4, "log_every": 2, "eval_every": 100, "save_every": 100}}
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "launch" / "pretrain.py"), "--config", str(config), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    tag = checkpoint.latest_tag(run_dir)
+    state = torch.load(checkpoint.checkpoint_dir(run_dir) / tag / "mp_rank_00_model_states.pt", weights_only=True)
+    return state["module"]
+
+
+def serial_run(cfg, mode: str) -> dict[str, torch.Tensor]:
+    """The same algorithm in one process: ranks' inner loops one after another, averaged by hand."""
+    torch.manual_seed(cfg.seed)
+    model = build_potential(cfg, load_manifests(cfg))
+    names = [n for n, _ in model.named_parameters()]
+    batchers = [build_batchers(cfg, rank, 2) for rank in range(2)]
+    sampler = TaskSampler({t: 1 for t in TASKS}, "uniform", seed=cfg.seed)
+    weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight)
+    outer = (torch.optim.SGD if mode == "reptile" else torch.optim.Adam)(model.parameters(), lr=cfg.meta.outer_lr)
+    total, ratio = cfg.train.outer_steps, cfg.meta.outer_lr_final / cfg.meta.outer_lr
+    for step in range(total):
+        for group in outer.param_groups:
+            group["lr"] = cfg.meta.outer_lr * (1.0 + (ratio - 1.0) * step / total)
+        tasks = [sampler.draw(step, rank) for rank in range(2)]
+        grads = []
+        for rank, task in enumerate(tasks):
+            if mode == "reptile":
+                work = copy.deepcopy(model)
+                inner = torch.optim.Adam(work.parameters(), lr=cfg.meta.inner_lr, betas=(0.0, 0.999))
+                theta0 = [p.detach().clone() for p in model.parameters()]
+                delta = inner_loop(work, theta0, batchers[rank][task], cfg.meta.inner_steps, inner,
+                                   lambda m, b: potential_loss(m, b, weights)[0])
+                scale_task_heads(delta, names, "heads.heads.", task, 2 / tasks.count(task))
+                grads.append(delta)
+            else:
+                model.zero_grad()
+                potential_loss(model, next(batchers[rank][task]), weights)[0].backward()
+                grads.append([p.grad.detach().clone() for p in model.parameters()])
+        outer.zero_grad()
+        for p, g0, g1 in zip(model.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        outer.step()
+    return dict(model.named_parameters())
+
+
+def assert_same_parameters(distributed, serial):
+    for name, value in serial.items():
+        torch.testing.assert_close(distributed[name], value.detach(), rtol=1e-5, atol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_reptile_two_ranks_equals_serial_reference(shard_root, tmp_path, zero_stage):
+    config = write_config(tmp_path, shard_root, deepspeed={"zero_stage": zero_stage})
+    cfg = load_config(config)
+    tasks = [[TaskSampler({t: 1 for t in TASKS}, "uniform", seed=cfg.seed).draw(s, r) for r in range(2)]
+             for s in range(cfg.train.outer_steps)]
+    assert any(a != b for a, b in tasks) and any(a == b for a, b in tasks), \
+        "the seed must give steps where ranks share a task and steps where each head is trained by one rank"
+    done = torchrun(config)
+    assert "step      2" in done.stdout and "E MAE" in done.stdout
+    assert_same_parameters(final_parameters(cfg.run_dir), serial_run(cfg, "reptile"))
+
+
+def test_joint_two_ranks_equals_serial_gradient_averaging(shard_root, tmp_path):
+    config = write_config(tmp_path, shard_root, meta={"mode": "joint", "outer_lr": 1e-3, "outer_lr_final": 1e-4},
+                          deepspeed={"zero_stage": 2})
+    cfg = load_config(config)
+    torchrun(config)
+    assert_same_parameters(final_parameters(cfg.run_dir), serial_run(cfg, "joint"))
+
+
+def test_resume_equals_uninterrupted_run(shard_root, tmp_path):
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "split").mkdir()
+    whole = write_config(tmp_path / "whole", shard_root, deepspeed={"zero_stage": 1})
+    split = write_config(tmp_path / "split", shard_root, deepspeed={"zero_stage": 1})
+    torchrun(whole)
+    torchrun(split, "train.stop_after_steps=2")  # a job that hit its time limit at step 2 of 4
+    assert checkpoint.latest_tag(load_config(split).run_dir) == "step00000002"
+    torchrun(split, "--resume", "auto")
+    assert checkpoint.latest_tag(load_config(split).run_dir) == "step00000004"
+    assert_same_parameters(final_parameters(load_config(split).run_dir), final_parameters(load_config(whole).run_dir))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("meta.bogus=1", "meta.bogus: Extra inputs are not permitted"),
+    ("deepspeed.zero_stage=3", "zero_stage 3 is not supported"),
+    ("meta.inner_steps=0", "inner_steps (k) must be >= 1"),
+    ("data.tasks=[gfn2_xtb,nope]", "nope/manifest.json: no manifest"),
+])
+def test_bad_config_is_named(shard_root, tmp_path, override, message):
+    config = write_config(tmp_path, shard_root)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(config), override],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
