@@ -108,23 +108,30 @@ class Trainer:
             loss = loss_fn(self.engine.module, next(batches))
         self.engine.backward(loss)
         self.engine.step()
-        self._window["tasks"].append(task)
-        self._window["losses"].setdefault(task, []).extend(p["energy_mse"] + p.get("forces_mse", 0.0)
-                                                           for p in parts)
+        self._window["tasks"].extend(tasks)  # every rank's task: known here without communication
+        position = self.cfg.data.tasks.index(task)
+        self._window["loss_sum_count"][position] += torch.tensor(
+            [sum(p["energy_mse"] + p.get("forces_mse", 0.0) for p in parts), len(parts)], dtype=torch.float64)
 
     # -- logging, evaluation, checkpoints ---------------------------------------------------------
     def _new_window(self) -> dict:
-        return {"start": time.perf_counter(), "data_s": 0.0, "atoms": 0, "tasks": [], "losses": {}}
+        return {"start": time.perf_counter(), "data_s": 0.0, "atoms": 0, "tasks": [],
+                "loss_sum_count": torch.zeros(len(self.cfg.data.tasks), 2, dtype=torch.float64)}
 
     def log(self) -> None:
+        """Per-task losses averaged over all ranks (one small all-reduce), the realised task mixture over
+        all ranks, and this rank's speed and data-wait fraction."""
         w, self._window = self._window, self._new_window()
         seconds = time.perf_counter() - w["start"]
+        loss_sum_count = w["loss_sum_count"]
+        torch.distributed.all_reduce(loss_sum_count)
+        num_steps = len(w["tasks"]) // self.world_size
         record = {
             "step": self.step, "rank": self.rank, "lr": self.engine.get_lr()[0],
-            "seconds_per_step": seconds / max(len(w["tasks"]), 1), "atoms_per_s": w["atoms"] / seconds,
+            "seconds_per_step": seconds / max(num_steps, 1), "atoms_per_s": w["atoms"] / seconds,
             "data_wait_fraction": w["data_s"] / seconds,
-            "task_mixture": {t: w["tasks"].count(t) / len(w["tasks"]) for t in sorted(set(w["tasks"]))},
-            "loss": {t: sum(v) / len(v) for t, v in w["losses"].items()},
+            "task_mixture": {t: w["tasks"].count(t) / len(w["tasks"]) for t in self.cfg.data.tasks},
+            "loss": {t: (s / n).item() for t, (s, n) in zip(self.cfg.data.tasks, loss_sum_count) if n > 0},
         }
         with open(self.run_dir / f"metrics_rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -132,9 +139,10 @@ class Trainer:
             self.engine.monitor.write_events([(f"train/loss/{t}", v, self.step) for t, v in record["loss"].items()])
         if self.rank == 0:
             losses = " ".join(f"{t}={v:.4g}" for t, v in record["loss"].items())
+            mixture = " ".join(f"{t}={v:.2f}" for t, v in record["task_mixture"].items())
             print(f"step {self.step:>6}  lr {record['lr']:.3g}  {record['seconds_per_step']:.2f} s/step  "
-                  f"{record['atoms_per_s']:.0f} atoms/s  data wait {100 * record['data_wait_fraction']:.0f}%  "
-                  f"loss[rank0] {losses}", flush=True)
+                  f"{record['atoms_per_s']:.0f} atoms/s/rank  data wait {100 * record['data_wait_fraction']:.0f}%\n"
+                  f"    loss {losses}\n    mixture {mixture}", flush=True)
 
     def evaluate(self) -> dict:
         results = validate(self.engine.module, validation_dirs(self.cfg), self.cfg.data.tasks, self.cfg.model.cutoff_a,

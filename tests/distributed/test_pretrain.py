@@ -146,3 +146,26 @@ def test_bad_config_is_named(shard_root, tmp_path, override, message):
     done = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(config), override],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_single_mode_in_one_process_trains_only_its_task(shard_root, tmp_path):
+    config = write_config(tmp_path, shard_root, meta={"mode": "single", "single_task": "hf_sto3g",
+                                                      "outer_lr": 1e-3, "outer_lr_final": 1e-3})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(config)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "mixture gfn2_xtb=0.00 hf_sto3g=1.00" in done.stdout
+    records = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics_rank0.jsonl").read_text().splitlines()]
+    assert set(records[-1]["loss"]) == {"hf_sto3g"} and records[-1]["step"] == 4
+
+
+def test_interrupted_save_is_never_resumed(tmp_path):
+    """A checkpoint folder without complete.json (a crash mid-save) is refused; `latest` still names the
+    last complete one, because it is replaced only after every rank finished."""
+    root = checkpoint.checkpoint_dir(tmp_path)
+    (root / "step00000004").mkdir(parents=True)
+    (root / "latest").write_text("step00000002")
+    assert checkpoint.latest_tag(tmp_path) == "step00000002"
+    with pytest.raises(FileNotFoundError, match="step00000004 is incomplete"):
+        checkpoint.restore(None, tmp_path, "step00000004", rank=0)
