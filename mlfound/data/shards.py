@@ -30,7 +30,7 @@ from mlfound.data.references import ReferenceFit, reference_energy
 MANIFEST_NAME = "manifest.json"
 VALIDATION_DIR = "val"
 MANIFEST_VERSION = 1
-TOOL_VERSION = "mlfound-shard 0.1"
+TOOL_VERSION = "mlfound-shard 0.2"
 
 
 @dataclasses.dataclass(frozen=True)

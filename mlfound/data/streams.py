@@ -16,6 +16,7 @@ import warnings
 import zlib
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import webdataset as wds
 
@@ -136,7 +137,7 @@ class TaskStream:
         pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
         try:
             records = [shard_format.decode(sample[shard_format.MEMBER_EXT], self.task) for sample in pipeline]
-        except (tarfile.TarError, OSError, ValueError, KeyError) as err:
+        except (tarfile.TarError, OSError, ValueError, KeyError, msgpack.exceptions.UnpackException) as err:
             raise DataError(f"shard {url}: cannot read ({type(err).__name__}: {err})") from err
         if len(records) != info["num_records"]:
             raise DataError(f"shard {url}: {len(records)} records, manifest says {info['num_records']}; "
