@@ -38,7 +38,8 @@ def read_source(spec: SourceSpec) -> Iterator[Record]:
 
 def lot_metadata(spec: SourceSpec) -> dict:
     """LoT metadata stored in the source (extxyz ``lot_*`` info keys), else empty."""
-    if _format_from_suffix(Path(spec.path)) != "ase" or spec.format not in ("auto", "ase"):
+    fmt = spec.format if spec.format != "auto" else _format_from_suffix(Path(spec.path))
+    if fmt != "ase":
         return {}
     from ase.io import read
 
