@@ -67,7 +67,8 @@ class Potential(nn.Module):
 
     def forward(self, batch, compute_forces: bool = True, training: bool = False):
         """Energies (G,) float64 eV and forces (N, 3) eV/Å (None if not asked for)."""
-        pos_N3 = batch.pos_a.to(next(self.parameters()).dtype)
+        # geometry in at least float32 even when the weights are bf16: bf16 positions would be off by ~0.02 Å
+        pos_N3 = batch.pos_a.to(torch.promote_types(next(self.parameters()).dtype, torch.float32))
         if compute_forces:
             pos_N3 = pos_N3.detach().requires_grad_(True)
         energy_G = self.energy(batch, pos_N3)

@@ -76,8 +76,9 @@ class Trunk(nn.Module):
 
     def forward(self, species_N, vectors_E3, edge_index_2E):
         h = self.embedding(species_N)
-        sh_EY = self.spherical_harmonics(vectors_E3)
-        radial_EB = self.radial_basis(vectors_E3.norm(dim=-1))
+        # edge geometry in the positions' precision, then in the weights' dtype (bf16 under DeepSpeed bf16)
+        sh_EY = self.spherical_harmonics(vectors_E3).to(h.dtype)
+        radial_EB = self.radial_basis(vectors_E3.norm(dim=-1)).to(h.dtype)
         for layer in self.layers:
             h = layer(h, sh_EY, radial_EB, edge_index_2E)
         return self.readout(h)
