@@ -23,15 +23,16 @@ def time_mode(config: str, mode: str, steps: int, warmup: int, overrides: list[s
     trainer = Trainer(cfg)
     for step in range(warmup):
         trainer.outer_step(trainer.tasks_of_step(step))
-    trainer._window = trainer._new_window()
+    trainer.take_window()
     start = time.perf_counter()
     for step in range(warmup, warmup + steps):
         trainer.outer_step(trainer.tasks_of_step(step))
     seconds = time.perf_counter() - start
+    window = trainer.take_window()
     grad_steps = steps * (cfg.meta.inner_steps if mode == "reptile" else 1)
     return {"mode": mode, "k": cfg.meta.inner_steps if mode == "reptile" else 1, "s_outer": seconds / steps,
-            "s_grad": seconds / grad_steps, "atoms_per_s": trainer._window["atoms"] / seconds,
-            "data_wait": trainer._window["data_s"] / seconds, "rank": trainer.rank, "world": trainer.world_size}
+            "s_grad": seconds / grad_steps, "atoms_per_s": window["atoms"] / seconds,
+            "data_wait": window["data_s"] / seconds, "rank": trainer.rank, "world": trainer.world_size}
 
 
 def main(argv=None) -> int:

@@ -118,10 +118,15 @@ class Trainer:
         return {"start": time.perf_counter(), "data_s": 0.0, "atoms": 0, "tasks": [],
                 "loss_sum_count": torch.zeros(len(self.cfg.data.tasks), 2, dtype=torch.float64)}
 
+    def take_window(self) -> dict:
+        """The counters since the last call (time, data wait, atoms, tasks, losses), restarting them."""
+        window, self._window = self._window, self._new_window()
+        return window
+
     def log(self) -> None:
         """Per-task losses averaged over all ranks (one small all-reduce), the realised task mixture over
         all ranks, and this rank's speed and data-wait fraction."""
-        w, self._window = self._window, self._new_window()
+        w = self.take_window()
         seconds = time.perf_counter() - w["start"]
         loss_sum_count = w["loss_sum_count"]
         torch.distributed.all_reduce(loss_sum_count)
