@@ -97,7 +97,7 @@ def serial_run(cfg, mode: str) -> dict[str, torch.Tensor]:
 
 def assert_same_parameters(distributed, serial, rtol=1e-5, atol=2e-6):
     for name, value in serial.items():
-        torch.testing.assert_close(distributed[name].float(), value.detach(), rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(distributed[name].to(value.dtype), value.detach(), rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
