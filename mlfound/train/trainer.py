@@ -25,15 +25,15 @@ HEAD_PREFIX = "heads.heads."
 class _TimedBatches:
     """Iterator over a batcher that counts atoms and the seconds spent waiting for data."""
 
-    def __init__(self, batcher, clock: dict):
-        self.batcher, self.clock = batcher, clock
+    def __init__(self, batcher, clock: dict, device: torch.device):
+        self.batcher, self.clock, self.device = batcher, clock, device
 
     def __iter__(self):
         return self
 
     def __next__(self):
         start = time.perf_counter()
-        batch = next(self.batcher)
+        batch = next(self.batcher).to(self.device)
         self.clock["data_s"] += time.perf_counter() - start
         self.clock["atoms"] += len(batch.z)
         return batch
@@ -48,6 +48,8 @@ class Trainer:
         model = build_potential(cfg, self.manifests)
         self.work = copy.deepcopy(model)  # the plain per-rank inner copy: no DeepSpeed hooks
         self.engine = build_engine(cfg, model)
+        self.device = self.engine.device  # CPU, or this rank's GPU
+        self.work.to(self.device)
         self.param_names = [n for n, _ in self.engine.module.named_parameters()]
         self.batchers = build_batchers(cfg, self.rank, self.world_size)
         self.sampler = TaskSampler({t: m["num_records"] for t, m in self.manifests.items()},
@@ -90,7 +92,7 @@ class Trainer:
 
     def outer_step(self, tasks: list[str]) -> None:
         task = tasks[self.rank]
-        batches = _TimedBatches(self.batchers[task], self._window)
+        batches = _TimedBatches(self.batchers[task], self._window, self.device)
         parts: list[dict] = []
 
         def loss_fn(model, batch):
@@ -128,8 +130,9 @@ class Trainer:
         all ranks, and this rank's speed and data-wait fraction."""
         w = self.take_window()
         seconds = time.perf_counter() - w["start"]
-        loss_sum_count = w["loss_sum_count"]
+        loss_sum_count = w["loss_sum_count"].to(self.device)  # nccl reduces GPU tensors only
         torch.distributed.all_reduce(loss_sum_count)
+        loss_sum_count = loss_sum_count.cpu()
         num_steps = len(w["tasks"]) // self.world_size
         record = {
             "step": self.step, "rank": self.rank, "lr": self.engine.get_lr()[0],
@@ -151,7 +154,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         results = validate(self.engine.module, validation_dirs(self.cfg), self.cfg.data.tasks, self.cfg.model.cutoff_a,
-                           self.cfg.data.max_atoms_per_batch, self.rank, self.world_size)
+                           self.cfg.data.max_atoms_per_batch, self.rank, self.world_size, self.device)
         if self.rank == 0 and results:
             with open(self.run_dir / "validation.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, "tasks": results}) + "\n")

@@ -11,14 +11,14 @@ from mlfound.data.streams import TaskStream
 
 
 def validate(model, val_dirs: dict[str, Path], task_names: list[str], cutoff_a: float, max_atoms: int,
-             rank: int, world_size: int) -> dict[str, dict[str, float]]:
+             rank: int, world_size: int, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
     """Per task: energy MAE/RMSE (meV/atom), force MAE/RMSE (meV/Å), record counts."""
     results = {}
     for task, val_dir in val_dirs.items():
         records = TaskStream(val_dir, seed=0, rank=rank, world_size=world_size).rest_of_epoch()
-        sums = torch.zeros(6, dtype=torch.float64)  # graphs, |dE|, dE², force comps, |dF|, dF²
+        sums = torch.zeros(6, dtype=torch.float64, device=device)  # graphs, |dE|, dE², force comps, |dF|, dF²
         for chunk in _chunks(records, max_atoms):
-            batch = collate(chunk, cutoff_a, task_names)
+            batch = collate(chunk, cutoff_a, task_names).to(device)
             energy, forces = model(batch, compute_forces=True, training=False)
             error_per_atom = (energy.detach() - batch.energy_ev) / batch.num_atoms
             sums[0] += len(chunk)
