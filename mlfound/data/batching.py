@@ -76,6 +76,28 @@ def collate(records: Sequence[Record], cutoff_a: float, task_names: Sequence[str
     )
 
 
+def admits(batch: list[Record], batch_atoms: int, upcoming: Record, max_atoms: int,
+           max_graphs: int | None) -> bool:
+    """The packing rule: an empty batch takes any record (so none is dropped for size); otherwise the
+    upcoming record must fit in the atom budget and the graph limit."""
+    if not batch:
+        return True
+    return batch_atoms + upcoming.num_atoms <= max_atoms and (max_graphs is None or len(batch) < max_graphs)
+
+
+def atom_budget_batches(records: Sequence[Record], max_atoms: int,
+                        max_graphs: int | None = None) -> list[list[Record]]:
+    """A finite sequence split by the same rule AtomBudgetBatcher applies to a stream."""
+    batches, batch, batch_atoms = [], [], 0
+    for rec in records:
+        if not admits(batch, batch_atoms, rec, max_atoms, max_graphs):
+            batches.append(batch)
+            batch, batch_atoms = [], 0
+        batch.append(rec)
+        batch_atoms += rec.num_atoms
+    return batches + [batch] if batch else batches
+
+
 class AtomBudgetBatcher:
     """Infinite GraphBatches from one TaskStream; its state is the stream's state."""
 
@@ -93,14 +115,11 @@ class AtomBudgetBatcher:
         return collate(self.next_records(), self.cutoff_a, self.task_names)
 
     def next_records(self) -> list[Record]:
-        records = [next(self.stream)]
-        num_atoms = records[0].num_atoms
-        while self.max_graphs is None or len(records) < self.max_graphs:
-            upcoming = self.stream.peek()
-            if num_atoms + upcoming.num_atoms > self.max_atoms:
-                break
+        """Records are taken only once admitted (peek first), so the stream state stays exact for resume."""
+        records, num_atoms = [], 0
+        while admits(records, num_atoms, self.stream.peek(), self.max_atoms, self.max_graphs):
             records.append(next(self.stream))
-            num_atoms += upcoming.num_atoms
+            num_atoms += records[-1].num_atoms
         return records
 
     def state_dict(self) -> dict:

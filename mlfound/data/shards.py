@@ -53,7 +53,8 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
     for spec in sources:
         if not Path(spec.path).is_file():
             raise DataError(f"{spec.path}: no such file")
-    fingerprint = _fingerprint(sources, options, lot)
+    described = [_describe_source(s) for s in sources]  # hashes each source file once
+    fingerprint = _fingerprint(described, options, lot)
     manifest_path = task_dir / MANIFEST_NAME
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
@@ -76,7 +77,7 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
     _write_rejects(task_dir, rejects)
     common = {"format_version": MANIFEST_VERSION, "tool": TOOL_VERSION, "task": task,
               "lot": {**_lot_from_sources(sources), **(lot or {})}, "fingerprint": fingerprint,
-              "sources": [_describe_source(s) for s in sources], "options": dataclasses.asdict(options),
+              "sources": described, "options": dataclasses.asdict(options),
               "num_rejected": len(rejects)}
     if "val" in splits:
         splits["val"].finish({**common, "split": "val"})
@@ -269,8 +270,8 @@ class _TaskStats:
         }
 
 
-def _fingerprint(sources: list[SourceSpec], options: ShardOptions, lot: dict | None) -> str:
-    parts = [json.dumps(_describe_source(s), sort_keys=True) for s in sources]
+def _fingerprint(described_sources: list[dict], options: ShardOptions, lot: dict | None) -> str:
+    parts = [json.dumps(d, sort_keys=True) for d in described_sources]
     parts += [json.dumps(dataclasses.asdict(options), sort_keys=True), json.dumps(lot or {}, sort_keys=True),
               TOOL_VERSION]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()

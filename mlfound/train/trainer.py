@@ -17,7 +17,7 @@ from mlfound.meta.sampling import TaskSampler
 from mlfound.train import checkpoint
 from mlfound.train.build import build_batchers, build_potential, load_manifests, validation_dirs
 from mlfound.train.engine import build_engine, init_distributed
-from mlfound.train.validation import format_validation, validate
+from mlfound.train.validation import format_validation, validate, validation_batches
 
 HEAD_PREFIX = "heads.heads."
 
@@ -59,6 +59,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._window = self._new_window()
+        self._validation_batches = None  # built at the first evaluation, reused after
 
     def train(self, resume: str | None = None) -> dict:
         """Run to ``train.outer_steps``; returns the final validation table (per task)."""
@@ -153,8 +154,11 @@ class Trainer:
                   f"    loss {losses}\n    mixture {mixture}", flush=True)
 
     def evaluate(self) -> dict:
-        results = validate(self.engine.module, validation_dirs(self.cfg), self.cfg.data.tasks, self.cfg.model.cutoff_a,
-                           self.cfg.data.max_atoms_per_batch, self.rank, self.world_size, self.device)
+        if self._validation_batches is None:
+            self._validation_batches = validation_batches(
+                validation_dirs(self.cfg), self.cfg.data.tasks, self.cfg.model.cutoff_a,
+                self.cfg.data.max_atoms_per_batch, self.rank, self.world_size)
+        results = validate(self.engine.module, self._validation_batches, self.device)
         if self.rank == 0 and results:
             with open(self.run_dir / "validation.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, "tasks": results}) + "\n")

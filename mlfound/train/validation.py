@@ -6,22 +6,32 @@ from pathlib import Path
 
 import torch
 
-from mlfound.data.batching import collate
+from mlfound.data.batching import GraphBatch, atom_budget_batches, collate
 from mlfound.data.streams import TaskStream
 
 
-def validate(model, val_dirs: dict[str, Path], task_names: list[str], cutoff_a: float, max_atoms: int,
-             rank: int, world_size: int, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Per task: energy MAE/RMSE (meV/atom), force MAE/RMSE (meV/Å), record counts."""
-    results = {}
+def validation_batches(val_dirs: dict[str, Path], task_names: list[str], cutoff_a: float, max_atoms: int,
+                       rank: int, world_size: int) -> dict[str, list[GraphBatch]]:
+    """This rank's disjoint share of every task's validation split, batched with neighbour lists.
+    Built once per run: the validation set does not change between evaluations."""
+    batches = {}
     for task, val_dir in val_dirs.items():
         records = TaskStream(val_dir, seed=0, rank=rank, world_size=world_size).rest_of_epoch()
+        batches[task] = [collate(chunk, cutoff_a, task_names) for chunk in atom_budget_batches(records, max_atoms)]
+    return batches
+
+
+def validate(model, batches_by_task: dict[str, list[GraphBatch]],
+             device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """Per task: energy MAE/RMSE (meV/atom), force MAE/RMSE (meV/Å), record counts."""
+    results = {}
+    for task, batches in batches_by_task.items():
         sums = torch.zeros(6, dtype=torch.float64, device=device)  # graphs, |dE|, dE², force comps, |dF|, dF²
-        for chunk in _chunks(records, max_atoms):
-            batch = collate(chunk, cutoff_a, task_names).to(device)
+        for batch in batches:
+            batch = batch.to(device)
             energy, forces = model(batch, compute_forces=True, training=False)
             error_per_atom = (energy.detach() - batch.energy_ev) / batch.num_atoms
-            sums[0] += len(chunk)
+            sums[0] += batch.num_graphs
             sums[1] += error_per_atom.abs().sum()
             sums[2] += (error_per_atom**2).sum()
             has_forces = batch.has_forces[batch.graph_index]
@@ -49,15 +59,3 @@ def format_validation(results: dict[str, dict[str, float]]) -> str:
         lines.append(f"{task:<14}{r['num_records']:>8}{r['energy_mae_mev_atom']:>9.1f}{r['energy_rmse_mev_atom']:>9.1f}"
                      f"{r['forces_mae_mev_a']:>9.1f}{r['forces_rmse_mev_a']:>9.1f}")
     return "\n".join(lines)
-
-
-def _chunks(records, max_atoms):
-    chunk, atoms = [], 0
-    for rec in records:
-        if chunk and atoms + rec.num_atoms > max_atoms:
-            yield chunk
-            chunk, atoms = [], 0
-        chunk.append(rec)
-        atoms += rec.num_atoms
-    if chunk:
-        yield chunk

@@ -103,3 +103,16 @@ def test_atom_budget_batches(demo_dir, tmp_path):
         # no edge crosses graphs
         assert torch.equal(batch.graph_index[batch.edge_index[0]], batch.graph_index[batch.edge_index[1]])
         assert (batch.task_index == 0).all() and batch.has_forces.all()
+
+
+def test_finite_batching_follows_the_stream_batching_rule(demo_dir, tmp_path):
+    from mlfound.data.batching import atom_budget_batches
+
+    shard(demo_slice(demo_dir, "gfn2_xtb", 60, tmp_path), tmp_path / "shards")
+    stream = TaskStream(tmp_path / "shards" / "gfn2_xtb", seed=0)
+    records = TaskStream(tmp_path / "shards" / "gfn2_xtb", seed=0).rest_of_epoch()
+    batcher = AtomBudgetBatcher(stream, max_atoms=30, cutoff_a=5.0, task_names=["gfn2_xtb"], max_graphs=3)
+    finite = atom_budget_batches(records, max_atoms=30, max_graphs=3)
+    assert sum(len(b) for b in finite) == 60
+    for batch in finite[:-1]:  # the last finite batch ends with the epoch; the stream goes on
+        assert [r.index for r in batcher.next_records()] == [r.index for r in batch]
