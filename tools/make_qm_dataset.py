@@ -1,8 +1,9 @@
 """Generate a multi-fidelity QM corpus with real QM codes (needs `pip install -e .[qm]`).
 
     python tools/make_qm_dataset.py --recipe demo-pretrain demo-target --out data/demo --workers 2
+    python tools/make_qm_dataset.py --scan paracetamol-amide --out data/demo --workers 2
 
-Resumable: kill it and run the same command again to continue.
+Recipes are resumable: kill the run and start the same command again to continue.
 """
 import argparse
 import sys
@@ -10,19 +11,27 @@ from pathlib import Path
 
 from mlfound.qmdata.corpus import make_corpus
 from mlfound.qmdata.recipes import RECIPES
+from mlfound.qmdata.scans import SCANS, make_scan
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, nargs="+", choices=sorted(RECIPES),
+    parser.add_argument("--recipe", nargs="+", default=[], choices=sorted(RECIPES),
                         help="one or more recipes, run in order into the same folder")
+    parser.add_argument("--scan", nargs="+", default=[], choices=sorted(SCANS),
+                        help="torsion scans to label, each into <lot>_<scan>_scan.extxyz")
     parser.add_argument("--out", type=Path, required=True, help="folder for <task>.extxyz files")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (one core each)")
     args = parser.parse_args(argv)
+    if not args.recipe and not args.scan:
+        parser.error("name at least one --recipe or --scan")
+    for name in args.scan:
+        print(f"wrote {make_scan(name, SCANS[name], args.out, args.workers)}")
     summary = {}
     for name in args.recipe:
         summary.update(make_corpus(name, RECIPES[name], args.out, args.workers))
-    print(f"{'task':<14}{'structures':>11}{'molecules':>10}{'rejected':>9}  forces")
+    if summary:
+        print(f"{'task':<14}{'structures':>11}{'molecules':>10}{'rejected':>9}  forces")
     for task, row in summary.items():
         print(f"{task:<14}{row['structures']:>11}{row['molecules']:>10}{row['rejected']:>9}  {row['forces']}")
     return 0

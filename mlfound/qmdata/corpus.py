@@ -77,13 +77,13 @@ def _run_units(fn, args_list, workers: int, what: str) -> None:
         for args in tqdm(args_list, desc=what, unit="unit"):
             fn(*args)
         return
-    with cf.ProcessPoolExecutor(workers, initializer=_single_thread) as pool:
+    with cf.ProcessPoolExecutor(workers, initializer=single_thread) as pool:
         futures = [pool.submit(fn, *args) for args in args_list]
         for future in tqdm(cf.as_completed(futures), total=len(futures), desc=what, unit="unit"):
             future.result()  # re-raise a worker's error here, with its traceback
 
 
-def _single_thread() -> None:
+def single_thread() -> None:
     """Each worker process uses one core; parallelism comes from the pool."""
     os.environ["OMP_NUM_THREADS"] = "1"
     from pyscf import lib

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def rdkit_conformer(smiles: str, seed: int) -> tuple[list[str], np.ndarray]:
-    """Symbols and positions (Å) of an MMFF-relaxed 3D conformer with explicit hydrogens."""
+def embedded_molecule(smiles: str, seed: int):
+    """An RDKit molecule with explicit hydrogens and one MMFF-relaxed 3D conformer."""
     from rdkit import Chem
     from rdkit.Chem import AllChem
 
@@ -20,8 +20,32 @@ def rdkit_conformer(smiles: str, seed: int) -> tuple[list[str], np.ndarray]:
     if AllChem.EmbedMolecule(mol, randomSeed=seed) != 0:
         raise ValueError(f"RDKit could not embed a conformer for {smiles!r} (seed {seed})")
     AllChem.MMFFOptimizeMolecule(mol)
-    symbols = [atom.GetSymbol() for atom in mol.GetAtoms()]
-    return symbols, mol.GetConformer().GetPositions()
+    return mol
+
+
+def rdkit_conformer(smiles: str, seed: int) -> tuple[list[str], np.ndarray]:
+    """Symbols and positions (Å) of an MMFF-relaxed 3D conformer with explicit hydrogens."""
+    mol = embedded_molecule(smiles, seed)
+    return [atom.GetSymbol() for atom in mol.GetAtoms()], mol.GetConformer().GetPositions()
+
+
+def torsion_scan(smiles: str, torsion_smarts: str, angles_deg: np.ndarray, seed: int
+                 ) -> tuple[list[str], np.ndarray]:
+    """Rigid torsion scan: symbols and (A, N, 3) positions with the dihedral of the first match of
+    ``torsion_smarts`` (four atoms) set to each angle; all other internal coordinates stay fixed."""
+    from rdkit import Chem
+    from rdkit.Chem import rdMolTransforms
+
+    mol = embedded_molecule(smiles, seed)
+    matches = mol.GetSubstructMatches(Chem.MolFromSmarts(torsion_smarts))
+    if not matches or len(matches[0]) != 4:
+        raise ValueError(f"torsion SMARTS {torsion_smarts!r} does not match four atoms of {smiles!r}")
+    conformer = mol.GetConformer()
+    frames = []
+    for angle in angles_deg:
+        rdMolTransforms.SetDihedralDeg(conformer, *matches[0], float(angle))
+        frames.append(conformer.GetPositions().copy())
+    return [atom.GetSymbol() for atom in mol.GetAtoms()], np.stack(frames)
 
 
 def xtb_md_frames(symbols: list[str], pos_a: np.ndarray, temperature_k: float, num_frames: int,
