@@ -35,3 +35,10 @@ def build_batchers(cfg: RunConfig, rank: int, world_size: int) -> dict[str, Atom
 def validation_dirs(cfg: RunConfig) -> dict:
     return {task: cfg.data.shard_root / task / VALIDATION_DIR for task in cfg.data.tasks
             if (cfg.data.shard_root / task / VALIDATION_DIR / "manifest.json").exists()}
+
+
+def manifest_provenance(manifest: dict) -> dict:
+    """The data a head was trained on, as recorded in a release: fingerprint, counts, source hashes."""
+    return {"fingerprint": manifest["fingerprint"], "num_records": manifest["num_records"],
+            "num_validation_records": manifest.get("num_validation_records", 0),
+            "sources": [{"path": s["path"], "sha256": s["sha256"]} for s in manifest["sources"]]}

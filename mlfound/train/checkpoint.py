@@ -1,7 +1,9 @@
 """Training checkpoints: DeepSpeed state (sharded optimizer) plus our per-rank state.
 
 ``<run_dir>/checkpoints/step00000100/`` holds DeepSpeed's files, ``rank{r}.pt`` (stream states and
-RNG states, loadable with ``weights_only=True``) and, written last, ``complete.json``. The file
+RNG states, loadable with ``weights_only=True``), ``model_info.json`` (what ``mlfound export`` needs
+besides the weights: elements, heads with LoT metadata and data hashes, the run config) and, written
+last, ``complete.json``. The file
 ``<run_dir>/checkpoints/latest`` names the newest complete checkpoint and is replaced atomically
 after every rank has finished writing, so an interrupted save never replaces the last good one.
 """
@@ -14,19 +16,22 @@ from pathlib import Path
 import torch
 
 LATEST = "latest"
+MODEL_INFO = "model_info.json"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, rank_state: dict, rank: int) -> Path:
+def save(engine, run_dir: Path, step: int, client_state: dict, rank_state: dict, rank: int,
+         model_info: dict) -> Path:
     root = checkpoint_dir(run_dir)
     tag = f"step{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     _atomic(root / tag / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
     torch.distributed.barrier()
     if rank == 0:
+        _atomic(root / tag / MODEL_INFO, lambda f: f.write(json.dumps(model_info, indent=1).encode()))
         _atomic(root / tag / "complete.json", lambda f: f.write(json.dumps({"step": step}).encode()))
         _atomic(root / LATEST, lambda f: f.write(tag.encode()))
     torch.distributed.barrier()
@@ -36,6 +41,18 @@ def save(engine, run_dir: Path, step: int, client_state: dict, rank_state: dict,
 def latest_tag(run_dir: Path) -> str | None:
     path = checkpoint_dir(run_dir) / LATEST
     return path.read_text().strip() if path.exists() else None
+
+
+def complete_dir(run_or_checkpoint: Path) -> Path:
+    """A complete checkpoint folder from either a run folder (its latest) or a checkpoint folder."""
+    path = Path(run_or_checkpoint)
+    if not (path / "complete.json").exists():
+        tag = latest_tag(path)
+        if tag is None:
+            raise FileNotFoundError(f"{path}: neither a complete checkpoint (no complete.json) nor a run folder "
+                                    f"with {checkpoint_dir(path) / LATEST}")
+        path = checkpoint_dir(path) / tag
+    return path
 
 
 def restore(engine, run_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:

@@ -14,10 +14,12 @@ from mlfound.config import RunConfig
 from mlfound.meta.loss import LossWeights, potential_loss
 from mlfound.meta.reptile import inner_loop, scale_task_heads, surrogate_loss
 from mlfound.meta.sampling import TaskSampler
+from mlfound.metrics import error_table, format_error_table
 from mlfound.train import checkpoint
-from mlfound.train.build import build_batchers, build_potential, load_manifests, validation_dirs
+from mlfound.train.build import (build_batchers, build_potential, load_manifests, manifest_provenance,
+                                 validation_dirs)
 from mlfound.train.engine import build_engine, init_distributed
-from mlfound.train.validation import format_validation, validate, validation_batches
+from mlfound.train.validation import validation_batches
 
 HEAD_PREFIX = "heads.heads."
 
@@ -82,7 +84,7 @@ class Trainer:
             self.save()  # the final state is always checkpointed
         results = self.evaluate()
         if self.rank == 0:
-            print(format_validation(results), flush=True)
+            print(format_error_table(results), flush=True)
         return results
 
     def tasks_of_step(self, step: int) -> list[str]:
@@ -158,7 +160,7 @@ class Trainer:
             self._validation_batches = validation_batches(
                 validation_dirs(self.cfg), self.cfg.data.tasks, self.cfg.model.cutoff_a,
                 self.cfg.data.max_atoms_per_batch, self.rank, self.world_size)
-        results = validate(self.engine.module, self._validation_batches, self.device)
+        results = error_table(self.engine.module, self._validation_batches, self.device)
         if self.rank == 0 and results:
             with open(self.run_dir / "validation.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, "tasks": results}) + "\n")
@@ -169,7 +171,15 @@ class Trainer:
                         "manifest_fingerprints": {t: m["fingerprint"] for t, m in self.manifests.items()}}
         rank_state = {"streams": {t: b.state_dict() for t, b in self.batchers.items()},
                       "torch_rng": torch.get_rng_state()}
-        return checkpoint.save(self.engine, self.run_dir, self.step, client_state, rank_state, self.rank)
+        return checkpoint.save(self.engine, self.run_dir, self.step, client_state, rank_state, self.rank,
+                               self.model_info())
+
+    def model_info(self) -> dict:
+        """What a release needs besides the weights; see mlfound/train/export.py."""
+        module = self.engine.module
+        return {"step": self.step, "elements": module.elements, "tasks": module.task_names,
+                "config": self.cfg.model_dump(mode="json"),
+                "heads": {task: {"lot": m["lot"], "data": manifest_provenance(m)} for task, m in self.manifests.items()}}
 
     def restore(self, resume: str) -> None:
         tag = checkpoint.latest_tag(self.run_dir) if resume == "auto" else resume

@@ -1,10 +1,8 @@
 """Distributed validation: each rank evaluates its disjoint share of every task's validation split
-once; sums are all-reduced, so every record counts exactly once (no duplicated samples)."""
+once; ``mlfound.metrics.error_table`` all-reduces the sums, so every record counts exactly once."""
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
 
 from mlfound.data.batching import GraphBatch, atom_budget_batches, collate
 from mlfound.data.streams import TaskStream
@@ -19,43 +17,3 @@ def validation_batches(val_dirs: dict[str, Path], task_names: list[str], cutoff_
         records = TaskStream(val_dir, seed=0, rank=rank, world_size=world_size).rest_of_epoch()
         batches[task] = [collate(chunk, cutoff_a, task_names) for chunk in atom_budget_batches(records, max_atoms)]
     return batches
-
-
-def validate(model, batches_by_task: dict[str, list[GraphBatch]],
-             device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Per task: energy MAE/RMSE (meV/atom), force MAE/RMSE (meV/Å), record counts."""
-    results = {}
-    for task, batches in batches_by_task.items():
-        sums = torch.zeros(6, dtype=torch.float64, device=device)  # graphs, |dE|, dE², force comps, |dF|, dF²
-        for batch in batches:
-            batch = batch.to(device)
-            energy, forces = model(batch, compute_forces=True, training=False)
-            error_per_atom = (energy.detach() - batch.energy_ev) / batch.num_atoms
-            sums[0] += batch.num_graphs
-            sums[1] += error_per_atom.abs().sum()
-            sums[2] += (error_per_atom**2).sum()
-            has_forces = batch.has_forces[batch.graph_index]
-            if has_forces.any():
-                df = (forces.detach() - batch.forces_ev_a)[has_forces].double()
-                sums[3] += df.numel()
-                sums[4] += df.abs().sum()
-                sums[5] += (df**2).sum()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-        n, nf = sums[0].item(), max(sums[3].item(), 1.0)
-        results[task] = {
-            "num_records": int(n),
-            "energy_mae_mev_atom": 1e3 * sums[1].item() / n, "energy_rmse_mev_atom": 1e3 * (sums[2].item() / n) ** 0.5,
-            "forces_mae_mev_a": 1e3 * sums[4].item() / nf if sums[3] else float("nan"),
-            "forces_rmse_mev_a": 1e3 * (sums[5].item() / nf) ** 0.5 if sums[3] else float("nan"),
-        }
-    return results
-
-
-def format_validation(results: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'task':<14}{'records':>8}{'E MAE':>9}{'E RMSE':>9}{'F MAE':>9}{'F RMSE':>9}",
-             f"{'':<14}{'':>8}{'meV/atom':>18}{'meV/Å':>18}"]
-    for task, r in results.items():
-        lines.append(f"{task:<14}{r['num_records']:>8}{r['energy_mae_mev_atom']:>9.1f}{r['energy_rmse_mev_atom']:>9.1f}"
-                     f"{r['forces_mae_mev_a']:>9.1f}{r['forces_rmse_mev_a']:>9.1f}")
-    return "\n".join(lines)

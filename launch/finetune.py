@@ -1,0 +1,100 @@
+"""Fine-tune a released model on a small dataset, onto an existing head or a new head for a new LoT.
+
+    python launch/finetune.py --model runs/demo/pretrained.safetensors --head hf_631g \\
+        --train runs/demo/split/train.extxyz --num-train 50 --val runs/demo/split/val.extxyz \\
+        --out runs/demo/finetuned.safetensors
+
+The output is a new release that keeps every old head. ``--max-steps 0`` adds the head without training.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from mlfound.data import DataError  # noqa: E402
+from mlfound.release import ReleaseError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="release file or registry name")
+    p.add_argument("--head", required=True, help="existing head, or a new head's name (its LoT)")
+    p.add_argument("--train", type=Path, required=True, help="data file (extxyz, db, npz, h5) or shard folder")
+    p.add_argument("--val", type=Path, help="validation data for early stopping")
+    p.add_argument("--num-train", type=int, help="use this many training structures, drawn by --subset-seed")
+    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="the new release (.safetensors)")
+    p.add_argument("--init", default="auto", help="new head: 'auto' (scores printed) or an existing head")
+    p.add_argument("--freeze", choices=["none", "trunk"], default="none")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr-trunk", type=float)
+    p.add_argument("--lr-head", type=float)
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--patience", type=int, default=10, help="evaluations without improvement; 0: no early stop")
+    p.add_argument("--max-atoms", type=int, default=100, help="atoms per batch")
+    p.add_argument("--energy-weight", type=float, default=10.0)
+    p.add_argument("--forces-weight", type=float, default=1.0)
+    p.add_argument("--replay-shards", type=Path, help="pretraining shard root, to replay its tasks")
+    p.add_argument("--replay-tasks", nargs="+", default=[], help="pretraining tasks to replay")
+    p.add_argument("--replay-every", type=int, default=4)
+    p.add_argument("--energy-key", default="energy")
+    p.add_argument("--forces-key", default="forces")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    from mlfound.finetune import FinetuneConfig, ReplayConfig, finetune
+    from mlfound.release import load, save_release
+
+    try:
+        keys = {"energy_key": args.energy_key, "forces_key": args.forces_key}
+        train, val, lot = read_data(args, keys)
+        replay = (ReplayConfig(shard_root=args.replay_shards, tasks=args.replay_tasks, every=args.replay_every)
+                  if args.replay_shards else None)
+        cfg = FinetuneConfig(head=args.head, init=args.init, lot=lot, freeze=args.freeze, lr=args.lr,
+                             lr_trunk=args.lr_trunk, lr_head=args.lr_head, max_steps=args.max_steps,
+                             eval_every=args.eval_every, patience=args.patience or None,
+                             max_atoms_per_batch=args.max_atoms, energy_weight=args.energy_weight,
+                             forces_weight=args.forces_weight, seed=args.seed, replay=replay, device=args.device)
+        result = finetune(load(args.model), train, val, cfg)
+    except (DataError, ReleaseError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_summary(result)
+    save_release(result.release.model, result.release.metadata, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def read_data(args, keys: dict):
+    from mlfound.data.readers import SourceSpec, lot_metadata
+    from mlfound.data.sets import load_records, subset
+
+    train = load_records(args.train, args.head, **keys)
+    if args.num_train is not None:
+        train = subset(train, args.num_train, args.subset_seed)
+    val = load_records(args.val, args.head, **keys) if args.val else None
+    lot = {} if args.train.is_dir() else lot_metadata(SourceSpec(path=args.train, task=args.head))
+    return train, val, lot
+
+
+def print_summary(result) -> None:
+    if result.head_scores:
+        print("new-head initialisation: energy residual after refitting references on the training set")
+        print(f"  {'head':<20}{'E RMSE meV/atom':>16}{'F RMSE meV/Å':>14}")
+        for head, score in sorted(result.head_scores.items(), key=lambda kv: kv[1]["energy_rmse_mev_atom"]):
+            print(f"  {head:<20}{score['energy_rmse_mev_atom']:>16.1f}{score.get('forces_rmse_mev_a', float('nan')):>14.0f}")
+        print(f"  chosen: {result.release.metadata['history'][-1]['initialised_from']}")
+    if result.history:
+        first, best = result.history[0], next(h for h in result.history if h["step"] == result.best_step)
+        for label, h in (("before", first), (f"best (step {result.best_step})", best)):
+            e = h["errors"]
+            print(f"validation {label}: E MAE {e['energy_mae_mev_atom']:.1f} meV/atom, "
+                  f"F MAE {e['forces_mae_mev_a']:.0f} meV/Å ({e['num_records']} structures)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

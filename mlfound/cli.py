@@ -1,0 +1,190 @@
+"""The ``mlfound`` command: export, show, split, evaluate, learning-curve.
+
+    mlfound export RUN_DIR --out model.safetensors      # training checkpoint -> release
+    mlfound show MODEL                                   # heads, LoTs, sizes, history
+    mlfound split DATA --out DIR --sizes train=200 val=50 test=rest
+    mlfound evaluate MODEL DATA --head H [--scan] [--json OUT]
+    mlfound learning-curve MODEL... --data TEST --head H --out curve.png
+
+Errors in the user's input (bad data, a file that is not a release) print one line and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mlfound.data.record import DataError
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    parser = argparse.ArgumentParser(prog="mlfound", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("export", help="turn a training checkpoint into a release")
+    p.add_argument("checkpoint", type=Path, help="run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", type=Path, required=True, help="release file, e.g. model.safetensors")
+    p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser("show", help="print a release's heads, LoTs, sizes and history")
+    p.add_argument("model", help="release file or registry name")
+    p.set_defaults(run=cmd_show)
+
+    p = commands.add_parser("split", help="split a data file into disjoint random subsets (extxyz)")
+    p.add_argument("data", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="folder for <name>.extxyz")
+    p.add_argument("--sizes", nargs="+", required=True, help="name=count or name=rest, e.g. train=200 test=rest")
+    p.add_argument("--seed", type=int, default=0)
+    _data_options(p)
+    p.set_defaults(run=cmd_split)
+
+    p = commands.add_parser("evaluate", help="energy/force errors of one head; --scan for a torsion scan")
+    p.add_argument("model", help="release file or registry name")
+    p.add_argument("data", type=Path, help="data file or shard folder")
+    p.add_argument("--head", required=True)
+    p.add_argument("--scan", action="store_true", help="DATA is a scan in order: report smoothness and plot it")
+    p.add_argument("--plot", type=Path, help="scan plot (PNG); default <data stem>.<head>.png")
+    p.add_argument("--json", type=Path, help="also write the results as JSON")
+    _data_options(p)
+    p.set_defaults(run=cmd_evaluate)
+
+    p = commands.add_parser("learning-curve", help="test errors of several fine-tunes against their training size")
+    p.add_argument("models", nargs="+", help="release files; 'label=file' groups them into curves")
+    p.add_argument("--data", type=Path, required=True, help="the fixed test set")
+    p.add_argument("--head", required=True)
+    p.add_argument("--out", type=Path, required=True, help="PNG")
+    p.add_argument("--json", type=Path)
+    _data_options(p)
+    p.set_defaults(run=cmd_learning_curve)
+
+    args = parser.parse_args(argv)
+    from mlfound.release import ReleaseError
+
+    try:
+        return args.run(args)
+    except (DataError, ReleaseError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--energy-key", default="energy")
+    p.add_argument("--forces-key", default="forces")
+
+
+def _records(args, path: Path, task: str):
+    from mlfound.data.sets import load_records
+
+    return load_records(path, task, energy_key=args.energy_key, forces_key=args.forces_key)
+
+
+def cmd_export(args) -> int:
+    from mlfound.train.export import export
+
+    path = export(args.checkpoint, args.out)
+    print(f"wrote {path}")
+    return cmd_show(argparse.Namespace(model=str(path)))
+
+
+def cmd_show(args) -> int:
+    from mlfound.release import read_metadata, resolve
+
+    path = resolve(args.model)
+    meta = read_metadata(path)
+    cfg = meta["model_config"]
+    print(f"{path}  ({path.stat().st_size / 1024:.0f} KiB, format {meta['format_version']}, "
+          f"mlfound {meta['code_version']}, created {meta['created']})")
+    print(f"model: {meta['num_parameters']:,} parameters; channels {cfg['channels']}, l_max {cfg['l_max']}, "
+          f"{cfg['num_layers']} layers, cutoff {cfg['cutoff_a']} Å; elements {meta['elements']}")
+    print(f"{'head':<14}{'LoT':<24}{'structures':>11}{'scale eV':>10}  from")
+    for name, head in meta["heads"].items():
+        lot = head.get("lot", {})
+        lot_text = "/".join(v for v in (lot.get("lot_method"), lot.get("lot_basis")) if v) or "?"
+        if lot.get("lot_code"):
+            lot_text += f" ({lot['lot_code']})"
+        data = head.get("finetune_data") or head.get("data") or {}
+        count = data.get("num_train", data.get("num_records", ""))
+        origin = f"fine-tuned, initialised from {head['initialised_from']}" if "initialised_from" in head else (
+            "fine-tuned" if "finetune_data" in head else "pretrained")
+        print(f"{name:<14}{lot_text:<24}{count:>11}{head['scale_ev']:>10.3f}  {origin}")
+    for stage in meta["history"]:
+        if stage["stage"] == "pretrain":
+            print(f"history: pretrain ({stage['mode']}, {stage['outer_steps']} outer steps, k = {stage['inner_steps']})")
+        else:
+            print(f"history: fine-tune head {stage['head']} (best step {stage['best_step']})")
+    return 0
+
+
+def cmd_split(args) -> int:
+    from mlfound.data.readers import SourceSpec, lot_metadata
+    from mlfound.data.sets import split_records, write_extxyz
+
+    sizes = {}
+    for item in args.sizes:
+        name, _, count = item.partition("=")
+        if not name or not count or not (count == "rest" or count.isdigit()):
+            raise DataError(f"--sizes item {item!r}: expected name=count or name=rest")
+        sizes[name] = None if count == "rest" else int(count)
+    records = _records(args, args.data, task=args.data.stem)
+    lot = lot_metadata(SourceSpec(path=args.data, task=args.data.stem)) if args.data.is_file() else {}
+    for name, subset in split_records(records, sizes, args.seed).items():
+        path = write_extxyz(subset, args.out / f"{name}.extxyz", info=lot)
+        print(f"{name:<8}{len(subset):>6} structures  {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mlfound.evaluate import evaluate, plot_scan, scan_report
+    from mlfound.metrics import format_error_table
+    from mlfound.release import load
+
+    release = load(args.model)
+    release.check_head(args.head)
+    records = _records(args, args.data, args.head)
+    results = {"model": str(release.path), "data": str(args.data), "head": args.head,
+               "errors": evaluate(release, records, args.head)}
+    print(format_error_table({args.head: results["errors"]}))
+    if args.scan:
+        smoothness, angles, model_energy, reference_energy = scan_report(release, records, args.head, args.data)
+        plot = args.plot or Path(f"{args.data.stem}.{args.head}.png")
+        plot_scan(angles, model_energy, reference_energy, plot, f"{args.head} on {args.data.name}")
+        results["scan"] = {**smoothness, "plot": str(plot)}
+        print(f"scan ({smoothness['num_points']} points{', periodic' if smoothness['periodic'] else ''}): "
+              f"second-difference RMS error {smoothness['second_difference_rms_error_mev']:.2f} meV "
+              f"(reference RMS {smoothness['reference_second_difference_rms_mev']:.2f}); "
+              f"relative-energy RMSE {smoothness['relative_energy_rmse_mev']:.1f} meV; "
+              f"barrier {smoothness['model_barrier_mev']:.0f} vs {smoothness['reference_barrier_mev']:.0f} meV; "
+              f"extrema {smoothness['num_model_extrema']} vs {smoothness['num_reference_extrema']} "
+              f"({smoothness['spurious_extrema']} spurious, {smoothness['missed_extrema']} missed); plot {plot}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def cmd_learning_curve(args) -> int:
+    from mlfound.evaluate import evaluate, num_finetune_structures, plot_learning_curves
+    from mlfound.release import load
+
+    records = _records(args, args.data, args.head)
+    curves: dict[str, dict[int, list[dict]]] = {}
+    print(f"{'curve':<16}{'N':>6}{'E MAE':>10}{'F MAE':>10}  model")
+    for item in args.models:
+        label, _, path = item.rpartition("=")
+        release = load(path)
+        n = num_finetune_structures(release, args.head)
+        errors = evaluate(release, records, args.head)
+        curves.setdefault(label or args.head, {}).setdefault(n, []).append(errors)
+        print(f"{label or args.head:<16}{n:>6}{errors['energy_mae_mev_atom']:>10.1f}{errors['forces_mae_mev_a']:>10.1f}  {path}")
+    plot_learning_curves(curves, args.out, f"{args.head} on {args.data.name}")
+    print(f"wrote {args.out}")
+    if args.json:
+        args.json.write_text(json.dumps({k: {str(n): v for n, v in c.items()} for k, c in curves.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Evaluation of released models: error tables, torsion-scan smoothness, learning curves.
+
+Torsion scans test what error tables on MD frames miss: a potential can have small errors and still
+put wiggles (spurious minima and maxima) into a rotational profile. Smoothness is measured as the RMS
+of the difference between the model's and the reference's second finite differences along the scan
+(meV), plus the count of spurious extrema (model extrema with no reference extremum of the same kind
+within one scan point) and of missed ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mlfound.data.record import Record
+from mlfound.metrics import error_table
+from mlfound.predict import head_batches, predict
+from mlfound.release import Release
+
+SCAN_ANGLE_KEY = "scan_angle_deg"
+
+
+def evaluate(release: Release, records: list[Record], head: str, max_atoms: int = 512) -> dict[str, float]:
+    """Energy (meV/atom) and force (meV/Å) MAE/RMSE of ``head`` on ``records``."""
+    release.check_head(head)
+    model = release.model
+    batches = head_batches(records, head, model.task_names, model.config.cutoff_a, max_atoms)
+    return error_table(model, {head: batches}, next(model.parameters()).device)[head]
+
+
+def scan_angles(path: Path, num_records: int) -> tuple[np.ndarray, bool]:
+    """Scan coordinate of each frame (``scan_angle_deg`` in the extxyz info, else the frame index) and
+    whether the scan closes on itself (a uniform full turn), so differences wrap around."""
+    from ase.io import iread
+
+    angles = [atoms.info.get(SCAN_ANGLE_KEY) for atoms in iread(path, index=":")]
+    if any(a is None for a in angles):
+        return np.arange(num_records, dtype=float), False
+    angles = np.asarray(angles, dtype=float)
+    steps = np.diff(angles)
+    periodic = bool(len(steps) and np.allclose(steps, steps[0]) and np.isclose(steps[0] * len(angles), 360.0))
+    return angles, periodic
+
+
+def scan_smoothness(model_energy_ev: np.ndarray, reference_energy_ev: np.ndarray, periodic: bool) -> dict:
+    """Smoothness of a model's scan profile against the QM reference (energies along the scan, in order)."""
+    model_d2, ref_d2 = _second_difference(model_energy_ev, periodic), _second_difference(reference_energy_ev, periodic)
+    model_ext, ref_ext = extrema(model_energy_ev, periodic), extrema(reference_energy_ev, periodic)
+    offset = model_energy_ev - reference_energy_ev
+    return {
+        "num_points": len(model_energy_ev), "periodic": periodic,
+        "second_difference_rms_error_mev": 1e3 * float(np.sqrt(((model_d2 - ref_d2) ** 2).mean())),
+        "reference_second_difference_rms_mev": 1e3 * float(np.sqrt((ref_d2**2).mean())),
+        "relative_energy_rmse_mev": 1e3 * float(np.sqrt(((offset - offset.mean()) ** 2).mean())),
+        "reference_barrier_mev": 1e3 * float(np.ptp(reference_energy_ev)),
+        "model_barrier_mev": 1e3 * float(np.ptp(model_energy_ev)),
+        "num_reference_extrema": len(ref_ext), "num_model_extrema": len(model_ext),
+        "spurious_extrema": _unmatched(model_ext, ref_ext, len(model_energy_ev), periodic),
+        "missed_extrema": _unmatched(ref_ext, model_ext, len(model_energy_ev), periodic),
+    }
+
+
+def extrema(energy: np.ndarray, periodic: bool) -> list[tuple[int, str]]:
+    """(index, "min" | "max") of every strict local extremum; a plateau counts once, at its first point."""
+    slopes = np.sign(np.diff(np.append(energy, energy[0]) if periodic else energy))
+    found = []
+    indices = range(len(energy)) if periodic else range(1, len(energy) - 1)
+    for i in indices:
+        before, after = slopes[i - 1], slopes[i % len(slopes)]
+        if before < 0 < after:
+            found.append((i, "min"))
+        elif before > 0 > after:
+            found.append((i, "max"))
+    return found
+
+
+def scan_report(release: Release, records: list[Record], head: str, path: Path) -> tuple[dict, np.ndarray, ...]:
+    """Smoothness of ``head`` along the scan in file ``path``; also the angles, model and reference energies."""
+    angles, periodic = scan_angles(path, len(records))
+    model_energy, _ = predict(release.model, records, head, compute_forces=False)
+    reference = np.array([r.energy_ev for r in records])
+    return scan_smoothness(model_energy, reference, periodic), angles, model_energy, reference
+
+
+def plot_scan(angles: np.ndarray, model_energy_ev: np.ndarray, reference_energy_ev: np.ndarray, path: Path,
+              title: str) -> Path:
+    """Model vs reference profile, each relative to its own minimum, in meV."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(angles, 1e3 * (reference_energy_ev - reference_energy_ev.min()), "o-", color="k", label="QM reference")
+    ax.plot(angles, 1e3 * (model_energy_ev - model_energy_ev.min()), "s--", color="tab:blue", label="model")
+    ax.set_xlabel("torsion angle (deg)" if np.ptp(angles) > len(angles) else "scan point")
+    ax.set_ylabel("relative energy (meV)")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_learning_curves(curves: dict[str, dict[int, list[dict]]], path: Path, title: str = "") -> Path:
+    """Energy and force MAE against the number of fine-tuning structures, log-log; each point is the
+    mean over runs (seeds, subsets) with error bars of ± one standard deviation."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "energy_mae_mev_atom", "energy MAE (meV/atom)"),
+                           (axes[1], "forces_mae_mev_a", "force MAE (meV/Å)")):
+        for name, by_n in curves.items():
+            sizes = sorted(by_n)
+            values = [[run[key] for run in by_n[n]] for n in sizes]
+            ax.errorbar(sizes, [np.mean(v) for v in values], yerr=[np.std(v) for v in values],
+                        marker="o", capsize=3, label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("fine-tuning structures")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def num_finetune_structures(release: Release, head: str) -> int:
+    """How many structures ``head`` was fine-tuned on, from the release's metadata."""
+    data = release.metadata["heads"][head].get("finetune_data")
+    if data is None:
+        raise ValueError(f"{release.path}: head {head!r} was not fine-tuned; a learning curve needs fine-tuned models")
+    return data["num_train"]
+
+
+def _second_difference(energy: np.ndarray, periodic: bool) -> np.ndarray:
+    if periodic:
+        return np.roll(energy, -1) - 2 * energy + np.roll(energy, 1)
+    return energy[2:] - 2 * energy[1:-1] + energy[:-2]
+
+
+def _unmatched(found: list[tuple[int, str]], reference: list[tuple[int, str]], n: int, periodic: bool) -> int:
+    def near(i, j):
+        d = abs(i - j)
+        return min(d, n - d) <= 1 if periodic else d <= 1
+
+    return sum(not any(kind == rkind and near(i, j) for j, rkind in reference) for i, kind in found)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Save through a temporary file and rename, like every other artefact."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    _pyplot().close(fig)
+    return path

@@ -1,0 +1,250 @@
+"""Fine-tune a release on a small dataset, onto an existing head or a new head for a new LoT.
+
+A new head starts as a copy of an existing head (``init="auto"`` picks the head whose outputs, once
+references are refitted on the training structures, leave the smallest energy residual) and gets
+its own float64 references fitted to what that head's network part leaves unexplained. Copying the
+head's weights *and* its scale means fine-tuning for zero steps changes no prediction: the new head
+predicts exactly what its source predicts, up to the refitted per-element references.
+
+Training is single-process plain torch (Adam): fine-tuning sets are small. Early stopping restores
+the weights of the best validation loss. The result is a new release keeping every old head.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from mlfound.data.batching import AtomBudgetBatcher, atom_budget_batches, collate
+from mlfound.data.record import DataError, Record
+from mlfound.data.references import ReferenceFit, reference_energy
+from mlfound.data.streams import TaskStream
+from mlfound.meta.loss import LossWeights, potential_loss
+from mlfound.metrics import error_table
+from mlfound.model import Potential
+from mlfound.predict import head_batches, network_energy
+from mlfound.release import Release, release_metadata
+
+
+class ReplayConfig(BaseModel):
+    """Replay of pretraining tasks against forgetting: every ``every``-th step adds one batch of the
+    next task (round robin) from the pretraining shards, trained on its own head."""
+    model_config = ConfigDict(extra="forbid")
+    shard_root: Path
+    tasks: list[str]
+    every: int = Field(4, ge=1)
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    head: str  # an existing head, or the name of a new head for a new LoT
+    init: str = "auto"  # new head only: "auto" or the existing head to copy
+    lot: dict = {}  # new head only: LoT metadata recorded in the release
+    freeze: Literal["none", "trunk"] = "none"
+    lr: float = Field(3e-4, gt=0)  # DESIGN.md: ~3e-4 with early stopping beat 1e-3 at N <= 30
+    lr_trunk: float | None = Field(None, gt=0)  # default: lr
+    lr_head: float | None = Field(None, gt=0)  # default: lr
+    max_steps: int = Field(1000, ge=0)
+    eval_every: int = Field(20, ge=1)
+    patience: int | None = Field(10, ge=1)  # evaluations without improvement; None: run max_steps
+    max_atoms_per_batch: int = Field(100, ge=1)
+    energy_weight: float = Field(10.0, ge=0)
+    forces_weight: float = Field(1.0, ge=0)
+    seed: int = 0
+    replay: ReplayConfig | None = None
+    device: str = "cpu"
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    release: Release
+    head_scores: dict[str, dict[str, float]]  # new head: residual per candidate head; empty otherwise
+    history: list[dict]  # validation at every evaluation
+    best_step: int
+
+
+def head_scores(model: Potential, records: list[Record]) -> dict[str, dict[str, float]]:
+    """For each existing head: energy residual RMSE (meV/atom) after refitting references to the
+    records, and force RMSE (meV/Å); plus the references-only baseline (no network) for scale."""
+    scores = {"(references only)": _refit_residual(records, np.zeros(len(records)))}
+    for head in model.task_names:
+        scores[head] = _refit_residual(records, network_energy(model, records, head))
+        scores[head]["forces_rmse_mev_a"] = _force_rmse(model, records, head)
+    return scores
+
+
+def choose_init_head(scores: dict[str, dict[str, float]]) -> str:
+    heads = {h: s for h, s in scores.items() if not h.startswith("(")}
+    return min(heads, key=lambda h: heads[h]["energy_rmse_mev_atom"])
+
+
+def fit_references(records: list[Record], network_energy_ev: np.ndarray) -> tuple[dict[int, float], list[str]]:
+    """Float64 per-element references for E - network part, by least squares over the records."""
+    fit = ReferenceFit()
+    for rec, net in zip(records, network_energy_ev):
+        fit.add(rec.z, rec.energy_ev - net)
+    return fit.solve()
+
+
+def add_head(model: Potential, head: str, source: str, references_ev: dict[int, float]) -> Potential:
+    """A copy of ``model`` with one more head: ``source``'s weights and scale, new references."""
+    old_refs = {t: dict(zip(model.elements, model.references_ev[i].tolist())) for i, t in enumerate(model.task_names)}
+    scales = {t: float(s) for t, s in zip(model.task_names, model.scales_ev)}
+    grown = Potential(model.config, model.elements, model.task_names + [head], {**old_refs, head: references_ev},
+                      {**scales, head: scales[source]})
+    state = {k: v for k, v in model.state_dict().items() if k not in ("references_ev", "scales_ev")}
+    missing, unexpected = grown.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(f"heads.heads.{head}.") or k in ("references_ev", "scales_ev")
+                                  for k in missing), (missing, unexpected)
+    grown.heads.heads[head].load_state_dict(model.heads.heads[source].state_dict())
+    return grown.to(next(model.parameters()).device)
+
+
+def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: FinetuneConfig,
+             progress: bool = True) -> FinetuneResult:
+    """Fine-tune ``base`` on ``train`` (early stopping on ``val`` if given) into a new release."""
+    _check_elements(base.model, train + (val or []))
+    model = copy.deepcopy(base.model).to(cfg.device)
+    scores, heads_meta = {}, copy.deepcopy(base.metadata["heads"])
+    if cfg.head in base.heads:
+        source = cfg.head
+    else:
+        scores = head_scores(model, train)
+        source = choose_init_head(scores) if cfg.init == "auto" else cfg.init
+        base.check_head(source)
+        refs, notes = fit_references(train, network_energy(model, train, source))
+        for note in notes:
+            print(f"note: head {cfg.head}: {note}", flush=True)
+        model = add_head(model, cfg.head, source, refs)
+        heads_meta[cfg.head] = {"lot": cfg.lot, "initialised_from": source}
+    history, best_step = _train(model, train, val, cfg, progress)
+    heads_meta[cfg.head]["finetune_data"] = {"num_train": len(train), "num_val": len(val or []),
+                                    "sources": sorted({Path(r.source).name for r in train + (val or [])})}
+    stage = {"stage": "finetune", "head": cfg.head, "initialised_from": source, "best_step": best_step,
+             "config": cfg.model_dump(mode="json"), "head_scores": scores,
+             "final_validation": history[-1]["errors"] if history else {}}
+    metadata = release_metadata(model.cpu(), heads_meta, base.metadata.get("training"),
+                                base.metadata.get("history", []) + [stage])
+    return FinetuneResult(Release(model.eval(), metadata), scores, history, best_step)
+
+
+def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg: FinetuneConfig,
+           progress: bool) -> tuple[list[dict], int]:
+    optimizer = torch.optim.Adam(_param_groups(model, cfg))
+    weights = LossWeights(cfg.energy_weight, cfg.forces_weight)
+    sigma = float(model.scales_ev[model.task_names.index(cfg.head)])
+    val_batches = head_batches(val, cfg.head, model.task_names, model.config.cutoff_a,
+                               cfg.max_atoms_per_batch) if val else []
+    history: list[dict] = []
+    best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
+    evaluations_since_best = 0
+
+    def evaluate(step: int) -> bool:
+        """Record validation at ``step``; False once patience is exhausted."""
+        nonlocal best, evaluations_since_best
+        errors = error_table(model, {cfg.head: val_batches}, cfg.device)[cfg.head]
+        loss = _validation_loss(errors, sigma, weights)
+        history.append({"step": step, "loss": loss, "errors": errors})
+        if loss < best[0]:
+            best, evaluations_since_best = (loss, step, copy.deepcopy(model.state_dict())), 0
+        else:
+            evaluations_since_best += 1
+        return cfg.patience is None or evaluations_since_best < cfg.patience
+
+    if val_batches and not evaluate(0):
+        return history, 0
+    train_batches = _epochs(train, cfg, model)
+    replay = _replay_batchers(cfg, model)
+    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"fine-tune {cfg.head}", unit="step", disable=not progress)
+    model.train()
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = potential_loss(model, next(train_batches).to(cfg.device), weights)
+        if replay and step % cfg.replay.every == 0:
+            loss = loss + potential_loss(model, next(replay[step // cfg.replay.every % len(replay)]).to(cfg.device),
+                                         weights)[0]
+        loss.backward()
+        optimizer.step()
+        if val_batches and step % cfg.eval_every == 0:
+            keep_going = evaluate(step)
+            bar.set_postfix(val_E=f"{history[-1]['errors']['energy_mae_mev_atom']:.1f}",
+                            val_F=f"{history[-1]['errors']['forces_mae_mev_a']:.0f}", best=best[1])
+            if not keep_going:
+                break
+    model.eval()
+    if not val_batches:
+        return history, cfg.max_steps
+    model.load_state_dict(best[2])
+    return history, best[1]
+
+
+def _param_groups(model: Potential, cfg: FinetuneConfig) -> list[dict]:
+    """Trunk (unless frozen) and the target head; replayed tasks' heads train too. Everything else is frozen."""
+    trained_heads = [cfg.head] + (cfg.replay.tasks if cfg.replay else [])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    groups = [{"params": [p for h in trained_heads for p in model.heads.heads[h].parameters()],
+               "lr": cfg.lr_head or cfg.lr}]
+    if cfg.freeze == "none":
+        groups.append({"params": list(model.trunk.parameters()), "lr": cfg.lr_trunk or cfg.lr})
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+def _epochs(records: list[Record], cfg: FinetuneConfig, model: Potential):
+    """Endless shuffled epochs of atom-budget batches of the training records, all read by the target head."""
+    rng = np.random.default_rng(cfg.seed)
+    as_head = [dataclasses.replace(rec, task=cfg.head) for rec in records]
+    while True:
+        shuffled = [as_head[i] for i in rng.permutation(len(as_head))]
+        for chunk in atom_budget_batches(shuffled, cfg.max_atoms_per_batch):
+            yield collate(chunk, model.config.cutoff_a, model.task_names)
+
+
+def _replay_batchers(cfg: FinetuneConfig, model: Potential) -> list[AtomBudgetBatcher]:
+    if cfg.replay is None:
+        return []
+    missing = [t for t in cfg.replay.tasks if t not in model.task_names]
+    if missing:
+        raise ValueError(f"replay tasks {missing} have no head in this model; its heads are {model.task_names}")
+    return [AtomBudgetBatcher(TaskStream(cfg.replay.shard_root / task, cfg.seed), cfg.max_atoms_per_batch,
+                              model.config.cutoff_a, model.task_names) for task in cfg.replay.tasks]
+
+
+def _validation_loss(errors: dict, sigma_ev: float, weights: LossWeights) -> float:
+    """The training loss's form on validation RMSEs (σ units), so early stopping watches what is optimised."""
+    loss = weights.energy * (errors["energy_rmse_mev_atom"] / 1e3 / sigma_ev) ** 2
+    if errors["forces_rmse_mev_a"] == errors["forces_rmse_mev_a"]:  # not NaN: the split has forces
+        loss += weights.forces * (errors["forces_rmse_mev_a"] / 1e3 / sigma_ev) ** 2
+    return loss
+
+
+def _refit_residual(records: list[Record], network_energy_ev: np.ndarray) -> dict[str, float]:
+    refs, _ = fit_references(records, network_energy_ev)
+    residual = np.array([(rec.energy_ev - net - reference_energy(rec.z, refs)) / rec.num_atoms
+                         for rec, net in zip(records, network_energy_ev)])
+    return {"energy_rmse_mev_atom": 1e3 * float(np.sqrt((residual**2).mean()))}
+
+
+def _force_rmse(model: Potential, records: list[Record], head: str) -> float:
+    with_forces = [r for r in records if r.forces_ev_a is not None]
+    if not with_forces:
+        return float("nan")
+    errors = error_table(model, {head: head_batches(with_forces, head, model.task_names, model.config.cutoff_a)},
+                         next(model.parameters()).device)
+    return errors[head]["forces_rmse_mev_a"]
+
+
+def _check_elements(model: Potential, records: list[Record]) -> None:
+    unknown = sorted({int(z) for rec in records for z in rec.z} - set(model.elements))
+    if unknown:
+        raise DataError(f"elements {unknown} occur in the fine-tuning data but the model knows only "
+                        f"{model.elements}; fine-tune a model pretrained on those elements")

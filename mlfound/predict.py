@@ -1,0 +1,49 @@
+"""Energies and forces of a model for a list of records under one head, batched by an atom budget.
+
+The single path from structures to predictions: fine-tuning's head scores, ``mlfound evaluate`` and
+the ASE calculator all go through ``predict``, so they cannot disagree about what a head predicts.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from mlfound.data.batching import GraphBatch, atom_budget_batches, collate
+from mlfound.data.record import Record
+
+DEFAULT_MAX_ATOMS = 512
+
+
+def head_batches(records: list[Record], head: str, task_names: list[str], cutoff_a: float,
+                 max_atoms: int = DEFAULT_MAX_ATOMS) -> list[GraphBatch]:
+    """Batches in which every structure is read out by ``head`` (whatever LoT its labels are at)."""
+    if head not in task_names:
+        raise ValueError(f"no head {head!r}; available heads: {task_names}")
+    as_head = [dataclasses.replace(rec, task=head) for rec in records]
+    return [collate(chunk, cutoff_a, task_names) for chunk in atom_budget_batches(as_head, max_atoms)]
+
+
+def predict(model, records: list[Record], head: str, compute_forces: bool = True,
+            max_atoms: int = DEFAULT_MAX_ATOMS) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """Total energies (G,) float64 eV and, if asked, per-structure forces (N_i, 3) eV/Å."""
+    device = next(model.parameters()).device
+    energies, forces = [], []
+    for batch in head_batches(records, head, model.task_names, model.config.cutoff_a, max_atoms):
+        batch = batch.to(device)
+        with torch.set_grad_enabled(compute_forces):  # forces need autograd; energies alone do not
+            energy_G, forces_N3 = model(batch, compute_forces=compute_forces, training=False)
+        energies.append(energy_G.detach().cpu().numpy())
+        if compute_forces:
+            split = torch.split(forces_N3.detach().cpu().double(), batch.num_atoms.tolist())
+            forces.extend(f.numpy() for f in split)
+    return np.concatenate(energies), (forces if compute_forces else None)
+
+
+def network_energy(model, records: list[Record], head: str) -> np.ndarray:
+    """The network's part of each energy under ``head``: total minus the head's reference energies."""
+    energy_ev, _ = predict(model, records, head, compute_forces=False)
+    t = model.task_names.index(head)
+    refs = dict(zip(model.elements, model.references_ev[t].tolist()))
+    return energy_ev - np.array([sum(refs[int(z)] for z in rec.z) for rec in records])

@@ -1,0 +1,45 @@
+"""Turn a training checkpoint into a release (``mlfound export``).
+
+The weights are DeepSpeed's fp32 module state; for a bf16 run the fp32 master weights are rebuilt from
+the optimizer shards (DeepSpeed's zero_to_fp32), since the bf16 module copy has lost precision.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mlfound.config import RunConfig
+from mlfound.model import Potential
+from mlfound.release import release_metadata, save_release
+from mlfound.train import checkpoint
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def export(run_or_checkpoint: Path, out: Path) -> Path:
+    """Write the release of a run's latest complete checkpoint (or of the checkpoint folder given)."""
+    ckpt = checkpoint.complete_dir(run_or_checkpoint)
+    info_path = ckpt / checkpoint.MODEL_INFO
+    if not info_path.exists():
+        raise FileNotFoundError(f"{info_path} missing: the checkpoint was written by an older mlfound; "
+                                "resume the run for one step to write a new checkpoint, then export that")
+    info = json.loads(info_path.read_text())
+    cfg = RunConfig(**info["config"])
+    model = Potential(cfg.model, info["elements"], info["tasks"], {t: {} for t in info["tasks"]},
+                      {t: 1.0 for t in info["tasks"]})
+    model.load_state_dict(_fp32_state(ckpt, cfg))
+    history = [{"stage": "pretrain", "mode": cfg.meta.mode, "outer_steps": info["step"],
+                "inner_steps": cfg.meta.inner_steps, "tasks": info["tasks"], "checkpoint": str(ckpt)}]
+    metadata = release_metadata(model, info["heads"], training={"config": info["config"], "step": info["step"]},
+                                history=history)
+    return save_release(model, metadata, out)
+
+
+def _fp32_state(ckpt: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    if cfg.deepspeed.bf16:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    return torch.load(ckpt / MODEL_STATES, weights_only=True, map_location="cpu")["module"]
