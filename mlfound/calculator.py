@@ -33,9 +33,7 @@ class MLFoundCalculator(Calculator):
         self.release = model if isinstance(model, Release) else load(model)
         self.release.check_head(head)
         self.head = head
-        self.model = copy.deepcopy(self.release.model).to(device).eval()
-        for part in (self.model.trunk, self.model.heads):  # not Potential.to(dtype): references stay float64
-            part.to(DTYPES[dtype])
+        self.model = copy.deepcopy(self.release.model).to(device=device, dtype=DTYPES[dtype]).eval()
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

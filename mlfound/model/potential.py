@@ -46,6 +46,15 @@ class Potential(nn.Module):
                            config.num_basis, config.radial_hidden, config.avg_num_neighbors)
         self.heads = TaskHeads(task_names, config.channels, config.head_hidden)
 
+    def _apply(self, fn, recurse=True):
+        """``.float()``, ``.to(torch.bfloat16)`` etc. cast the weights but never the float64 references and
+        scales: absolute energies of thousands of eV need float64 (moving to a device still applies)."""
+        kept = {name: getattr(self, name) for name in ("references_ev", "scales_ev")}
+        super()._apply(fn, recurse)
+        for name, value in kept.items():
+            setattr(self, name, value.to(getattr(self, name).device))
+        return self
+
     def species(self, z_N: torch.Tensor) -> torch.Tensor:
         species_N = self.species_of_z[z_N]
         if (species_N < 0).any():

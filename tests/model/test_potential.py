@@ -99,3 +99,16 @@ def test_unknown_element_is_an_error(records):
     batch.z[0] = 9
     with pytest.raises(ValueError, match=r"elements \[9\] are unknown to this model; it knows \[1, 6, 7, 8\]"):
         model(batch)
+
+
+def test_casting_the_model_keeps_float64_references():
+    model = make_potential(torch.float64)
+    with torch.no_grad():
+        model.references_ev[0, 0] = -10.123456789012345
+    for dtype in (torch.float32, torch.bfloat16):
+        cast = make_potential(torch.float64)
+        cast.load_state_dict(model.state_dict())
+        cast.to(dtype)
+        assert next(cast.parameters()).dtype == dtype
+        assert cast.references_ev.dtype == cast.scales_ev.dtype == torch.float64
+        assert cast.references_ev[0, 0].item() == -10.123456789012345

@@ -1,0 +1,96 @@
+"""Releases: exact round trip (float64 references bit for bit), refusal of pickles, of edited or
+newer files and of registry entries whose checksum does not match; `mlfound show`."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlfound import release as release_module
+from mlfound.cli import main as mlfound
+from mlfound.data.readers import SourceSpec, read_source
+from mlfound.predict import predict
+from mlfound.release import ReleaseError, load, release_metadata, save_release
+from tests.model.test_potential import TASKS, make_potential
+
+LOTS = {"gfn2_xtb": {"lot_method": "GFN2-xTB", "lot_code": "tblite"},
+        "hf_sto3g": {"lot_method": "HF", "lot_basis": "STO-3G", "lot_code": "pyscf"}}
+
+
+@pytest.fixture(scope="module")
+def records(demo_dir):
+    return list(read_source(SourceSpec(demo_dir / "gfn2_xtb.extxyz", task="gfn2_xtb")))[:12]
+
+
+@pytest.fixture
+def release_path(tmp_path):
+    model = make_potential(seed=1)
+    with torch.no_grad():  # references no float32 could hold exactly
+        model.references_ev[1, 2] = -2030.123456789012345
+    return save_release(model, release_metadata(model, {t: {"lot": LOTS[t]} for t in TASKS}), tmp_path / "m.safetensors")
+
+
+def test_round_trip_is_exact(release_path, records):
+    original = make_potential(seed=1)
+    with torch.no_grad():
+        original.references_ev[1, 2] = -2030.123456789012345
+    loaded = load(release_path)
+    assert loaded.heads == TASKS and loaded.metadata["heads"]["hf_sto3g"]["lot"]["lot_basis"] == "STO-3G"
+    assert loaded.model.references_ev.dtype == torch.float64
+    assert torch.equal(loaded.model.references_ev, original.references_ev)
+    assert loaded.metadata["heads"]["hf_sto3g"]["references_ev"]["7"] == -2030.123456789012345
+    for head in TASKS:
+        e0, f0 = predict(original, records, head)
+        e1, f1 = predict(loaded.model, records, head)
+        assert (e0 == e1).all() and all((a == b).all() for a, b in zip(f0, f1))
+
+
+def test_a_pickled_torch_file_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(make_potential().state_dict(), path)
+    with pytest.raises(ReleaseError, match="pickled torch file.*mlfound export"):
+        load(path)
+
+
+def test_metadata_that_disagrees_with_the_weights_is_refused(release_path, tmp_path):
+    header = json.loads(_header(release_path))
+    header["heads"]["gfn2_xtb"]["references_ev"]["1"] += 1e-9
+    edited = tmp_path / "edited.safetensors"
+    save_file(load_file(release_path), edited, metadata={"mlfound": json.dumps(header)})
+    with pytest.raises(ReleaseError, match="references_ev in the metadata and in the weights differ"):
+        load(edited)
+
+
+def test_a_newer_format_is_refused_with_advice(release_path, tmp_path):
+    header = json.loads(_header(release_path))
+    header["format_version"] = 99
+    newer = tmp_path / "newer.safetensors"
+    save_file(load_file(release_path), newer, metadata={"mlfound": json.dumps(header)})
+    with pytest.raises(ReleaseError, match="format 99.*upgrade mlfound"):
+        load(newer)
+
+
+def test_registry_names_resolve_and_checksums_are_enforced(release_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(release_module, "REGISTRY_DIR", tmp_path)
+    entry = {"file": release_path.name, "sha256": release_module.sha256_of(release_path), "lots": TASKS}
+    (tmp_path / "registry.json").write_text(json.dumps({"tiny": entry}))
+    assert load("tiny").heads == TASKS
+    with pytest.raises(ReleaseError, match="no model of that name.*known: \\['tiny'\\]"):
+        load("nonexistent")
+    release_path.write_bytes(release_path.read_bytes() + b" ")
+    with pytest.raises(ReleaseError, match="sha256 .* does not match"):
+        load("tiny")
+
+
+def test_show_lists_heads_lots_and_sizes(release_path, capsys):
+    assert mlfound(["show", str(release_path)]) == 0
+    out = capsys.readouterr().out
+    assert "GFN2-xTB (tblite)" in out and "HF/STO-3G (pyscf)" in out and "parameters" in out
+    assert mlfound(["show", str(release_path.with_name("missing.safetensors"))]) == 2
+
+
+def _header(path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["mlfound"]
