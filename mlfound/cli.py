@@ -1,6 +1,6 @@
 """The ``mlfound`` command: export, show, split, evaluate, learning-curve.
 
-    mlfound export RUN_DIR --out model.safetensors      # training checkpoint -> release
+    mlfound export RUN_DIR --out model.safetensors [--register NAME]   # training checkpoint -> release
     mlfound show MODEL                                   # heads, LoTs, sizes, history
     mlfound split DATA --out DIR --sizes train=200 val=50 test=rest
     mlfound evaluate MODEL DATA --head H [--scan] [--json OUT]
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p = commands.add_parser("export", help="turn a training checkpoint into a release")
     p.add_argument("checkpoint", type=Path, help="run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--out", type=Path, required=True, help="release file, e.g. model.safetensors")
+    p.add_argument("--register", metavar="NAME", help="also list it under NAME in models/registry.json")
+    p.add_argument("--description", default="", help="registry description")
     p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("show", help="print a release's heads, LoTs, sizes and history")
@@ -87,6 +89,11 @@ def cmd_export(args) -> int:
 
     path = export(args.checkpoint, args.out)
     print(f"wrote {path}")
+    if args.register:
+        from mlfound.release import register
+
+        entry = register(args.register, path, args.description)
+        print(f"registered {args.register!r} (sha256 {entry['sha256'][:12]}...)")
     return cmd_show(argparse.Namespace(model=str(path)))
 
 

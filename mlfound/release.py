@@ -74,7 +74,8 @@ def release_metadata(model: Potential, heads: dict[str, dict], training: dict | 
         "elements": model.elements,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "heads": {task: {**heads.get(task, {}),
-                         "references_ev": {str(z): float(e) for z, e in zip(model.elements, model.references_ev[t].tolist())},
+                         "references_ev": {str(z): e for z, e in zip(model.elements, model.references_ev[t].tolist())
+                                           if e == e},  # NaN: the head's data never had this element
                          "scale_ev": float(model.scales_ev[t])}
                   for t, task in enumerate(model.task_names)},
         "training": training or {},
@@ -143,7 +144,8 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Release:
     except RuntimeError as err:
         raise ReleaseError(f"{path}: weights do not match the model described in its metadata ({err})") from err
     for name, value in described.items():
-        if not torch.equal(getattr(model, name), value):
+        loaded = getattr(model, name)
+        if not ((loaded == value) | (loaded.isnan() & value.isnan())).all():  # bit-equal, NaN where undefined
             raise ReleaseError(f"{path}: {name} in the metadata and in the weights differ; "
                                "the file was edited or corrupted, re-export it")
     return Release(model.to(device).eval(), metadata, path)
@@ -166,6 +168,24 @@ def resolve(name_or_path: Path | str) -> Path:
         raise ReleaseError(f"{path}: sha256 {digest} does not match {registry_path} ({entry['sha256']}); "
                            "the file is corrupted or was replaced")
     return path
+
+
+def register(name: str, path: Path, description: str = "") -> dict:
+    """Add or replace registry entry ``name`` for the release at ``path`` (which must lie in the registry folder)."""
+    path = Path(path).resolve()
+    if path.parent != REGISTRY_DIR.resolve():
+        raise ReleaseError(f"{path}: a registered release must lie in the registry folder {REGISTRY_DIR}")
+    heads = read_metadata(path)["heads"]
+    entry = {"file": path.name, "sha256": sha256_of(path), "description": description,
+             "lots": {h: "/".join(v for v in (d.get("lot", {}).get("lot_method"), d.get("lot", {}).get("lot_basis"))
+                                  if v) for h, d in heads.items()}}
+    registry_path = REGISTRY_DIR / REGISTRY_NAME
+    registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
+    registry[name] = entry
+    tmp = registry_path.with_name(f".{REGISTRY_NAME}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(registry, indent=1) + "\n")
+    os.replace(tmp, registry_path)
+    return entry
 
 
 def sha256_of(path: Path) -> str:

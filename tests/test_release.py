@@ -94,3 +94,20 @@ def _header(path) -> str:
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()["mlfound"]
+
+
+def test_a_head_never_trained_on_an_element_refuses_it(tmp_path, demo_dir):
+    """No silent zero reference: a head whose data lacked nitrogen gives an error, not a wrong energy."""
+    from mlfound.model import Potential
+    from tests.model.test_potential import CONFIG
+
+    model = Potential(CONFIG, [1, 6, 7, 8], ["no_n"], {"no_n": {1: -13.6, 6: -1030.0, 8: -2040.0}}, {"no_n": 1.0})
+    path = save_release(model, release_metadata(model, {}), tmp_path / "no_n.safetensors")
+    loaded = load(path)
+    assert loaded.metadata["heads"]["no_n"]["references_ev"] == {"1": -13.6, "6": -1030.0, "8": -2040.0}
+    records = list(read_source(SourceSpec(demo_dir / "gfn2_xtb.extxyz", task="gfn2_xtb")))
+    with_n = [r for r in records if 7 in r.z][:1]
+    without_n = [r for r in records if 7 not in r.z][:1]
+    assert predict(loaded.model, without_n, "no_n")[0].shape == (1,)
+    with pytest.raises(ValueError, match=r"head 'no_n' has no reference energy for elements \[7\]"):
+        predict(loaded.model, with_n, "no_n")

@@ -20,10 +20,10 @@ from mlfound.data.streams import TaskStream
 @dataclasses.dataclass
 class GraphBatch:
     z: torch.Tensor  # (N,) int64 atomic numbers
-    pos_a: torch.Tensor  # (N, 3) float32 Å
+    pos_a: torch.Tensor  # (N, 3) float64 Å; the model computes in its weights' precision (at least float32)
     graph_index: torch.Tensor  # (N,) int64 graph of each atom
     edge_index: torch.Tensor  # (2, E) int64 [sender, receiver]
-    edge_shift_a: torch.Tensor  # (E, 3) float32 Å; edge vector = pos[j] - pos[i] + shift
+    edge_shift_a: torch.Tensor  # (E, 3) float64 Å; edge vector = pos[j] - pos[i] + shift
     energy_ev: torch.Tensor  # (G,) float64 total energies
     forces_ev_a: torch.Tensor  # (N, 3) float32; zeros where a graph has no forces
     has_forces: torch.Tensor  # (G,) bool
@@ -64,10 +64,10 @@ def collate(records: Sequence[Record], cutoff_a: float, task_names: Sequence[str
         raise KeyError(f"record task {err} is not among the model's tasks {list(task_names)}") from None
     return GraphBatch(
         z=torch.from_numpy(np.concatenate([r.z for r in records])),
-        pos_a=torch.from_numpy(np.concatenate([r.pos_a for r in records])).float(),
+        pos_a=torch.from_numpy(np.concatenate([r.pos_a for r in records])).double(),
         graph_index=torch.from_numpy(np.repeat(np.arange(len(records)), num_atoms)),
         edge_index=torch.from_numpy(np.concatenate(edges, axis=1)),
-        edge_shift_a=torch.from_numpy(np.concatenate(shifts)).float(),
+        edge_shift_a=torch.from_numpy(np.concatenate(shifts)),
         energy_ev=torch.tensor([r.energy_ev for r in records], dtype=torch.float64),
         forces_ev_a=torch.from_numpy(np.concatenate(forces)).float(),
         has_forces=torch.tensor([r.forces_ev_a is not None for r in records]),

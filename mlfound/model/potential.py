@@ -36,7 +36,8 @@ class Potential(nn.Module):
         species_of_z = torch.full((NUM_Z,), -1, dtype=torch.long)
         species_of_z[self.elements] = torch.arange(len(self.elements))
         self.register_buffer("species_of_z", species_of_z, persistent=False)
-        refs = torch.zeros(len(task_names), len(self.elements), dtype=torch.float64)
+        # NaN marks an element a task's data never contained: its absolute energy there is undefined
+        refs = torch.full((len(task_names), len(self.elements)), float("nan"), dtype=torch.float64)
         for t, task in enumerate(task_names):
             for z, e in references_ev[task].items():
                 refs[t, self.elements.index(int(z))] = e
@@ -54,6 +55,12 @@ class Potential(nn.Module):
         for name, value in kept.items():
             setattr(self, name, value.to(getattr(self, name).device))
         return self
+
+    def missing_references(self, task: str, elements) -> list[int]:
+        """Elements among ``elements`` for which ``task``'s head has no reference energy."""
+        refs = self.references_ev[self.task_names.index(task)]
+        return sorted(int(z) for z in set(elements) if int(z) in self.elements
+                      and torch.isnan(refs[self.elements.index(int(z))]).item())
 
     def species(self, z_N: torch.Tensor) -> torch.Tensor:
         species_N = self.species_of_z[z_N]

@@ -1,6 +1,7 @@
 """Real 2-rank CPU DeepSpeed runs (torchrun, gloo) against serial references computed here by hand
 on the same batches: Reptile at ZeRO 0/1/2, joint, resume, and config errors."""
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from mlfound.config import load_config
 from mlfound.meta.loss import LossWeights, potential_loss
 from mlfound.meta.reptile import inner_loop, scale_task_heads
 from mlfound.meta.sampling import TaskSampler
+from mlfound.release import load
 from mlfound.train import checkpoint
 from mlfound.train.build import build_batchers, build_potential, load_manifests
 from tests.data.helpers import demo_slice, shard
@@ -97,7 +99,8 @@ def serial_run(cfg, mode: str) -> dict[str, torch.Tensor]:
 
 def assert_same_parameters(distributed, serial, rtol=1e-5, atol=2e-6):
     for name, value in serial.items():
-        torch.testing.assert_close(distributed[name].to(value.dtype), value.detach(), rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(distributed[name].to(value.dtype), value.detach(), rtol=rtol, atol=atol,
+                                   equal_nan=True, msg=name)
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
@@ -111,6 +114,32 @@ def test_reptile_two_ranks_equals_serial_reference(shard_root, tmp_path, zero_st
     done = torchrun(config)
     assert "step      2" in done.stdout and "E MAE" in done.stdout
     assert_same_parameters(final_parameters(cfg.run_dir), serial_run(cfg, "reptile"))
+    if zero_stage == 1:
+        assert_export_reproduces_the_run(cfg, tmp_path)
+
+
+def assert_export_reproduces_the_run(cfg, tmp_path) -> None:
+    """`mlfound export` of the run: the engine's weights exactly, the manifests' float64 references
+    exactly, and the run's own final validation table when evaluated on the same held-out records."""
+    from mlfound.cli import main as mlfound
+    from mlfound.data.sets import load_records
+    from mlfound.evaluate import evaluate
+
+    out = tmp_path / "model.safetensors"
+    assert mlfound(["export", str(cfg.run_dir), "--out", str(out)]) == 0
+    release = load(out)
+    for name, value in final_parameters(cfg.run_dir).items():
+        torch.testing.assert_close(release.model.state_dict()[name], value, rtol=0, atol=0, equal_nan=True, msg=name)
+    manifests = load_manifests(cfg)
+    for task in TASKS:  # each head's references are its own manifest's, for exactly its own elements
+        assert release.metadata["heads"][task]["references_ev"] == {
+            str(z): e for z, e in manifests[task]["references_ev"].items()}
+        assert release.metadata["heads"][task]["data"]["fingerprint"] == manifests[task]["fingerprint"]
+    final = json.loads((cfg.run_dir / "validation.jsonl").read_text().splitlines()[-1])["tasks"]
+    for task in TASKS:
+        errors = evaluate(release, load_records(cfg.data.shard_root / task / "val", task), task)
+        for key, value in final[task].items():
+            assert errors[key] == pytest.approx(value, rel=1e-6), (task, key)
 
 
 def test_reptile_bf16_matches_serial_fp32_to_bf16_precision(shard_root, tmp_path):
@@ -122,6 +151,14 @@ def test_reptile_bf16_matches_serial_fp32_to_bf16_precision(shard_root, tmp_path
     assert_same_parameters(params, serial, rtol=2e-2, atol=2e-2)
     worst = max((params[n].float() - v.detach()).abs().max().item() for n, v in serial.items())
     assert worst > 1e-5, "bf16 rounding must show: the run was not in bf16"
+    # the release holds the fp32 master weights, of which the engine's bf16 weights are the rounding
+    from mlfound.cli import main as mlfound
+
+    assert mlfound(["export", str(cfg.run_dir), "--out", str(tmp_path / "m.safetensors")]) == 0
+    exported = load(tmp_path / "m.safetensors").model.state_dict()
+    assert all(exported[n].dtype == torch.float32 and torch.equal(exported[n].bfloat16(), params[n]) for n in serial)
+    assert any(not torch.equal(exported[n], params[n].float()) for n in serial)
+    assert exported["references_ev"].dtype == torch.float64
 
 
 def test_joint_two_ranks_equals_serial_gradient_averaging(shard_root, tmp_path):

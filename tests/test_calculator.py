@@ -1,0 +1,79 @@
+"""ASE calculator on the shipped demo release: equals `mlfound evaluate`'s batched predictions, forces
+are -dE/dx by finite differences, unknown heads are an error, and NVE conserves energy."""
+import numpy as np
+import pytest
+from ase import Atoms, units
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.fd import calculate_numerical_forces
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+
+from mlfound.calculator import MLFoundCalculator
+from mlfound.predict import predict
+from mlfound.release import ReleaseError, load
+
+MODEL = "demo-reptile"  # models/registry.json: the release shipped with the repository
+HEAD = "pbe0_631gs"
+
+
+@pytest.fixture(scope="module")
+def release():
+    return load(MODEL)
+
+
+def atoms_of(record) -> Atoms:
+    return Atoms(numbers=record.z, positions=record.pos_a)
+
+
+def test_calculator_equals_batched_evaluation(release, paracetamol):
+    structures = paracetamol[:8]
+    energies, forces = predict(release.model, structures, HEAD)  # one batch of 8 graphs, as evaluate does
+    calc = MLFoundCalculator(release, head=HEAD, dtype="float32")
+    for record, energy, force in zip(structures, energies, forces):
+        atoms = atoms_of(record)
+        atoms.calc = calc
+        assert atoms.get_potential_energy() == pytest.approx(energy, rel=0, abs=1e-6)
+        np.testing.assert_allclose(atoms.get_forces(), force, rtol=0, atol=1e-5)
+
+
+def test_float64_forces_are_the_negative_energy_gradient(release, paracetamol):
+    atoms = atoms_of(paracetamol[0])
+    atoms.calc = MLFoundCalculator(release, head=HEAD, dtype="float64")
+    numerical = calculate_numerical_forces(atoms, eps=1e-4)
+    np.testing.assert_allclose(atoms.get_forces(), numerical, rtol=0, atol=1e-6)
+
+
+def test_float32_and_float64_agree(release, paracetamol):
+    results = {}
+    for dtype in ("float32", "float64"):
+        atoms = atoms_of(paracetamol[1])
+        atoms.calc = MLFoundCalculator(MODEL, head=HEAD, dtype=dtype)
+        results[dtype] = atoms.get_potential_energy(), atoms.get_forces()
+    assert results["float32"][0] == pytest.approx(results["float64"][0], rel=0, abs=1e-4)
+    np.testing.assert_allclose(results["float32"][1], results["float64"][1], rtol=0, atol=1e-4)
+
+
+def test_unknown_head_is_an_error_listing_the_heads(release):
+    with pytest.raises(ReleaseError, match=r"no head 'hf_631g'; available heads: \['gfn2_xtb', 'gfn1_xtb'"):
+        MLFoundCalculator(release, head="hf_631g")
+    with pytest.raises(PropertyNotImplementedError):
+        atoms = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+        atoms.calc = MLFoundCalculator(release, head=HEAD)
+        atoms.get_stress()
+
+
+def test_nve_conserves_energy(release, paracetamol):
+    """400 velocity-Verlet steps of 0.25 fs (0.1 ps) of the demo target molecule at 300 K, float64."""
+    atoms = atoms_of(paracetamol[0])
+    atoms.calc = MLFoundCalculator(release, head=HEAD, dtype="float64")
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    total = []
+    dynamics = VelocityVerlet(atoms, 0.25 * units.fs)
+    dynamics.attach(lambda: total.append(atoms.get_total_energy()), interval=1)
+    dynamics.run(400)
+    total = np.array(total)
+    drift_mev_atom = 1e3 * (total[-1] - total[0]) / len(atoms)
+    fluctuation_mev_atom = 1e3 * total.std() / len(atoms)
+    print(f"NVE 0.1 ps: drift {drift_mev_atom:+.4f} meV/atom, fluctuation {fluctuation_mev_atom:.4f} meV/atom, "
+          f"final temperature {atoms.get_temperature():.0f} K")
+    assert abs(drift_mev_atom) < 0.05 and fluctuation_mev_atom < 0.3

@@ -1,0 +1,93 @@
+"""Evaluation: smoothness metrics against hand-made profiles, the error table against numpy on the
+same predictions, and the evaluate / split / learning-curve commands end to end."""
+import json
+
+import numpy as np
+import pytest
+
+from mlfound.cli import main as mlfound
+from mlfound.data.readers import SourceSpec, read_source
+from mlfound.evaluate import evaluate, extrema, scan_smoothness
+from mlfound.predict import predict
+from mlfound.release import load
+
+SCAN = "scans/hf_631g_paracetamol-amide_scan.extxyz"
+
+
+def test_extrema_of_a_periodic_and_an_open_profile():
+    angles = np.radians(np.arange(0, 360, 10))
+    threefold = np.cos(3 * angles)
+    assert [kind for _, kind in extrema(threefold, periodic=True)] == ["max", "min"] * 3
+    assert extrema(threefold, periodic=False) == [(i, k) for i, k in extrema(threefold, True) if 0 < i < 35]
+
+
+def test_smoothness_of_a_perfect_and_of_a_wiggly_model():
+    angles = np.radians(np.arange(0, 360, 10))
+    reference = 0.1 * np.cos(2 * angles)
+    perfect = scan_smoothness(reference + 3.0, reference, periodic=True)
+    assert perfect["second_difference_rms_error_mev"] == pytest.approx(0, abs=1e-9)
+    assert perfect["relative_energy_rmse_mev"] == pytest.approx(0, abs=1e-9)
+    assert perfect["spurious_extrema"] == perfect["missed_extrema"] == 0
+    wiggle = np.zeros_like(reference)
+    wiggle[9] = 0.01  # a 10 meV bump on the minimum at 90 degrees: a max between two minima at 80 and 100
+    wiggly = scan_smoothness(reference + wiggle, reference, periodic=True)
+    d2 = np.roll(wiggle, -1) - 2 * wiggle + np.roll(wiggle, 1)
+    assert wiggly["second_difference_rms_error_mev"] == pytest.approx(1e3 * np.sqrt((d2**2).mean()))
+    assert wiggly["num_model_extrema"] == wiggly["num_reference_extrema"] + 2 == 6
+    assert wiggly["spurious_extrema"] == 1 and wiggly["missed_extrema"] == 0  # both minima lie within one point
+
+
+def test_error_table_equals_numpy_on_the_same_predictions(tiny_release_path, demo_dir):
+    release = load(tiny_release_path)
+    records = list(read_source(SourceSpec(demo_dir / "hf_sto3g.extxyz", task="hf_sto3g")))[:15]
+    energies, forces = predict(release.model, records, "hf_sto3g")
+    per_atom = np.array([(e - r.energy_ev) / r.num_atoms for e, r in zip(energies, records)])
+    force_errors = np.concatenate([(f - r.forces_ev_a).ravel() for f, r in zip(forces, records)])
+    errors = evaluate(release, records, "hf_sto3g")
+    assert errors["num_records"] == 15
+    assert errors["energy_mae_mev_atom"] == pytest.approx(1e3 * np.abs(per_atom).mean(), rel=1e-9)
+    assert errors["energy_rmse_mev_atom"] == pytest.approx(1e3 * np.sqrt((per_atom**2).mean()), rel=1e-9)
+    assert errors["forces_mae_mev_a"] == pytest.approx(1e3 * np.abs(force_errors).mean(), rel=1e-6)
+    assert errors["forces_rmse_mev_a"] == pytest.approx(1e3 * np.sqrt((force_errors**2).mean()), rel=1e-6)
+
+
+def test_evaluate_command_with_a_torsion_scan(demo_dir, tmp_path, capsys):
+    out = tmp_path / "scan.json"
+    plot = tmp_path / "scan.png"
+    assert mlfound(["evaluate", "demo-reptile", str(demo_dir / SCAN), "--head", "hf_sto3g", "--scan",
+                    "--plot", str(plot), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "E MAE" in text and "spurious" in text
+    result = json.loads(out.read_text())
+    assert result["scan"]["num_points"] == 36 and result["scan"]["periodic"]
+    assert result["scan"]["num_reference_extrema"] == 6  # the HF/6-31G profile: three minima, three maxima
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert mlfound(["evaluate", "demo-reptile", str(demo_dir / SCAN), "--head", "hf_631g"]) == 2
+    assert "available heads" in capsys.readouterr().err
+
+
+def test_split_then_learning_curve(tiny_release_path, demo_dir, tmp_path, capsys):
+    from mlfound.data.sets import load_records
+    from mlfound.finetune import FinetuneConfig, finetune
+    from mlfound.release import save_release
+
+    assert mlfound(["split", str(demo_dir / "hf_631g.extxyz"), "--out", str(tmp_path), "--sizes", "train=40",
+                    "test=rest", "--seed", "3"]) == 0
+    train = load_records(tmp_path / "train.extxyz", "hf_631g")
+    test = load_records(tmp_path / "test.extxyz", "hf_631g")
+    assert len(train) == 40 and len(test) == 260
+    original = load_records(demo_dir / "hf_631g.extxyz", "hf_631g")
+    assert sorted(r.energy_ev for r in train + test) == sorted(r.energy_ev for r in original)  # disjoint, complete
+    base = load(tiny_release_path)
+    models = []
+    for n in (5, 10):
+        for seed in (0, 1):
+            result = finetune(base, train[:n] if seed == 0 else train[-n:], None,
+                              FinetuneConfig(head="hf_631g", max_steps=2, seed=seed), progress=False)
+            models.append(f"tiny={save_release(result.release.model, result.release.metadata, tmp_path / f'ft{n}_{seed}.st')}")
+    assert mlfound(["learning-curve", *models, "--data", str(tmp_path / "test.extxyz"), "--head", "hf_631g",
+                    "--out", str(tmp_path / "lc.png"), "--json", str(tmp_path / "lc.json")]) == 0
+    curve = json.loads((tmp_path / "lc.json").read_text())
+    assert sorted(curve["tiny"]) == ["10", "5"] and all(len(runs) == 2 for runs in curve["tiny"].values())
+    assert (tmp_path / "lc.png").read_bytes()[:4] == b"\x89PNG"
+    assert mlfound(["split", str(demo_dir / "hf_631g.extxyz"), "--out", str(tmp_path), "--sizes", "a=200", "b=200"]) == 2

@@ -1,0 +1,143 @@
+"""Fine-tuning: zero steps change no prediction (existing head, new head), head scores equal a
+least-squares refit done by hand, training improves validation and restores the best step,
+freezing and replay touch exactly the parameters they should, and the CLI end to end."""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlfound.data.record import DataError
+from mlfound.data.sets import subset
+from mlfound.finetune import FinetuneConfig, ReplayConfig, finetune, head_scores
+from mlfound.predict import network_energy, predict
+from mlfound.release import load, save_release
+from tests.data.helpers import demo_slice, shard
+
+HEADS = ["gfn2_xtb", "hf_sto3g"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_release_path):
+    return load(tiny_release_path)
+
+
+@pytest.fixture(scope="module")
+def splits(paracetamol):
+    return subset(paracetamol[:150], 20, seed=0), subset(paracetamol[150:], 10, seed=1)
+
+
+def predictions(model, records, heads):
+    return {h: predict(model, records, h) for h in heads}
+
+
+def assert_identical(a, b):
+    energy_a, forces_a = a
+    energy_b, forces_b = b
+    assert np.array_equal(energy_a, energy_b)
+    assert all(np.array_equal(x, y) for x, y in zip(forces_a, forces_b))
+
+
+def test_zero_steps_on_an_existing_head_change_nothing(base, splits, tmp_path):
+    train, val = splits
+    result = finetune(base, train, val, FinetuneConfig(head="hf_sto3g", max_steps=0), progress=False)
+    reloaded = load(save_release(result.release.model, result.release.metadata, tmp_path / "ft.safetensors"))
+    before = predictions(base.model, val, HEADS)
+    for model in (result.release.model, reloaded.model):
+        after = predictions(model, val, HEADS)
+        for head in HEADS:
+            assert_identical(after[head], before[head])
+
+
+def test_zero_steps_on_a_new_head_change_nothing(base, splits, tmp_path):
+    """Old heads are untouched; the new head predicts its source head's network part and forces exactly,
+    with its own references fitted to the training set."""
+    train, val = splits
+    result = finetune(base, train, val, FinetuneConfig(head="hf_631g", init="gfn2_xtb", max_steps=0), progress=False)
+    reloaded = load(save_release(result.release.model, result.release.metadata, tmp_path / "ft.safetensors"))
+    before = predictions(base.model, val, HEADS)
+    for model in (result.release.model, reloaded.model):
+        after = predictions(model, val, HEADS + ["hf_631g"])
+        for head in HEADS:
+            assert_identical(after[head], before[head])
+        assert all(np.array_equal(a, b) for a, b in zip(after["hf_631g"][1], before["gfn2_xtb"][1]))
+        np.testing.assert_allclose(network_energy(model, val, "hf_631g"), network_energy(base.model, val, "gfn2_xtb"),
+                                   rtol=0, atol=1e-9)
+    assert reloaded.metadata["heads"]["hf_631g"]["initialised_from"] == "gfn2_xtb"
+    assert reloaded.metadata["heads"]["hf_631g"]["finetune_data"]["num_train"] == 20
+    assert reloaded.heads == HEADS + ["hf_631g"]
+    assert reloaded.model.references_ev.dtype == torch.float64
+
+
+def test_head_scores_equal_a_least_squares_refit_by_hand(base, splits):
+    train, _ = splits
+    scores = head_scores(base.model, train)
+    elements = [1, 6, 7, 8]
+    counts = np.array([[np.count_nonzero(r.z == z) for z in elements] for r in train], float)
+    atoms = counts.sum(1)
+    for head in HEADS:
+        target = np.array([r.energy_ev for r in train]) - network_energy(base.model, train, head)
+        refs, *_ = np.linalg.lstsq(counts, target, rcond=None)
+        expected = 1e3 * np.sqrt((((target - counts @ refs) / atoms) ** 2).mean())
+        assert scores[head]["energy_rmse_mev_atom"] == pytest.approx(expected, rel=1e-6)
+    auto = finetune(base, train, None, FinetuneConfig(head="hf_631g", max_steps=0), progress=False)
+    best = min(HEADS, key=lambda h: scores[h]["energy_rmse_mev_atom"])
+    assert auto.release.metadata["heads"]["hf_631g"]["initialised_from"] == best
+
+
+def test_training_improves_validation_and_keeps_the_best_step(base, splits):
+    train, val = splits
+    cfg = FinetuneConfig(head="hf_631g", lr=3e-3, max_steps=60, eval_every=10, patience=None)
+    result = finetune(base, train, val, cfg, progress=False)
+    losses = {h["step"]: h["loss"] for h in result.history}
+    assert min(losses.values()) < losses[0]
+    assert losses[result.best_step] == min(losses.values())
+    again = finetune(result.release, train, val, FinetuneConfig(head="hf_631g", max_steps=0), progress=False)
+    assert again.history[0]["loss"] == pytest.approx(losses[result.best_step], rel=1e-6)
+
+
+def test_frozen_trunk_and_replay_train_exactly_the_chosen_parts(base, splits, demo_dir, tmp_path):
+    train, val = splits
+    shard(demo_slice(demo_dir, "gfn2_xtb", 20, tmp_path), tmp_path / "shards")
+    replay = ReplayConfig(shard_root=tmp_path / "shards", tasks=["gfn2_xtb"], every=2)
+    cfg = FinetuneConfig(head="hf_sto3g", freeze="trunk", lr=1e-2, max_steps=4, replay=replay)
+    after = dict(finetune(base, train, None, cfg, progress=False).release.model.named_parameters())
+    for name, value in base.model.named_parameters():
+        changed = not torch.equal(after[name], value)
+        trained = name.startswith(("heads.heads.hf_sto3g.", "heads.heads.gfn2_xtb."))
+        assert changed == trained, name
+
+
+def test_elements_the_model_does_not_know_are_an_error(base, splits):
+    train, _ = splits
+    alien = [dataclasses.replace(train[0], z=np.where(train[0].z == 8, 16, train[0].z))]
+    with pytest.raises(DataError, match=r"elements \[16\].*knows only \[1, 6, 7, 8\]"):
+        finetune(base, alien, None, FinetuneConfig(head="x"), progress=False)
+
+
+def run_finetune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "finetune.py"), *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_finetune_command_writes_a_release_keeping_every_head(tiny_release_path, demo_dir, tmp_path, capsys):
+    from mlfound.cli import main as mlfound
+
+    out = tmp_path / "ft.safetensors"
+    done = run_finetune("--model", str(tiny_release_path), "--head", "hf_631g", "--train",
+                        str(demo_dir / "hf_631g.extxyz"), "--num-train", "10", "--max-steps", "3", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(references only)" in done.stdout and "chosen:" in done.stdout
+    assert mlfound(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "HF/6-31G (pyscf)" in shown and "initialised from" in shown and "gfn2_xtb" in shown
+    pickle = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(1)}, pickle)
+    done = run_finetune("--model", str(pickle), "--head", "h", "--train", str(demo_dir / "hf_631g.extxyz"),
+                        "--out", str(out))
+    assert done.returncode == 2 and "pickled torch file" in done.stderr
