@@ -15,6 +15,11 @@ from mlfound.data.record import Record
 from mlfound.predict import predict
 from mlfound.release import Release, load
 
+try:  # ASE >= 3.29 renamed MaxwellBoltzmannDistribution and deprecated the old name
+    from ase.md.velocitydistribution import thermalize_momenta as thermalize
+except ImportError:
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 

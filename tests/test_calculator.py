@@ -5,10 +5,9 @@ import pytest
 from ase import Atoms, units
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 
-from mlfound.calculator import MLFoundCalculator
+from mlfound.calculator import MLFoundCalculator, thermalize
 from mlfound.predict import predict
 from mlfound.release import ReleaseError, load
 
@@ -66,7 +65,7 @@ def test_nve_conserves_energy(release, paracetamol):
     """400 velocity-Verlet steps of 0.25 fs (0.1 ps) of the demo target molecule at 300 K, float64."""
     atoms = atoms_of(paracetamol[0])
     atoms.calc = MLFoundCalculator(release, head=HEAD, dtype="float64")
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize(atoms, temperature_K=300, rng=np.random.default_rng(0))
     total = []
     dynamics = VelocityVerlet(atoms, 0.25 * units.fs)
     dynamics.attach(lambda: total.append(atoms.get_total_energy()), interval=1)
