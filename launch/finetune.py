@@ -86,7 +86,8 @@ def print_summary(result) -> None:
         print("new-head initialisation: energy residual after refitting references on the training set")
         print(f"  {'head':<20}{'E RMSE meV/atom':>16}{'F RMSE meV/Å':>14}")
         for head, score in sorted(result.head_scores.items(), key=lambda kv: kv[1]["energy_rmse_mev_atom"]):
-            print(f"  {head:<20}{score['energy_rmse_mev_atom']:>16.1f}{score.get('forces_rmse_mev_a', float('nan')):>14.0f}")
+            forces = score.get("forces_rmse_mev_a", float("nan"))
+            print(f"  {head:<20}{score['energy_rmse_mev_atom']:>16.1f}{forces:>14.0f}")
         print(f"  chosen: {result.release.metadata['history'][-1]['initialised_from']}")
     if result.history:
         first, best = result.history[0], next(h for h in result.history if h["step"] == result.best_step)

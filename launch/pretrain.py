@@ -25,9 +25,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from mlfound.train.trainer import Trainer  # after the config is known good: importing DeepSpeed is slow
-
     from mlfound.data import DataError
+    from mlfound.train.trainer import Trainer  # after the config is known good: importing DeepSpeed is slow
 
     try:
         Trainer(cfg).train(resume=args.resume)

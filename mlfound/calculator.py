@@ -10,15 +10,14 @@ import copy
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
+from ase.md import velocitydistribution
 
 from mlfound.data.record import Record
 from mlfound.predict import predict
 from mlfound.release import Release, load
 
-try:  # ASE >= 3.29 renamed MaxwellBoltzmannDistribution and deprecated the old name
-    from ase.md.velocitydistribution import thermalize_momenta as thermalize
-except ImportError:
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize
+# ASE >= 3.29 renamed MaxwellBoltzmannDistribution to thermalize_momenta and deprecated the old name
+thermalize = getattr(velocitydistribution, "thermalize_momenta", velocitydistribution.MaxwellBoltzmannDistribution)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

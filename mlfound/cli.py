@@ -98,6 +98,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_show(args) -> int:
+    from mlfound.data.readers import lot_label
     from mlfound.release import read_metadata, resolve
 
     path = resolve(args.model)
@@ -110,7 +111,7 @@ def cmd_show(args) -> int:
     print(f"{'head':<14}{'LoT':<24}{'structures':>11}{'scale eV':>10}  from")
     for name, head in meta["heads"].items():
         lot = head.get("lot", {})
-        lot_text = "/".join(v for v in (lot.get("lot_method"), lot.get("lot_basis")) if v) or "?"
+        lot_text = lot_label(lot)
         if lot.get("lot_code"):
             lot_text += f" ({lot['lot_code']})"
         data = head.get("finetune_data") or head.get("data") or {}
@@ -120,7 +121,8 @@ def cmd_show(args) -> int:
         print(f"{name:<14}{lot_text:<24}{count:>11}{head['scale_ev']:>10.3f}  {origin}")
     for stage in meta["history"]:
         if stage["stage"] == "pretrain":
-            print(f"history: pretrain ({stage['mode']}, {stage['outer_steps']} outer steps, k = {stage['inner_steps']})")
+            print(f"history: pretrain ({stage['mode']}, {stage['outer_steps']} outer steps, "
+                  f"k = {stage['inner_steps']})")
         else:
             print(f"history: fine-tune head {stage['head']} (best step {stage['best_step']})")
     return 0
@@ -185,7 +187,8 @@ def cmd_learning_curve(args) -> int:
         n = num_finetune_structures(release, args.head)
         errors = evaluate(release, records, args.head)
         curves.setdefault(label or args.head, {}).setdefault(n, []).append(errors)
-        print(f"{label or args.head:<16}{n:>6}{errors['energy_mae_mev_atom']:>10.1f}{errors['forces_mae_mev_a']:>10.1f}  {path}")
+        print(f"{label or args.head:<16}{n:>6}{errors['energy_mae_mev_atom']:>10.1f}"
+              f"{errors['forces_mae_mev_a']:>10.1f}  {path}")
     plot_learning_curves(curves, args.out, f"{args.head} on {args.data.name}")
     print(f"wrote {args.out}")
     if args.json:

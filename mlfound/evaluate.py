@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlfound.data.files import atomic_write
 from mlfound.data.record import Record
 from mlfound.metrics import error_table
 from mlfound.predict import head_batches, predict
@@ -150,14 +151,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    """Save through a temporary file and rename, like every other artefact."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     _pyplot().close(fig)
-    return path
+    return Path(path)

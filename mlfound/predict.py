@@ -28,7 +28,8 @@ def head_batches(records: list[Record], head: str, task_names: list[str], cutoff
 def predict(model, records: list[Record], head: str, compute_forces: bool = True,
             max_atoms: int = DEFAULT_MAX_ATOMS) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """Total energies (G,) float64 eV and, if asked, per-structure forces (N_i, 3) eV/Å."""
-    missing = model.missing_references(head, {int(z) for rec in records for z in rec.z}) if head in model.task_names else []
+    elements = {int(z) for rec in records for z in rec.z}
+    missing = model.missing_references(head, elements) if head in model.task_names else []
     if missing:
         raise ValueError(f"head {head!r} has no reference energy for elements {missing}: its training data contained "
                          "none, so its absolute energies are undefined there. Use another head, or fine-tune this one "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -24,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from mlfound.data.files import atomic_write_bytes, sha256_file
+from mlfound.data.readers import lot_label
 from mlfound.model import ModelConfig, Potential
 
 FORMAT_VERSION = 1
@@ -90,11 +91,7 @@ def save_release(model: Potential, metadata: dict, path: Path) -> Path:
     tensors = {name: value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
                for name, value in tensors.items()}
     payload = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(_strict_json(metadata), allow_nan=False)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, payload)
 
 
 def _strict_json(value):
@@ -116,15 +113,17 @@ def read_metadata(path: Path | str) -> dict:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as err:
-        raise ReleaseError(f"{path}: not a safetensors file ({err}); mlfound models are made by `mlfound export`") from err
+        raise ReleaseError(f"{path}: not a safetensors file ({err}); "
+                           "mlfound models are made by `mlfound export`") from err
     if METADATA_KEY not in header:
         raise ReleaseError(f"{path}: a safetensors file without mlfound metadata (made by another tool?); "
                            "mlfound models are made by `mlfound export`")
     metadata = json.loads(header[METADATA_KEY])
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
+        advice = "upgrade mlfound" if (version or 0) > FORMAT_VERSION else "re-export it"
         raise ReleaseError(f"{path}: release format {version} but this mlfound ({code_version()}) reads format "
-                           f"{FORMAT_VERSION}; {'upgrade mlfound' if (version or 0) > FORMAT_VERSION else 're-export it'}")
+                           f"{FORMAT_VERSION}; {advice}")
     return metadata
 
 
@@ -163,7 +162,7 @@ def resolve(name_or_path: Path | str) -> Path:
                            f"(known: {sorted(registry)})")
     entry = registry[str(name_or_path)]
     path = REGISTRY_DIR / entry["file"]
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if digest != entry["sha256"]:
         raise ReleaseError(f"{path}: sha256 {digest} does not match {registry_path} ({entry['sha256']}); "
                            "the file is corrupted or was replaced")
@@ -176,24 +175,13 @@ def register(name: str, path: Path, description: str = "") -> dict:
     if path.parent != REGISTRY_DIR.resolve():
         raise ReleaseError(f"{path}: a registered release must lie in the registry folder {REGISTRY_DIR}")
     heads = read_metadata(path)["heads"]
-    entry = {"file": path.name, "sha256": sha256_of(path), "description": description,
-             "lots": {h: "/".join(v for v in (d.get("lot", {}).get("lot_method"), d.get("lot", {}).get("lot_basis"))
-                                  if v) for h, d in heads.items()}}
+    entry = {"file": path.name, "sha256": sha256_file(path), "description": description,
+             "lots": {h: lot_label(d.get("lot", {})) for h, d in heads.items()}}
     registry_path = REGISTRY_DIR / REGISTRY_NAME
     registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
     registry[name] = entry
-    tmp = registry_path.with_name(f".{REGISTRY_NAME}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(registry, indent=1) + "\n")
-    os.replace(tmp, registry_path)
+    atomic_write_bytes(registry_path, (json.dumps(registry, indent=1) + "\n").encode())
     return entry
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _refuse_pickle(path: Path) -> None:

@@ -84,10 +84,12 @@ def test_split_then_learning_curve(tiny_release_path, demo_dir, tmp_path, capsys
         for seed in (0, 1):
             result = finetune(base, train[:n] if seed == 0 else train[-n:], None,
                               FinetuneConfig(head="hf_631g", max_steps=2, seed=seed), progress=False)
-            models.append(f"tiny={save_release(result.release.model, result.release.metadata, tmp_path / f'ft{n}_{seed}.st')}")
+            path = save_release(result.release.model, result.release.metadata, tmp_path / f"ft{n}_{seed}.st")
+            models.append(f"tiny={path}")
     assert mlfound(["learning-curve", *models, "--data", str(tmp_path / "test.extxyz"), "--head", "hf_631g",
                     "--out", str(tmp_path / "lc.png"), "--json", str(tmp_path / "lc.json")]) == 0
     curve = json.loads((tmp_path / "lc.json").read_text())
     assert sorted(curve["tiny"]) == ["10", "5"] and all(len(runs) == 2 for runs in curve["tiny"].values())
     assert (tmp_path / "lc.png").read_bytes()[:4] == b"\x89PNG"
-    assert mlfound(["split", str(demo_dir / "hf_631g.extxyz"), "--out", str(tmp_path), "--sizes", "a=200", "b=200"]) == 2
+    too_many = ["a=200", "b=200"]
+    assert mlfound(["split", str(demo_dir / "hf_631g.extxyz"), "--out", str(tmp_path), "--sizes", *too_many]) == 2

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from mlfound import release as release_module
 from mlfound.cli import main as mlfound
+from mlfound.data.files import sha256_file
 from mlfound.data.readers import SourceSpec, read_source
 from mlfound.predict import predict
 from mlfound.release import ReleaseError, load, release_metadata, save_release
@@ -27,7 +28,8 @@ def release_path(tmp_path):
     model = make_potential(seed=1)
     with torch.no_grad():  # references no float32 could hold exactly
         model.references_ev[1, 2] = -2030.123456789012345
-    return save_release(model, release_metadata(model, {t: {"lot": LOTS[t]} for t in TASKS}), tmp_path / "m.safetensors")
+    metadata = release_metadata(model, {t: {"lot": LOTS[t]} for t in TASKS})
+    return save_release(model, metadata, tmp_path / "m.safetensors")
 
 
 def test_round_trip_is_exact(release_path, records):
@@ -72,7 +74,7 @@ def test_a_newer_format_is_refused_with_advice(release_path, tmp_path):
 
 def test_registry_names_resolve_and_checksums_are_enforced(release_path, tmp_path, monkeypatch):
     monkeypatch.setattr(release_module, "REGISTRY_DIR", tmp_path)
-    entry = {"file": release_path.name, "sha256": release_module.sha256_of(release_path), "lots": TASKS}
+    entry = {"file": release_path.name, "sha256": sha256_file(release_path), "lots": TASKS}
     (tmp_path / "registry.json").write_text(json.dumps({"tiny": entry}))
     assert load("tiny").heads == TASKS
     with pytest.raises(ReleaseError, match="no model of that name.*known: \\['tiny'\\]"):

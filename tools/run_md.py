@@ -7,7 +7,6 @@ Prints energies every --print-every steps and, for NVE, the total-energy drift; 
 --out (extxyz) if given.
 """
 import argparse
-import io
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ def main(argv=None) -> int:
     from ase.md.verlet import VelocityVerlet
 
     from mlfound.calculator import MLFoundCalculator, thermalize
+    from mlfound.data.files import atomic_write
     from mlfound.release import ReleaseError
 
     try:
@@ -76,11 +76,7 @@ def main(argv=None) -> int:
         drift = 1e3 * (totals[-1] - totals[0]) / len(atoms)
         print(f"NVE total-energy drift {drift:+.4f} meV/atom over {args.steps * args.timestep_fs / 1000:.3f} ps")
     if args.out:
-        text = io.StringIO()
-        write(text, frames, format="extxyz")
-        tmp = args.out.with_name(f".{args.out.name}.tmp{os.getpid()}")
-        tmp.write_text(text.getvalue())
-        os.replace(tmp, args.out)
+        atomic_write(args.out, lambda f: write(f, frames, format="extxyz"), text=True)
         print(f"wrote {args.out} ({len(frames)} frames)")
     return 0
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from mlfound.data import DataError
-from mlfound.data.readers import SourceSpec
+from mlfound.data.readers import SourceSpec, lot_label
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A
 from mlfound.data.shards import ShardOptions, shard_task
 
@@ -57,9 +57,9 @@ def main(argv=None) -> int:
     try:
         for task, specs in by_task.items():
             m = shard_task(task, specs, args.out, options, lot=lot)
-            lot_text = "/".join(v for v in (m["lot"].get("lot_method"), m["lot"].get("lot_basis")) if v)
-            print(f"{task:<14}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}{len(m['shards']):>7}"
-                  f"{m['num_atoms_total']:>8}{m['num_with_forces']:>7}{m['stats']['residual_rms_ev']:>11.4f}  {lot_text}")
+            print(f"{task:<14}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}"
+                  f"{len(m['shards']):>7}{m['num_atoms_total']:>8}{m['num_with_forces']:>7}"
+                  f"{m['stats']['residual_rms_ev']:>11.4f}  {lot_label(m['lot'])}")
             for note in m["reference_notes"]:
                 print(f"  warning ({task}): {note}")
     except DataError as err:

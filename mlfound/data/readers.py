@@ -47,6 +47,11 @@ def lot_metadata(spec: SourceSpec) -> dict:
     return {k: v for k, v in first.info.items() if k.startswith("lot_") or k.endswith("_unit")}
 
 
+def lot_label(lot: dict) -> str:
+    """``method/basis`` of LoT metadata, e.g. "PBE0/6-31G*" or "GFN2-xTB"; "?" when unknown."""
+    return "/".join(v for v in (lot.get("lot_method"), lot.get("lot_basis")) if v) or "?"
+
+
 def _format_from_suffix(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix == ".npz":

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mlfound.data.files import atomic_write_bytes
 from mlfound.data.readers import SourceSpec, read_source
 from mlfound.data.record import DataError, Record, validate_record
-from mlfound.data.shards import MANIFEST_NAME, atomic_write_bytes
+from mlfound.data.shards import MANIFEST_NAME
 from mlfound.data.streams import TaskStream
 
 
@@ -66,14 +67,12 @@ def write_extxyz(records: list[Record], path: Path, info: dict | None = None) ->
 
     frames = []
     for rec in records:
-        atoms = Atoms(numbers=rec.z, positions=rec.pos_a, cell=rec.cell_a, pbc=rec.pbc if rec.pbc is not None else False)
+        atoms = Atoms(numbers=rec.z, positions=rec.pos_a, cell=rec.cell_a,
+                      pbc=rec.pbc if rec.pbc is not None else False)
         atoms.info.update(info or {})
         atoms.info.update(origin_file=Path(rec.source).name, origin_index=rec.index)
         atoms.calc = SinglePointCalculator(atoms, energy=rec.energy_ev, forces=rec.forces_ev_a)
         frames.append(atoms)
     text = io.StringIO()
     write(text, frames, format="extxyz")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.getvalue().encode())
-    return path
+    return atomic_write_bytes(path, text.getvalue().encode())

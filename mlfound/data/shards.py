@@ -23,6 +23,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from mlfound.data import shard_format
+from mlfound.data.files import atomic_write_bytes, sha256_file
 from mlfound.data.readers import SourceSpec, lot_metadata, read_source
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, validate_record
 from mlfound.data.references import ReferenceFit, reference_energy
@@ -126,20 +127,6 @@ def load_manifest(task_dir: Path) -> dict:
                         "re-shard the sources with this version of tools/shard_dataset.py")
     manifest["references_ev"] = {int(z): e for z, e in manifest["references_ev"].items()}
     return manifest
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _valid_records(sources: list[SourceSpec], options: ShardOptions, rejects: list[dict]) -> Iterable[Record]:

@@ -21,8 +21,9 @@ import numpy as np
 import webdataset as wds
 
 from mlfound.data import shard_format
+from mlfound.data.files import sha256_file
 from mlfound.data.record import DataError, Record
-from mlfound.data.shards import load_manifest, sha256_file
+from mlfound.data.shards import load_manifest
 
 
 class TaskStream:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from mlfound.data.files import atomic_write
 from mlfound.qmdata import geometries, levels
 from mlfound.qmdata.recipes import Recipe
 
@@ -108,7 +109,7 @@ def _make_geometry(recipe: Recipe, unit: GeometryUnit, work_dir: Path) -> None:
     frames_a = geometries.xtb_md_frames(symbols, pos0_a, unit.temperature_k, recipe.frames_per_temperature,
                                         seed=_seed(recipe.seed, unit.stem), stride=recipe.md_stride_steps)
     path = _geometry_path(work_dir, unit)
-    _atomic_write(path, lambda f: np.savez(f, symbols=np.array(symbols), frames_a=frames_a))
+    atomic_write(path, lambda f: np.savez(f, symbols=np.array(symbols), frames_a=frames_a))
 
 
 def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
@@ -125,7 +126,7 @@ def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
         records.append({"frame": frame, "energy_ev": energy_ev,
                         "forces_ev_a": None if forces is None else forces.tolist()})
     payload = json.dumps({"records": records, "rejects": rejects})
-    _atomic_write(_label_path(work_dir, unit), lambda f: f.write(payload.encode()))
+    atomic_write(_label_path(work_dir, unit), lambda f: f.write(payload.encode()))
 
 
 def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Path, out_dir: Path) -> dict:
@@ -149,20 +150,11 @@ def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Pat
         rejects += [{"task": task, "molecule": unit.geometry.molecule,
                      "temperature_K": unit.geometry.temperature_k, **r} for r in result["rejects"]]
     out_path = out_dir / f"{task}.extxyz"
-    _atomic_write(out_path, lambda f: write(f, frames, format="extxyz"), text=True)
+    atomic_write(out_path, lambda f: write(f, frames, format="extxyz"), text=True)
     rejects_path = out_dir / f"{task}.rejects.jsonl"
     if rejects:
-        _atomic_write(rejects_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rejects)), text=True)
+        atomic_write(rejects_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rejects)), text=True)
     elif rejects_path.exists():
         rejects_path.unlink()
     return {"structures": len(frames), "rejected": len(rejects),
             "molecules": len({a.info["molecule"] for a in frames}), "forces": lot.with_forces}
-
-
-def _atomic_write(path: Path, write_fn, text: bool = False) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w" if text else "wb") as f:
-        write_fn(f)
-    os.replace(tmp, path)

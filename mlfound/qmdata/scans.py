@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mlfound.data.shards import atomic_write_bytes
+from mlfound.data.files import atomic_write_bytes
 from mlfound.qmdata import geometries, levels
 from mlfound.qmdata.corpus import single_thread
 from mlfound.qmdata.recipes import TARGET_MOLECULES
@@ -35,7 +35,8 @@ class TorsionScan:
 
 SCANS: dict[str, TorsionScan] = {
     # Paracetamol's ring-amide torsion at the fine-tuning target's LoT.
-    "paracetamol-amide": TorsionScan("paracetamol", TARGET_MOLECULES["paracetamol"], "c:c-[NX3]-[CX3;$(C=O)]", "hf_631g"),
+    "paracetamol-amide": TorsionScan("paracetamol", TARGET_MOLECULES["paracetamol"], "c:c-[NX3]-[CX3;$(C=O)]",
+                                     "hf_631g"),
 }
 
 
@@ -60,7 +61,4 @@ def make_scan(name: str, scan: TorsionScan, out_dir: Path, workers: int) -> Path
         atoms_list.append(atoms)
     text = io.StringIO()
     write(text, atoms_list, format="extxyz")
-    path = Path(out_dir) / f"{scan.lot}_{name}_scan.extxyz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.getvalue().encode())
-    return path
+    return atomic_write_bytes(Path(out_dir) / f"{scan.lot}_{name}_scan.extxyz", text.getvalue().encode())

@@ -10,10 +10,11 @@ after every rank has finished writing, so an interrupted save never replaces the
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from mlfound.data.files import atomic_write
 
 LATEST = "latest"
 MODEL_INFO = "model_info.json"
@@ -28,12 +29,12 @@ def save(engine, run_dir: Path, step: int, client_state: dict, rank_state: dict,
     root = checkpoint_dir(run_dir)
     tag = f"step{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    _atomic(root / tag / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
+    atomic_write(root / tag / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
     torch.distributed.barrier()
     if rank == 0:
-        _atomic(root / tag / MODEL_INFO, lambda f: f.write(json.dumps(model_info, indent=1).encode()))
-        _atomic(root / tag / "complete.json", lambda f: f.write(json.dumps({"step": step}).encode()))
-        _atomic(root / LATEST, lambda f: f.write(tag.encode()))
+        atomic_write(root / tag / MODEL_INFO, lambda f: f.write(json.dumps(model_info, indent=1).encode()))
+        atomic_write(root / tag / "complete.json", lambda f: f.write(json.dumps({"step": step}).encode()))
+        atomic_write(root / LATEST, lambda f: f.write(tag.encode()))
     torch.distributed.barrier()
     return root / tag
 
@@ -66,10 +67,3 @@ def restore(engine, run_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
     if not rank_path.exists():
         raise FileNotFoundError(f"{rank_path} missing: the checkpoint was written with fewer ranks")
     return client_state, torch.load(rank_path, weights_only=True)
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)

@@ -16,8 +16,7 @@ from mlfound.meta.reptile import inner_loop, scale_task_heads, surrogate_loss
 from mlfound.meta.sampling import TaskSampler
 from mlfound.metrics import error_table, format_error_table
 from mlfound.train import checkpoint
-from mlfound.train.build import (build_batchers, build_potential, load_manifests, manifest_provenance,
-                                 validation_dirs)
+from mlfound.train.build import build_batchers, build_potential, load_manifests, manifest_provenance, validation_dirs
 from mlfound.train.engine import build_engine, init_distributed
 from mlfound.train.validation import validation_batches
 
@@ -179,7 +178,8 @@ class Trainer:
         module = self.engine.module
         return {"step": self.step, "elements": module.elements, "tasks": module.task_names,
                 "config": self.cfg.model_dump(mode="json"),
-                "heads": {task: {"lot": m["lot"], "data": manifest_provenance(m)} for task, m in self.manifests.items()}}
+                "heads": {task: {"lot": m["lot"], "data": manifest_provenance(m)}
+                          for task, m in self.manifests.items()}}
 
     def restore(self, resume: str) -> None:
         tag = checkpoint.latest_tag(self.run_dir) if resume == "auto" else resume

@@ -8,9 +8,10 @@ from ase.io import read, write
 from ase.neighborlist import neighbor_list
 
 from mlfound.data.batching import collate, neighbour_list
+from mlfound.data.files import sha256_file
 from mlfound.data.readers import SourceSpec, read_source
 from mlfound.data.references import reference_energy
-from mlfound.data.shards import ShardOptions, load_manifest, shard_task, sha256_file
+from mlfound.data.shards import ShardOptions, load_manifest, shard_task
 from mlfound.data.streams import TaskStream
 from tests.data.helpers import demo_slice, shard
 
