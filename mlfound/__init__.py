@@ -3,13 +3,15 @@
     import mlfound
     release = mlfound.load("demo-reptile")                     # a release file or a registry name
     calc = mlfound.MLFoundCalculator(release, head="pbe0_631gs")
+    mlfound.export("runs/demo/pretrain", "model.safetensors")  # a training run's latest checkpoint
 
 The names below are imported on first use, so ``import mlfound.data`` stays light (no e3nn, no ASE).
 Fine-tuning and evaluation live in ``mlfound.finetune`` and ``mlfound.evaluate``.
 """
 import importlib
 
-_LAZY = {"load": "mlfound.release", "Release": "mlfound.release", "MLFoundCalculator": "mlfound.calculator"}
+_LAZY = {"load": "mlfound.release", "Release": "mlfound.release", "MLFoundCalculator": "mlfound.calculator",
+         "export": "mlfound.train.export"}
 
 __all__ = sorted(_LAZY)
 

@@ -11,11 +11,11 @@ Errors in the user's input (bad data, a file that is not a release) print one li
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
+from mlfound.data.files import atomic_write_bytes, json_text
 from mlfound.data.record import DataError
 
 
@@ -170,7 +170,7 @@ def cmd_evaluate(args) -> int:
               f"extrema {smoothness['num_model_extrema']} vs {smoothness['num_reference_extrema']} "
               f"({smoothness['spurious_extrema']} spurious, {smoothness['missed_extrema']} missed); plot {plot}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        atomic_write_bytes(args.json, json_text(results).encode())
     return 0
 
 
@@ -192,7 +192,8 @@ def cmd_learning_curve(args) -> int:
     plot_learning_curves(curves, args.out, f"{args.head} on {args.data.name}")
     print(f"wrote {args.out}")
     if args.json:
-        args.json.write_text(json.dumps({k: {str(n): v for n, v in c.items()} for k, c in curves.items()}, indent=1))
+        by_size = {label: {str(n): runs for n, runs in curve.items()} for label, curve in curves.items()}
+        atomic_write_bytes(args.json, json_text(by_size).encode())
     return 0
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from mlfound.data.batching import AtomBudgetBatcher, atom_budget_batches, collate
+from mlfound.data.readers import lot_label
 from mlfound.data.record import DataError, Record
 from mlfound.data.references import ReferenceFit, reference_energy
 from mlfound.data.streams import TaskStream
@@ -113,6 +114,7 @@ def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: 
     model = copy.deepcopy(base.model).to(cfg.device)
     scores, heads_meta = {}, copy.deepcopy(base.metadata["heads"])
     if cfg.head in base.heads:
+        _check_same_lot(cfg.head, heads_meta[cfg.head].get("lot", {}), cfg.lot)
         source = cfg.head
     else:
         scores = head_scores(model, train)
@@ -241,6 +243,13 @@ def _force_rmse(model: Potential, records: list[Record], head: str) -> float:
     errors = error_table(model, {head: head_batches(with_forces, head, model.task_names, model.config.cutoff_a)},
                          next(model.parameters()).device)
     return errors[head]["forces_rmse_mev_a"]
+
+
+def _check_same_lot(head: str, head_lot: dict, data_lot: dict) -> None:
+    """Data at another LoT would silently turn an existing head into a mixture of two LoTs."""
+    if lot_label(head_lot) != "?" and lot_label(data_lot) != "?" and lot_label(head_lot) != lot_label(data_lot):
+        raise DataError(f"the data is at {lot_label(data_lot)} but head {head!r} is {lot_label(head_lot)}; "
+                        "give a new head name to add a head for this level of theory")
 
 
 def _check_elements(model: Potential, records: list[Record]) -> None:

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from mlfound.data.files import atomic_write_bytes, sha256_file
+from mlfound.data.files import atomic_write_bytes, json_text, sha256_file
 from mlfound.data.readers import lot_label
 from mlfound.model import ModelConfig, Potential
 
@@ -73,6 +73,7 @@ def release_metadata(model: Potential, heads: dict[str, dict], training: dict | 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_config": model.config.model_dump(),
         "elements": model.elements,
+        "cutoff_a": model.config.cutoff_a,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "heads": {task: {**heads.get(task, {}),
                          "references_ev": {str(z): e for z, e in zip(model.elements, model.references_ev[t].tolist())
@@ -90,19 +91,8 @@ def save_release(model: Potential, metadata: dict, path: Path) -> Path:
     tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
     tensors = {name: value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
                for name, value in tensors.items()}
-    payload = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(_strict_json(metadata), allow_nan=False)})
+    payload = safetensors_bytes(tensors, metadata={METADATA_KEY: json_text(metadata, indent=None)})
     return atomic_write_bytes(path, payload)
-
-
-def _strict_json(value):
-    """NaN (e.g. force errors of an energy-only set) becomes null: the header stays standard JSON."""
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return None
-    return value
 
 
 def read_metadata(path: Path | str) -> dict:

@@ -141,3 +141,10 @@ def test_finetune_command_writes_a_release_keeping_every_head(tiny_release_path,
     done = run_finetune("--model", str(pickle), "--head", "h", "--train", str(demo_dir / "hf_631g.extxyz"),
                         "--out", str(out))
     assert done.returncode == 2 and "pickled torch file" in done.stderr
+
+
+def test_data_at_another_lot_cannot_retrain_an_existing_head(base, splits):
+    train, _ = splits
+    with pytest.raises(DataError, match="the data is at HF/6-31G but head 'gfn2_xtb' is GFN2-xTB; give a new head"):
+        finetune(base, train, None, FinetuneConfig(head="gfn2_xtb", lot={"lot_method": "HF", "lot_basis": "6-31G"}),
+                 progress=False)

@@ -6,6 +6,7 @@ sees half of it: shards, manifests, checkpoints' side files, releases, plots, tr
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,21 @@ def atomic_write(path: Path | str, write: Callable, text: bool = False) -> Path:
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
+
+
+def json_text(value, indent: int | None = 1) -> str:
+    """Standard JSON: NaN (e.g. force errors of an energy-only set) becomes null, which every parser reads."""
+    return json.dumps(_finite_or_none(value), indent=indent, allow_nan=False)
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 def sha256_file(path: Path | str) -> str:
