@@ -27,7 +27,13 @@ from mlfound.data.files import atomic_write_bytes, json_text, sha256_file
 from mlfound.data.readers import lot_label
 from mlfound.model import ModelConfig, Potential
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# How to read older formats: each step fills in what its successor added, with the old behaviour.
+MIGRATIONS = {
+    # format 2: last layer scalars-only and one radial hidden layer became the defaults (2.5-4x faster)
+    1: lambda meta: {**meta, "format_version": 2,
+                     "model_config": {"scalar_last_layer": False, "radial_layers": 2, **meta["model_config"]}},
+}
 METADATA_KEY = "mlfound"
 REGISTRY_DIR = Path(os.environ.get("MLFOUND_MODELS", Path(__file__).resolve().parents[1] / "models"))
 REGISTRY_NAME = "registry.json"
@@ -109,6 +115,8 @@ def read_metadata(path: Path | str) -> dict:
         raise ReleaseError(f"{path}: a safetensors file without mlfound metadata (made by another tool?); "
                            "mlfound models are made by `mlfound export`")
     metadata = json.loads(header[METADATA_KEY])
+    while metadata.get("format_version") in MIGRATIONS:
+        metadata = MIGRATIONS[metadata["format_version"]](metadata)
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         advice = "upgrade mlfound" if (version or 0) > FORMAT_VERSION else "re-export it"

@@ -113,3 +113,22 @@ def test_a_head_never_trained_on_an_element_refuses_it(tmp_path, demo_dir):
     assert predict(loaded.model, without_n, "no_n")[0].shape == (1,)
     with pytest.raises(ValueError, match=r"head 'no_n' has no reference energy for elements \[7\]"):
         predict(loaded.model, with_n, "no_n")
+
+
+def test_a_format_1_release_still_loads_and_predicts_the_same(tmp_path, records):
+    """Format 1 predates scalar_last_layer and radial_layers; it must load as the architecture it was."""
+    from mlfound.model import Potential
+    from tests.model.test_potential import CONFIG
+
+    old_config = CONFIG.model_copy(update={"scalar_last_layer": False, "radial_layers": 2})
+    refs = {"gfn2_xtb": {1: -10.0, 6: -48.0, 7: -71.0, 8: -103.0}}
+    old = Potential(old_config, [1, 6, 7, 8], ["gfn2_xtb"], refs, {"gfn2_xtb": 0.5})
+    path = save_release(old, release_metadata(old, {}), tmp_path / "v2.safetensors")
+    header = json.loads(_header(path))
+    header["format_version"] = 1
+    for key in ("scalar_last_layer", "radial_layers"):
+        del header["model_config"][key]
+    save_file(load_file(path), tmp_path / "v1.safetensors", metadata={"mlfound": json.dumps(header)})
+    loaded = load(tmp_path / "v1.safetensors")
+    assert loaded.metadata["format_version"] == 2 and not loaded.model.config.scalar_last_layer
+    assert (predict(loaded.model, records, "gfn2_xtb")[0] == predict(old, records, "gfn2_xtb")[0]).all()

@@ -24,8 +24,10 @@ class ModelConfig(BaseModel):
     cutoff_a: float = Field(5.0, gt=0)
     num_basis: int = Field(8, ge=1)
     radial_hidden: int = Field(64, ge=1)
+    radial_layers: int = Field(1, ge=1)  # hidden layers of the radial MLP (NequIP's default; release format 2)
     head_hidden: int = Field(32, ge=1)
     avg_num_neighbors: float = Field(10.0, gt=0)
+    scalar_last_layer: bool = True  # the last layer outputs only the invariants the heads read (release format 2)
 
 
 class Potential(nn.Module):
@@ -44,7 +46,8 @@ class Potential(nn.Module):
         self.register_buffer("references_ev", refs)  # (T, S) float64
         self.register_buffer("scales_ev", torch.tensor([scales_ev[t] for t in task_names], dtype=torch.float64))
         self.trunk = Trunk(len(self.elements), config.channels, config.l_max, config.num_layers, config.cutoff_a,
-                           config.num_basis, config.radial_hidden, config.avg_num_neighbors)
+                           config.num_basis, config.radial_hidden, config.radial_layers, config.avg_num_neighbors,
+                           config.scalar_last_layer)
         self.heads = TaskHeads(task_names, config.channels, config.head_hidden)
 
     def _apply(self, fn, recurse=True):

@@ -22,7 +22,7 @@ class Interaction(nn.Module):
     """h_i <- Gate(Linear(Σ_j TP(h_j, Y(r̂_ij); R(|r_ij|)))) + Linear(h_i)."""
 
     def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, irreps_sh: o3.Irreps,
-                 num_basis: int, radial_hidden: int, avg_num_neighbors: float):
+                 num_basis: int, radial_hidden: int, radial_layers: int, avg_num_neighbors: float):
         super().__init__()
         irreps_mid, instructions = [], []
         for i, (mul, ir_in) in enumerate(irreps_in):
@@ -36,12 +36,12 @@ class Interaction(nn.Module):
         instructions = [(i, j, perm[k], mode, train) for i, j, k, mode, train in instructions]
         self.tp = o3.TensorProduct(irreps_in, irreps_sh, irreps_mid_sorted, instructions,
                                    shared_weights=False, internal_weights=False)
-        self.radial = FullyConnectedNet([num_basis, radial_hidden, radial_hidden, self.tp.weight_numel],
+        self.radial = FullyConnectedNet([num_basis] + [radial_hidden] * radial_layers + [self.tp.weight_numel],
                                         torch.nn.functional.silu)
         scalars = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l == 0])
         gated = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l > 0])
-        self.gate = Gate(scalars, [torch.nn.functional.silu], o3.Irreps(f"{gated.num_irreps}x0e"),
-                         [torch.sigmoid], gated)
+        gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated else o3.Irreps("")
+        self.gate = Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid] if gated else [], gated)
         self.linear = o3.Linear(irreps_mid_sorted.simplify(), self.gate.irreps_in)
         self.self_connection = o3.Linear(irreps_in, self.gate.irreps_out)
         self.norm = avg_num_neighbors**0.5
@@ -59,7 +59,8 @@ class Trunk(nn.Module):
     """Species indices and edge vectors -> per-atom invariant features (N, C)."""
 
     def __init__(self, num_species: int, channels: int, l_max: int, num_layers: int, cutoff_a: float,
-                 num_basis: int, radial_hidden: int, avg_num_neighbors: float):
+                 num_basis: int, radial_hidden: int, radial_layers: int, avg_num_neighbors: float,
+                 scalar_last_layer: bool):
         super().__init__()
         self.embedding = nn.Embedding(num_species, channels)
         self.irreps_sh = o3.Irreps.spherical_harmonics(l_max)
@@ -67,9 +68,11 @@ class Trunk(nn.Module):
         self.radial_basis = BesselBasis(cutoff_a, num_basis)
         irreps = o3.Irreps(f"{channels}x0e")
         self.layers = nn.ModuleList()
-        for _ in range(num_layers):
-            layer = Interaction(irreps, hidden_irreps(channels, l_max), self.irreps_sh, num_basis, radial_hidden,
-                                avg_num_neighbors)
+        for index in range(num_layers):
+            # only scalars leave the trunk, so the last layer need not compute l > 0 outputs (NequIP does the same)
+            last = index == num_layers - 1 and scalar_last_layer
+            layer = Interaction(irreps, hidden_irreps(channels, 0 if last else l_max), self.irreps_sh, num_basis,
+                                radial_hidden, radial_layers, avg_num_neighbors)
             self.layers.append(layer)
             irreps = layer.irreps_out
         self.readout = o3.Linear(irreps, o3.Irreps(f"{channels}x0e"))

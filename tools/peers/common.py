@@ -1,0 +1,39 @@
+"""Shared by the timing workers, which run in different venvs (mlfound, MACE, NequIP): argument
+parsing, the molecules, and the timer. Imports only numpy, ASE and the standard library."""
+import argparse
+import statistics
+import time
+
+
+def parse_args():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True, help="extxyz with energies and forces")
+    p.add_argument("--batch", type=int, default=8, help="structures per batch")
+    p.add_argument("--l-max", type=int, default=1)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--cutoff", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args()
+
+
+def read_frames(path: str, num: int):
+    from ase.io import read
+
+    frames = read(path, index=f":{num}")
+    if len(frames) < num:
+        raise SystemExit(f"{path} has {len(frames)} frames, fewer than --batch {num}")
+    return frames
+
+
+def median_ms(step, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``step`` in ms after warm-up: robust to the noise of a shared machine."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)

@@ -1,0 +1,83 @@
+"""Timing worker for tools/bench_peers.py, run inside .venv-mace (mace-torch 0.3.16, e3nn 0.4.4).
+
+Same molecules and step as time_mlfound.py: MACE with hidden irreps Cx0e + Cx1o (+ Cx2e) up to
+l_max, spherical harmonics to l_max, correlation 3, ``layers`` interactions, Bessel radial basis.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import mace  # noqa: E402,F401  (before e3nn: it sets the torch.load flag e3nn 0.4.4 needs)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from e3nn import o3  # noqa: E402
+from mace import data, modules, tools  # noqa: E402
+from mace.tools import torch_geometric  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import median_ms, parse_args, read_frames  # noqa: E402
+
+ELEMENTS = [1, 6, 7, 8]
+
+
+def build_model(args) -> torch.nn.Module:
+    irreps = " + ".join(f"{args.channels}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(args.l_max + 1))
+    return modules.MACE(
+        r_max=args.cutoff, num_bessel=8, num_polynomial_cutoff=5, max_ell=args.l_max,
+        interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+        interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+        num_interactions=args.layers, num_elements=len(ELEMENTS), hidden_irreps=o3.Irreps(irreps),
+        MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(len(ELEMENTS)), avg_num_neighbors=10.0,
+        atomic_numbers=ELEMENTS, correlation=3, gate=torch.nn.functional.silu)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float32)
+    frames = read_frames(args.data, args.batch)
+    model = build_model(args)
+    z_table = tools.AtomicNumberTable(ELEMENTS)
+    graphs = [data.AtomicData.from_config(data.config_from_atoms(a), z_table=z_table, cutoff=args.cutoff)
+              for a in frames]
+    batch = next(iter(torch_geometric.dataloader.DataLoader(graphs, batch_size=len(graphs), shuffle=False)))
+    batch_dict = batch.to_dict()
+    energy_ref = torch.tensor([a.get_potential_energy() for a in frames], dtype=torch.float32)
+    forces_ref = torch.tensor(np.concatenate([a.get_forces() for a in frames]), dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(batch_dict, training=True, compute_force=True)
+        loss = ((out["energy"] - energy_ref) ** 2).mean() + ((out["forces"] - forces_ref) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+
+    def inference_step():
+        model(batch_dict, training=False, compute_force=True)
+
+    print(json.dumps({"framework": "mace", "params": sum(p.numel() for p in model.parameters()),
+                      "atoms": int(batch.num_nodes), "edges": int(batch.edge_index.shape[1]),
+                      "train_ms": median_ms(train_step, args.repeats), "infer_ms": median_ms(inference_step, args.repeats),
+                      "calculator_ms": calculator_ms(model, frames[0], args.repeats)}))
+
+
+def calculator_ms(model, atoms, repeats: int) -> float:
+    from mace.calculators import MACECalculator
+
+    atoms = atoms.copy()
+    atoms.calc = MACECalculator(models=model, device="cpu", default_dtype="float32")
+    rng = np.random.default_rng(0)
+
+    def step():
+        atoms.positions += rng.normal(scale=1e-3, size=atoms.positions.shape)
+        atoms.get_forces()
+
+    return median_ms(step, repeats)
+
+
+if __name__ == "__main__":
+    main()

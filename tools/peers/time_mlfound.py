@@ -1,0 +1,73 @@
+"""Timing worker for tools/bench_peers.py: one mlfound training step and one inference step.
+
+Run by bench_peers.py inside mlfound's venv; prints one JSON line. Training step = energy, forces by
+autograd (create_graph), energy + force MSE, backward, Adam step; inference = energy and forces.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import median_ms, parse_args, read_frames  # noqa: E402
+
+from mlfound.data.batching import collate  # noqa: E402
+from mlfound.data.record import Record  # noqa: E402
+from mlfound.model import ModelConfig, Potential  # noqa: E402
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    frames = read_frames(args.data, args.batch)
+    config = ModelConfig(channels=args.channels, l_max=args.l_max, num_layers=args.layers, cutoff_a=args.cutoff,
+                         num_basis=8, radial_hidden=64, head_hidden=args.channels)
+    model = Potential(config, [1, 6, 7, 8], ["target"], {"target": {1: 0.0, 6: 0.0, 7: 0.0, 8: 0.0}}, {"target": 1.0})
+    records = [Record(z=a.numbers.astype(np.int64), pos_a=a.positions, energy_ev=float(a.get_potential_energy()),
+                      forces_ev_a=a.get_forces(), task="target") for a in frames]
+    batch = collate(records, args.cutoff, ["target"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        energy, forces = model(batch, compute_forces=True, training=True)
+        loss = ((energy - batch.energy_ev) ** 2).mean().float() + ((forces - batch.forces_ev_a) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+
+    def inference_step():
+        model(batch, compute_forces=True, training=False)
+
+    print(json.dumps({"framework": "mlfound", "params": sum(p.numel() for p in model.parameters()),
+                      "atoms": int(len(batch.z)), "edges": int(batch.edge_index.shape[1]),
+                      "train_ms": median_ms(train_step, args.repeats), "infer_ms": median_ms(inference_step, args.repeats),
+                      "calculator_ms": calculator_ms(model, frames[0], args.repeats)}))
+
+
+def calculator_ms(model: Potential, atoms, repeats: int) -> float:
+    """ms per ASE force call on one molecule, positions jiggled so every call computes."""
+    import tempfile
+
+    from mlfound.calculator import MLFoundCalculator
+    from mlfound.release import load, release_metadata, save_release
+
+    with tempfile.TemporaryDirectory() as tmp:
+        release = load(save_release(model, release_metadata(model, {}), os.path.join(tmp, "m.safetensors")))
+    atoms = atoms.copy()
+    atoms.calc = MLFoundCalculator(release, head="target", dtype="float32")
+    rng = np.random.default_rng(0)
+
+    def step():
+        atoms.positions += rng.normal(scale=1e-3, size=atoms.positions.shape)
+        atoms.get_forces()
+
+    return median_ms(step, repeats)
+
+
+if __name__ == "__main__":
+    main()
