@@ -1,6 +1,7 @@
 """Shared by the timing workers, which run in different venvs (mlfound, MACE, NequIP): argument
 parsing, the molecules, and the timer. Imports only numpy, ASE and the standard library."""
 import argparse
+import json
 import statistics
 import time
 
@@ -37,3 +38,10 @@ def median_ms(step, repeats: int, warmup: int = 3) -> float:
         step()
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+def report(framework: str, model, atoms: int, edges: int, train_step, inference_step, calculator_ms, repeats: int):
+    """Time both steps and print the one JSON line bench_peers.py reads."""
+    print(json.dumps({"framework": framework, "params": sum(p.numel() for p in model.parameters()),
+                      "atoms": atoms, "edges": edges, "train_ms": median_ms(train_step, repeats),
+                      "infer_ms": median_ms(inference_step, repeats), "calculator_ms": calculator_ms}))

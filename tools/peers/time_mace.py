@@ -3,7 +3,6 @@
 Same molecules and step as time_mlfound.py: MACE with hidden irreps Cx0e + Cx1o (+ Cx2e) up to
 l_max, spherical harmonics to l_max, correlation 3, ``layers`` interactions, Bessel radial basis.
 """
-import json
 import os
 import sys
 
@@ -17,7 +16,7 @@ from mace import data, modules, tools  # noqa: E402
 from mace.tools import torch_geometric  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_ms, parse_args, read_frames  # noqa: E402
+from common import median_ms, parse_args, read_frames, report  # noqa: E402
 
 ELEMENTS = [1, 6, 7, 8]
 
@@ -59,10 +58,8 @@ def main() -> None:
     def inference_step():
         model(batch_dict, training=False, compute_force=True)
 
-    print(json.dumps({"framework": "mace", "params": sum(p.numel() for p in model.parameters()),
-                      "atoms": int(batch.num_nodes), "edges": int(batch.edge_index.shape[1]),
-                      "train_ms": median_ms(train_step, args.repeats), "infer_ms": median_ms(inference_step, args.repeats),
-                      "calculator_ms": calculator_ms(model, frames[0], args.repeats)}))
+    report("mace", model, int(batch.num_nodes), int(batch.edge_index.shape[1]), train_step, inference_step,
+           calculator_ms(model, frames[0], args.repeats), args.repeats)
 
 
 def calculator_ms(model, atoms, repeats: int) -> float:

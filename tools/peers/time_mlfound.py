@@ -3,7 +3,6 @@
 Run by bench_peers.py inside mlfound's venv; prints one JSON line. Training step = energy, forces by
 autograd (create_graph), energy + force MSE, backward, Adam step; inference = energy and forces.
 """
-import json
 import os
 import sys
 
@@ -13,7 +12,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_ms, parse_args, read_frames  # noqa: E402
+from common import median_ms, parse_args, read_frames, report  # noqa: E402
 
 from mlfound.data.batching import collate  # noqa: E402
 from mlfound.data.record import Record  # noqa: E402
@@ -43,10 +42,8 @@ def main() -> None:
     def inference_step():
         model(batch, compute_forces=True, training=False)
 
-    print(json.dumps({"framework": "mlfound", "params": sum(p.numel() for p in model.parameters()),
-                      "atoms": int(len(batch.z)), "edges": int(batch.edge_index.shape[1]),
-                      "train_ms": median_ms(train_step, args.repeats), "infer_ms": median_ms(inference_step, args.repeats),
-                      "calculator_ms": calculator_ms(model, frames[0], args.repeats)}))
+    report("mlfound", model, int(len(batch.z)), int(batch.edge_index.shape[1]), train_step, inference_step,
+           calculator_ms(model, frames[0], args.repeats), args.repeats)
 
 
 def calculator_ms(model: Potential, atoms, repeats: int) -> float:

@@ -3,7 +3,6 @@
 Same molecules and step as time_mlfound.py: NequIP with ``layers`` convolutions, l_max, C features,
 parity off (so its hidden irreps are Cx0e + Cx1o (+ Cx2e), as mlfound's), 8 Bessel functions.
 """
-import json
 import os
 import sys
 
@@ -16,7 +15,7 @@ from nequip.model import NequIPGNNModel  # noqa: E402
 from nequip.utils.global_state import set_global_state  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_ms, parse_args, read_frames  # noqa: E402
+from common import parse_args, read_frames, report  # noqa: E402
 
 TYPES = ["H", "C", "N", "O"]
 
@@ -48,11 +47,8 @@ def main() -> None:
     def inference_step():
         model(dict(batch))
 
-    print(json.dumps({"framework": "nequip", "params": sum(p.numel() for p in model.parameters()),
-                      "atoms": int(batch[AtomicDataDict.POSITIONS_KEY].shape[0]),
-                      "edges": int(batch[AtomicDataDict.EDGE_INDEX_KEY].shape[1]),
-                      "train_ms": median_ms(train_step, args.repeats), "infer_ms": median_ms(inference_step, args.repeats),
-                      "calculator_ms": None}))
+    report("nequip", model, int(batch[AtomicDataDict.POSITIONS_KEY].shape[0]),
+           int(batch[AtomicDataDict.EDGE_INDEX_KEY].shape[1]), train_step, inference_step, None, args.repeats)
 
 
 if __name__ == "__main__":
