@@ -45,3 +45,18 @@ def report(framework: str, model, atoms: int, edges: int, train_step, inference_
     print(json.dumps({"framework": framework, "params": sum(p.numel() for p in model.parameters()),
                       "atoms": atoms, "edges": edges, "train_ms": median_ms(train_step, repeats),
                       "infer_ms": median_ms(inference_step, repeats), "calculator_ms": calculator_ms}))
+
+
+def calculator_ms(atoms, calc, repeats: int) -> float:
+    """ms per ASE force call on one molecule, positions jiggled so every call computes."""
+    import numpy as np
+
+    atoms = atoms.copy()
+    atoms.calc = calc
+    rng = np.random.default_rng(0)
+
+    def step():
+        atoms.positions += rng.normal(scale=1e-3, size=atoms.positions.shape)
+        atoms.get_forces()
+
+    return median_ms(step, repeats)

@@ -13,10 +13,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from e3nn import o3  # noqa: E402
 from mace import data, modules, tools  # noqa: E402
+from mace.calculators import MACECalculator  # noqa: E402
 from mace.tools import torch_geometric  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_ms, parse_args, read_frames, report  # noqa: E402
+from common import calculator_ms, parse_args, read_frames, report  # noqa: E402
 
 ELEMENTS = [1, 6, 7, 8]
 
@@ -59,21 +60,8 @@ def main() -> None:
         model(batch_dict, training=False, compute_force=True)
 
     report("mace", model, int(batch.num_nodes), int(batch.edge_index.shape[1]), train_step, inference_step,
-           calculator_ms(model, frames[0], args.repeats), args.repeats)
-
-
-def calculator_ms(model, atoms, repeats: int) -> float:
-    from mace.calculators import MACECalculator
-
-    atoms = atoms.copy()
-    atoms.calc = MACECalculator(models=model, device="cpu", default_dtype="float32")
-    rng = np.random.default_rng(0)
-
-    def step():
-        atoms.positions += rng.normal(scale=1e-3, size=atoms.positions.shape)
-        atoms.get_forces()
-
-    return median_ms(step, repeats)
+           calculator_ms(frames[0], MACECalculator(models=model, device="cpu", default_dtype="float32"),
+                         args.repeats), args.repeats)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_ms, parse_args, read_frames, report  # noqa: E402
+from common import calculator_ms, parse_args, read_frames, report  # noqa: E402
 
 from mlfound.data.batching import collate  # noqa: E402
 from mlfound.data.record import Record  # noqa: E402
@@ -43,11 +43,10 @@ def main() -> None:
         model(batch, compute_forces=True, training=False)
 
     report("mlfound", model, int(len(batch.z)), int(batch.edge_index.shape[1]), train_step, inference_step,
-           calculator_ms(model, frames[0], args.repeats), args.repeats)
+           calculator_ms(frames[0], mlfound_calculator(model), args.repeats), args.repeats)
 
 
-def calculator_ms(model: Potential, atoms, repeats: int) -> float:
-    """ms per ASE force call on one molecule, positions jiggled so every call computes."""
+def mlfound_calculator(model: Potential):
     import tempfile
 
     from mlfound.calculator import MLFoundCalculator
@@ -55,15 +54,7 @@ def calculator_ms(model: Potential, atoms, repeats: int) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         release = load(save_release(model, release_metadata(model, {}), os.path.join(tmp, "m.safetensors")))
-    atoms = atoms.copy()
-    atoms.calc = MLFoundCalculator(release, head="target", dtype="float32")
-    rng = np.random.default_rng(0)
-
-    def step():
-        atoms.positions += rng.normal(scale=1e-3, size=atoms.positions.shape)
-        atoms.get_forces()
-
-    return median_ms(step, repeats)
+    return MLFoundCalculator(release, head="target", dtype="float32")
 
 
 if __name__ == "__main__":
