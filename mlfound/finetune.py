@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from mlfound.data.batching import AtomBudgetBatcher, atom_budget_batches, collate
+from mlfound.data.batching import AtomBudgetBatcher
 from mlfound.data.readers import lot_label
 from mlfound.data.record import DataError, Record
 from mlfound.data.references import ReferenceFit, reference_energy
@@ -29,7 +29,7 @@ from mlfound.data.streams import TaskStream
 from mlfound.meta.loss import LossWeights, potential_loss
 from mlfound.metrics import error_table
 from mlfound.model import Potential
-from mlfound.predict import head_batches, network_energy
+from mlfound.predict import head_batches, network_energy, predict
 from mlfound.release import Release, release_metadata
 
 
@@ -75,8 +75,9 @@ def head_scores(model: Potential, records: list[Record]) -> dict[str, dict[str, 
     records, and force RMSE (meV/Å); plus the references-only baseline (no network) for scale."""
     scores = {"(references only)": _refit_residual(records, np.zeros(len(records)))}
     for head in model.task_names:
-        scores[head] = _refit_residual(records, network_energy(model, records, head))
-        scores[head]["forces_rmse_mev_a"] = _force_rmse(model, records, head)
+        energy_ev, forces = predict(model, records, head)  # one pass per head gives both scores
+        scores[head] = _refit_residual(records, network_energy(model, records, head, energy_ev))
+        scores[head]["forces_rmse_mev_a"] = _force_rmse(records, forces)
     return scores
 
 
@@ -204,11 +205,9 @@ def _param_groups(model: Potential, cfg: FinetuneConfig) -> list[dict]:
 def _epochs(records: list[Record], cfg: FinetuneConfig, model: Potential):
     """Endless shuffled epochs of atom-budget batches of the training records, all read by the target head."""
     rng = np.random.default_rng(cfg.seed)
-    as_head = [dataclasses.replace(rec, task=cfg.head) for rec in records]
     while True:
-        shuffled = [as_head[i] for i in rng.permutation(len(as_head))]
-        for chunk in atom_budget_batches(shuffled, cfg.max_atoms_per_batch):
-            yield collate(chunk, model.config.cutoff_a, model.task_names)
+        shuffled = [records[i] for i in rng.permutation(len(records))]
+        yield from head_batches(shuffled, cfg.head, model.task_names, model.config.cutoff_a, cfg.max_atoms_per_batch)
 
 
 def _replay_batchers(cfg: FinetuneConfig, model: Potential) -> list[AtomBudgetBatcher]:
@@ -236,13 +235,10 @@ def _refit_residual(records: list[Record], network_energy_ev: np.ndarray) -> dic
     return {"energy_rmse_mev_atom": 1e3 * float(np.sqrt((residual**2).mean()))}
 
 
-def _force_rmse(model: Potential, records: list[Record], head: str) -> float:
-    with_forces = [r for r in records if r.forces_ev_a is not None]
-    if not with_forces:
-        return float("nan")
-    errors = error_table(model, {head: head_batches(with_forces, head, model.task_names, model.config.cutoff_a)},
-                         next(model.parameters()).device)
-    return errors[head]["forces_rmse_mev_a"]
+def _force_rmse(records: list[Record], forces: list[np.ndarray]) -> float:
+    """meV/Å over the records that have force labels; NaN when none has."""
+    errors = [(f - r.forces_ev_a).ravel() for r, f in zip(records, forces) if r.forces_ev_a is not None]
+    return 1e3 * float(np.sqrt((np.concatenate(errors) ** 2).mean())) if errors else float("nan")
 
 
 def _check_same_lot(head: str, head_lot: dict, data_lot: dict) -> None:

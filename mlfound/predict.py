@@ -47,9 +47,11 @@ def predict(model, records: list[Record], head: str, compute_forces: bool = True
     return np.concatenate(energies), (forces if compute_forces else None)
 
 
-def network_energy(model, records: list[Record], head: str) -> np.ndarray:
-    """The network's part of each energy under ``head``: total minus the head's reference energies."""
-    energy_ev, _ = predict(model, records, head, compute_forces=False)
+def network_energy(model, records: list[Record], head: str, energy_ev: np.ndarray | None = None) -> np.ndarray:
+    """The network's part of each energy under ``head``: total (predicted here unless given) minus the
+    head's reference energies."""
+    if energy_ev is None:
+        energy_ev, _ = predict(model, records, head, compute_forces=False)
     t = model.task_names.index(head)
     refs = dict(zip(model.elements, model.references_ev[t].tolist()))
     return energy_ev - np.array([sum(refs[int(z)] for z in rec.z) for rec in records])
