@@ -28,15 +28,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the new release (.safetensors)")
     p.add_argument("--init", default="auto", help="new head: 'auto' (scores printed) or an existing head")
     p.add_argument("--freeze", choices=["none", "trunk"], default="none")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=default("lr"), help="Adam lr at the start (default %(default)s)")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default=default("lr_schedule"),
+                   help="cosine: decay to lr x --lr-final-ratio at --max-steps (default %(default)s)")
+    p.add_argument("--lr-final-ratio", type=float, default=default("lr_final_ratio"))
     p.add_argument("--lr-trunk", type=float)
     p.add_argument("--lr-head", type=float)
-    p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--patience", type=int, default=10, help="evaluations without improvement; 0: no early stop")
-    p.add_argument("--max-atoms", type=int, default=100, help="atoms per batch")
-    p.add_argument("--energy-weight", type=float, default=10.0)
-    p.add_argument("--forces-weight", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=default("max_steps"))
+    p.add_argument("--eval-every", type=int, default=default("eval_every"))
+    p.add_argument("--patience", type=int, default=default("patience"),
+                   help="evaluations without improvement (default %(default)s); 0: no early stop")
+    p.add_argument("--max-atoms", type=int, default=default("max_atoms_per_batch"), help="atoms per batch")
+    p.add_argument("--energy-weight", type=float, default=default("energy_weight"))
+    p.add_argument("--forces-weight", type=float, default=default("forces_weight"))
     p.add_argument("--replay-shards", type=Path, help="pretraining shard root, to replay its tasks")
     p.add_argument("--replay-tasks", nargs="+", default=[], help="pretraining tasks to replay")
     p.add_argument("--replay-every", type=int, default=4)
@@ -55,6 +59,7 @@ def main(argv=None) -> int:
         replay = (ReplayConfig(shard_root=args.replay_shards, tasks=args.replay_tasks, every=args.replay_every)
                   if args.replay_shards else None)
         cfg = FinetuneConfig(head=args.head, init=args.init, lot=lot, freeze=args.freeze, lr=args.lr,
+                             lr_schedule=args.lr_schedule, lr_final_ratio=args.lr_final_ratio,
                              lr_trunk=args.lr_trunk, lr_head=args.lr_head, max_steps=args.max_steps,
                              eval_every=args.eval_every, patience=args.patience or None,
                              max_atoms_per_batch=args.max_atoms, energy_weight=args.energy_weight,
@@ -67,6 +72,13 @@ def main(argv=None) -> int:
     save_release(result.release.model, result.release.metadata, args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def default(field: str):
+    """FinetuneConfig's default, so the command line and the Python API cannot drift apart."""
+    from mlfound.finetune import FinetuneConfig
+
+    return FinetuneConfig.model_fields[field].default
 
 
 def read_data(args, keys: dict):

@@ -48,11 +48,15 @@ class FinetuneConfig(BaseModel):
     init: str = "auto"  # new head only: "auto" or the existing head to copy
     lot: dict = {}  # new head only: LoT metadata recorded in the release
     freeze: Literal["none", "trunk"] = "none"
-    lr: float = Field(1e-3, gt=0)  # with early stopping; the demo target at N = 50 was still improving at 3e-4
+    # Adam lr, decayed by a cosine to lr * lr_final_ratio at max_steps. On the demo target (N = 200, 3000 steps) a
+    # constant 1e-3 left test forces at 191 meV/Å and the energy error jumping between evaluations; cosine 1e-2: 154.
+    lr: float = Field(1e-2, gt=0)
     lr_trunk: float | None = Field(None, gt=0)  # default: lr
     lr_head: float | None = Field(None, gt=0)  # default: lr
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_final_ratio: float = Field(0.01, ge=0, le=1)
     max_steps: int = Field(3000, ge=0)
-    eval_every: int = Field(20, ge=1)
+    eval_every: int = Field(50, ge=1)
     patience: int | None = Field(10, ge=1)  # evaluations without improvement; None: run max_steps
     max_atoms_per_batch: int = Field(100, ge=1)
     energy_weight: float = Field(10.0, ge=0)
@@ -140,6 +144,7 @@ def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: 
 def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg: FinetuneConfig,
            progress: bool) -> tuple[list[dict], int]:
     optimizer = torch.optim.Adam(_param_groups(model, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
     weights = LossWeights(cfg.energy_weight, cfg.forces_weight)
     sigma = float(model.scales_ev[model.task_names.index(cfg.head)])
     val_batches = head_batches(val, cfg.head, model.task_names, model.config.cutoff_a,
@@ -174,6 +179,7 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
                                          weights)[0]
         loss.backward()
         optimizer.step()
+        scheduler.step()
         if val_batches and step % cfg.eval_every == 0:
             keep_going = evaluate(step)
             bar.set_postfix(val_E=f"{history[-1]['errors']['energy_mae_mev_atom']:.1f}",
@@ -185,6 +191,14 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
         return history, cfg.max_steps
     model.load_state_dict(best[2])
     return history, best[1]
+
+
+def _lr_factor(cfg: FinetuneConfig):
+    """Multiplier of every group's lr after ``step`` steps: 1, or a cosine from 1 to lr_final_ratio at max_steps."""
+    if cfg.lr_schedule == "constant":
+        return lambda step: 1.0
+    final = cfg.lr_final_ratio
+    return lambda step: final + (1 - final) * 0.5 * (1 + np.cos(np.pi * min(step / max(cfg.max_steps, 1), 1)))
 
 
 def _param_groups(model: Potential, cfg: FinetuneConfig) -> list[dict]:

@@ -13,7 +13,7 @@ import torch
 
 from mlfound.data.record import DataError
 from mlfound.data.sets import subset
-from mlfound.finetune import FinetuneConfig, ReplayConfig, finetune, head_scores
+from mlfound.finetune import FinetuneConfig, ReplayConfig, _lr_factor, finetune, head_scores
 from mlfound.predict import network_energy, predict
 from mlfound.release import load, save_release
 from tests.data.helpers import demo_slice, shard
@@ -99,6 +99,14 @@ def test_training_improves_validation_and_keeps_the_best_step(base, splits):
     assert losses[result.best_step] == min(losses.values())
     again = finetune(result.release, train, val, FinetuneConfig(head="hf_631g", max_steps=0), progress=False)
     assert again.history[0]["loss"] == pytest.approx(losses[result.best_step], rel=1e-6)
+
+
+def test_cosine_schedule_decays_from_lr_to_the_final_ratio_at_max_steps():
+    cfg = FinetuneConfig(head="x", max_steps=100, lr_final_ratio=0.01)
+    factors = [_lr_factor(cfg)(step) for step in range(0, 121)]
+    assert factors[0] == 1.0 and factors[50] == pytest.approx(0.505) and factors[100] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(factors[:100], factors[1:101])) and set(factors[100:]) == {factors[100]}
+    assert _lr_factor(cfg.model_copy(update={"lr_schedule": "constant"}))(77) == 1.0
 
 
 def test_frozen_trunk_and_replay_train_exactly_the_chosen_parts(base, splits, demo_dir, tmp_path):
