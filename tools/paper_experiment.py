@@ -52,14 +52,16 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-2, help="fine-tuning lr at the start")
     p.add_argument("--grad-steps", type=int, default=3000, help="pretraining gradient steps per rank, every method")
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="pretraining methods next to scratch (default: all)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     make_shards(args)
     split = make_split(args)
     models = {f"none_s{seed}": scratch_release(args, seed) for seed in SEEDS}
-    best_single = choose_single_task(args, split)
+    best_single = choose_single_task(args, split) if "single" in args.methods else "(single not run)"
     print(f"best single LoT for the target: {best_single}", flush=True)
-    for method in METHODS:
+    for method in args.methods:
         extra = [f"meta.single_task={best_single}"] if method == "single" else []
         for seed in SEEDS:
             models[f"{method}_s{seed}"] = pretrain(args, method, seed, overrides(method, args.grad_steps) + extra)
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
     units = [(name, path, n, subset) for name, path in models.items() for n in [0, *args.sizes]
              for subset in (SUBSETS if n else (0,))]
     results = run_units(args, split, units)
-    rows = summarise(results, args.sizes)
+    rows = summarise(results, args.methods, args.sizes)
     write_report(args, rows, results, best_single, time.perf_counter() - start)
     return 0
 
@@ -212,9 +214,9 @@ def references_only(train, test) -> dict:
 
 
 # -- report ------------------------------------------------------------------------------------
-def summarise(results: list[dict], sizes: list[int]) -> list[dict]:
+def summarise(results: list[dict], methods: list[str], sizes: list[int]) -> list[dict]:
     rows = []
-    for method in ["none", *METHODS]:
+    for method in ["none", *methods]:
         for n in [0, *sizes]:
             runs = [r for r in results if r["method"] == method and r["n"] == n]
             if not runs:
