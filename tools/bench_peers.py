@@ -1,7 +1,8 @@
 """mlfound vs MACE and NequIP, side by side in one run, at matched sizes on the same molecules.
 
     bash tools/setup_peer_venvs.sh         # once: .venv-mace and .venv-nequip
-    python tools/bench_peers.py            # about 10 minutes on 2 cores
+    python tools/bench_peers.py            # speed: about 10 minutes on 2 cores
+    python tools/bench_peers.py --accuracy # accuracy at equal recipe: about 15 minutes on 2 cores
 
 Every framework builds a model with hidden irreps Cx0e + Cx1o (+ Cx2e), 2 layers, 5 Å cutoff and
 8 Bessel functions, and times one training step (energy, forces by autograd with create_graph,
@@ -10,8 +11,13 @@ demo paracetamol frames, one thread each; plus one ASE force call on one molecul
 framework's own calculator (mlfound and MACE; NequIP's needs a compiled model and is left out).
 Frameworks alternate within each round and the best of the rounds' medians is kept, so machine
 noise hits every framework alike. Ratios are peer time / mlfound time: above 1, mlfound is faster.
+
+--accuracy trains each framework from scratch on the same 200 demo paracetamol structures with one
+recipe (tools/peers/common.py: fit_and_test) and tests on the same 50, for 2 seeds each (2 workers
+at a time): test error at equal size, data and steps. Ratio = peer error / mlfound error.
 """
 import argparse
+import concurrent.futures as cf
 import json
 import os
 import subprocess
@@ -23,14 +29,14 @@ WORKERS = {"mlfound": (".venv", "time_mlfound.py"), "nequip": (".venv-nequip", "
            "mace": (".venv-mace", "time_mace.py")}
 
 
-def run_worker(framework: str, l_max: int, batch: int, args) -> dict | None:
+def run_worker(framework: str, l_max: int, batch: int, args, extra: tuple = ()) -> dict | None:
     venv, script = WORKERS[framework]
     python = ROOT / venv / "bin" / "python"
     if not python.exists():
         return None
     cmd = [str(python), str(ROOT / "tools" / "peers" / script), "--data", str(args.data), "--batch", str(batch),
            "--l-max", str(l_max), "--channels", str(args.channels), "--layers", str(args.layers),
-           "--cutoff", str(args.cutoff), "--repeats", str(args.repeats)]
+           "--cutoff", str(args.cutoff), "--repeats", str(args.repeats), *map(str, extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if done.returncode != 0:
@@ -49,10 +55,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="timed steps per worker (median)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--accuracy", action="store_true", help="test errors at equal recipe instead of speed")
+    p.add_argument("--num-train", type=int, default=200)
+    p.add_argument("--fit-steps", type=int, default=2000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--frameworks", nargs="+", default=list(WORKERS), choices=list(WORKERS))
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_peers_accuracy", help="accuracy: split files")
     args = p.parse_args(argv)
     missing = [f for f, (venv, _) in WORKERS.items() if not (ROOT / venv / "bin" / "python").exists()]
     if missing:
         print(f"# not set up, left out: {missing} (run bash tools/setup_peer_venvs.sh)")
+    if args.accuracy:
+        return accuracy(args)
     best: dict[tuple, dict] = {}
     for _ in range(args.rounds):
         for l_max in args.l_max:
@@ -84,6 +98,46 @@ def main(argv=None) -> int:
                       f"{1e3 * r['atoms'] / r['train_ms']:>9.0f}{r['infer_ms']:>10.1f}{calc:>8}{ratios}")
     if args.json:
         args.json.write_text(json.dumps([{"l_max": k[0], "batch": k[1], **v} for k, v in best.items()], indent=1))
+    return 0
+
+
+def accuracy(args) -> int:
+    """Every framework trained from scratch by the same recipe on the same split; test MAE mean ± std over seeds."""
+    import numpy as np
+    from ase.io import read, write
+
+    frames = read(args.data, index=":")
+    order = np.random.default_rng(0).permutation(len(frames))
+    split = {"test": order[:50], "train": order[50:50 + args.num_train]}
+    paths = {name: args.out / f"{name}.extxyz" for name in split}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, index in split.items():
+        write(paths[name], [frames[i] for i in index])
+    l_max, batch = args.l_max[0], 5
+    extra = ("--fit-train", paths["train"], "--fit-test", paths["test"], "--fit-steps", args.fit_steps)
+    jobs = [(framework, seed) for seed in args.seeds for framework in args.frameworks]
+    with cf.ThreadPoolExecutor(2) as pool:
+        rows = list(pool.map(lambda job: run_worker(job[0], l_max, batch, args, (*extra, "--seed", job[1])), jobs))
+    rows = [r for r in rows if r is not None]
+    print(f"# {args.channels} channels, l_max {l_max}, {args.layers} layers, {args.cutoff} Å cutoff, float32; "
+          f"{args.num_train} train / 50 test structures, {batch} per batch, {args.fit_steps} steps, "
+          f"mean ± std over seeds {args.seeds}")
+    print(f"{'framework':>10}{'params':>8}{'ms/step':>9}{'E MAE meV/atom':>17}{'F MAE meV/Å':>15}"
+          f"{'peer/mlfound F':>16}")
+    mean_f = {f: np.mean([r["forces_mae_mev_a"] for r in rows if r["framework"] == f]) for f in args.frameworks}
+    for framework in args.frameworks:
+        runs = [r for r in rows if r["framework"] == framework]
+        if not runs:
+            continue
+        e = [r["energy_mae_mev_atom"] for r in runs]
+        f = [r["forces_mae_mev_a"] for r in runs]
+        ms = np.mean([1e3 * r["train_seconds"] / r["steps"] for r in runs])
+        ratio = (f"{mean_f[framework] / mean_f['mlfound']:>16.2f}" if framework != "mlfound" and "mlfound" in mean_f
+                 else f"{'':>16}")
+        print(f"{framework:>10}{runs[0]['params']:>8,}{ms:>9.1f}{np.mean(e):>9.1f} ± {np.std(e):<5.1f}"
+              f"{np.mean(f):>9.0f} ± {np.std(f):<3.0f}{ratio}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 

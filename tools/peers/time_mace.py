@@ -1,4 +1,5 @@
-"""Timing worker for tools/bench_peers.py, run inside .venv-mace (mace-torch 0.3.16, e3nn 0.4.4).
+"""MACE worker for tools/bench_peers.py (timing, or accuracy with --fit-train), run inside .venv-mace
+(mace-torch 0.3.16, e3nn 0.4.4).
 
 Same molecules and step as time_mlfound.py: MACE with hidden irreps Cx0e + Cx1o (+ Cx2e) up to
 l_max, spherical harmonics to l_max, correlation 3, ``layers`` interactions, Bessel radial basis.
@@ -17,7 +18,7 @@ from mace.calculators import MACECalculator  # noqa: E402
 from mace.tools import torch_geometric  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import calculator_ms, parse_args, read_frames, report  # noqa: E402
+from common import calculator_ms, fit_and_test, parse_args, read_frames, report  # noqa: E402
 
 ELEMENTS = [1, 6, 7, 8]
 
@@ -36,28 +37,37 @@ def build_model(args) -> torch.nn.Module:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     torch.set_default_dtype(torch.float32)
-    frames = read_frames(args.data, args.batch)
     model = build_model(args)
     z_table = tools.AtomicNumberTable(ELEMENTS)
-    graphs = [data.AtomicData.from_config(data.config_from_atoms(a), z_table=z_table, cutoff=args.cutoff)
-              for a in frames]
-    batch = next(iter(torch_geometric.dataloader.DataLoader(graphs, batch_size=len(graphs), shuffle=False)))
-    batch_dict = batch.to_dict()
+
+    def make_inputs(frames):
+        graphs = [data.AtomicData.from_config(data.config_from_atoms(a), z_table=z_table, cutoff=args.cutoff)
+                  for a in frames]
+        return next(iter(torch_geometric.dataloader.DataLoader(graphs, batch_size=len(graphs), shuffle=False)))
+
+    def forward(batch, training: bool):
+        out = model(batch.to_dict(), training=training, compute_force=True)
+        return out["energy"], out["forces"]
+
+    if args.fit_train:
+        return fit_and_test("mace", model, make_inputs, forward, args)
+    frames = read_frames(args.data, args.batch)
+    batch = make_inputs(frames)
     energy_ref = torch.tensor([a.get_potential_energy() for a in frames], dtype=torch.float32)
     forces_ref = torch.tensor(np.concatenate([a.get_forces() for a in frames]), dtype=torch.float32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        out = model(batch_dict, training=True, compute_force=True)
-        loss = ((out["energy"] - energy_ref) ** 2).mean() + ((out["forces"] - forces_ref) ** 2).mean()
+        energy, forces = forward(batch, True)
+        loss = ((energy - energy_ref) ** 2).mean() + ((forces - forces_ref) ** 2).mean()
         loss.backward()
         optimizer.step()
 
     def inference_step():
-        model(batch_dict, training=False, compute_force=True)
+        forward(batch, False)
 
     report("mace", model, int(batch.num_nodes), int(batch.edge_index.shape[1]), train_step, inference_step,
            calculator_ms(frames[0], MACECalculator(models=model, device="cpu", default_dtype="float32"),

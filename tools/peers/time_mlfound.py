@@ -1,4 +1,5 @@
-"""Timing worker for tools/bench_peers.py: one mlfound training step and one inference step.
+"""mlfound worker for tools/bench_peers.py: one training step and one inference step timed, or (with
+--fit-train) common.fit_and_test's training from scratch and test errors.
 
 Run by bench_peers.py inside mlfound's venv; prints one JSON line. Training step = energy, forces by
 autograd (create_graph), energy + force MSE, backward, Adam step; inference = energy and forces.
@@ -12,7 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import calculator_ms, parse_args, read_frames, report  # noqa: E402
+from common import calculator_ms, fit_and_test, parse_args, read_frames, report  # noqa: E402
 
 from mlfound.data.batching import collate  # noqa: E402
 from mlfound.data.record import Record  # noqa: E402
@@ -22,25 +23,34 @@ from mlfound.model import ModelConfig, Potential  # noqa: E402
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    frames = read_frames(args.data, args.batch)
+    torch.manual_seed(args.seed)
     config = ModelConfig(channels=args.channels, l_max=args.l_max, num_layers=args.layers, cutoff_a=args.cutoff,
                          num_basis=8, radial_hidden=64, head_hidden=args.channels)
     model = Potential(config, [1, 6, 7, 8], ["target"], {"target": {1: 0.0, 6: 0.0, 7: 0.0, 8: 0.0}}, {"target": 1.0})
-    records = [Record(z=a.numbers.astype(np.int64), pos_a=a.positions, energy_ev=float(a.get_potential_energy()),
-                      forces_ev_a=a.get_forces(), task="target") for a in frames]
-    batch = collate(records, args.cutoff, ["target"])
+
+    def make_inputs(frames):
+        records = [Record(z=a.numbers.astype(np.int64), pos_a=a.positions, energy_ev=float(a.get_potential_energy()),
+                          forces_ev_a=a.get_forces(), task="target") for a in frames]
+        return collate(records, args.cutoff, ["target"])
+
+    def forward(batch, training: bool):
+        return model(batch, compute_forces=True, training=training)
+
+    if args.fit_train:
+        return fit_and_test("mlfound", model, make_inputs, forward, args)
+    frames = read_frames(args.data, args.batch)
+    batch = make_inputs(frames)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        energy, forces = model(batch, compute_forces=True, training=True)
+        energy, forces = forward(batch, True)
         loss = ((energy - batch.energy_ev) ** 2).mean().float() + ((forces - batch.forces_ev_a) ** 2).mean()
         loss.backward()
         optimizer.step()
 
     def inference_step():
-        model(batch, compute_forces=True, training=False)
+        forward(batch, False)
 
     report("mlfound", model, int(len(batch.z)), int(batch.edge_index.shape[1]), train_step, inference_step,
            calculator_ms(frames[0], mlfound_calculator(model), args.repeats), args.repeats)

@@ -1,4 +1,5 @@
-"""Timing worker for tools/bench_peers.py, run inside .venv-nequip (nequip 0.19.1, e3nn 0.6).
+"""NequIP worker for tools/bench_peers.py (timing, or accuracy with --fit-train), run inside
+.venv-nequip (nequip 0.19.1, e3nn 0.6).
 
 Same molecules and step as time_mlfound.py: NequIP with ``layers`` convolutions, l_max, C features,
 parity off (so its hidden irreps are Cx0e + Cx1o (+ Cx2e), as mlfound's), 8 Bessel functions.
@@ -15,7 +16,7 @@ from nequip.model import NequIPGNNModel  # noqa: E402
 from nequip.utils.global_state import set_global_state  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import parse_args, read_frames, report  # noqa: E402
+from common import fit_and_test, parse_args, read_frames, report  # noqa: E402
 
 TYPES = ["H", "C", "N", "O"]
 
@@ -24,28 +25,37 @@ def main() -> None:
     args = parse_args()
     set_global_state()
     torch.set_num_threads(args.threads)
-    frames = read_frames(args.data, args.batch)
-    model = NequIPGNNModel(seed=0, model_dtype="float32", type_names=TYPES, r_max=args.cutoff,
+    model = NequIPGNNModel(seed=args.seed, model_dtype="float32", type_names=TYPES, r_max=args.cutoff,
                            num_layers=args.layers, l_max=args.l_max, parity=False, num_features=args.channels,
                            radial_mlp_width=64, num_bessels=8, avg_num_neighbors=10.0,
                            per_type_energy_scales=1.0, per_type_energy_shifts=0.0)
     mapper = ChemicalSpeciesToAtomTypeMapper(model_type_names=TYPES)
     neighbours = NeighborListTransform(r_max=args.cutoff)
-    batch = AtomicDataDict.batched_from_list([neighbours(mapper(from_ase(a))) for a in frames])
+
+    def make_inputs(frames):
+        return AtomicDataDict.batched_from_list([neighbours(mapper(from_ase(a))) for a in frames])
+
+    def forward(batch, training: bool):
+        out = model(dict(batch))
+        return out[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1), out[AtomicDataDict.FORCE_KEY]
+
+    if args.fit_train:
+        return fit_and_test("nequip", model, make_inputs, forward, args)
+    frames = read_frames(args.data, args.batch)
+    batch = make_inputs(frames)
     energy_ref = batch[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1).float()
     forces_ref = batch[AtomicDataDict.FORCE_KEY].float()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        out = model(dict(batch))
-        loss = ((out[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1) - energy_ref) ** 2).mean() + \
-            ((out[AtomicDataDict.FORCE_KEY] - forces_ref) ** 2).mean()
+        energy, forces = forward(batch, True)
+        loss = ((energy - energy_ref) ** 2).mean() + ((forces - forces_ref) ** 2).mean()
         loss.backward()
         optimizer.step()
 
     def inference_step():
-        model(dict(batch))
+        forward(batch, False)
 
     report("nequip", model, int(batch[AtomicDataDict.POSITIONS_KEY].shape[0]),
            int(batch[AtomicDataDict.EDGE_INDEX_KEY].shape[1]), train_step, inference_step, None, args.repeats)
