@@ -124,7 +124,8 @@ def accuracy(args) -> int:
           f"mean ± std over seeds {args.seeds}")
     print(f"{'framework':>10}{'params':>8}{'ms/step':>9}{'E MAE meV/atom':>17}{'F MAE meV/Å':>15}"
           f"{'peer/mlfound F':>16}")
-    mean_f = {f: np.mean([r["forces_mae_mev_a"] for r in rows if r["framework"] == f]) for f in args.frameworks}
+    ran = {r["framework"] for r in rows}  # a framework without its venv has no rows
+    mean_f = {f: np.mean([r["forces_mae_mev_a"] for r in rows if r["framework"] == f]) for f in ran}
     for framework in args.frameworks:
         runs = [r for r in rows if r["framework"] == framework]
         if not runs:

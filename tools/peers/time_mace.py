@@ -55,21 +55,7 @@ def main() -> None:
         return fit_and_test("mace", model, make_inputs, forward, args)
     frames = read_frames(args.data, args.batch)
     batch = make_inputs(frames)
-    energy_ref = torch.tensor([a.get_potential_energy() for a in frames], dtype=torch.float32)
-    forces_ref = torch.tensor(np.concatenate([a.get_forces() for a in frames]), dtype=torch.float32)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        energy, forces = forward(batch, True)
-        loss = ((energy - energy_ref) ** 2).mean() + ((forces - forces_ref) ** 2).mean()
-        loss.backward()
-        optimizer.step()
-
-    def inference_step():
-        forward(batch, False)
-
-    report("mace", model, int(batch.num_nodes), int(batch.edge_index.shape[1]), train_step, inference_step,
+    report("mace", model, forward, batch, frames, int(batch.num_nodes), int(batch.edge_index.shape[1]),
            calculator_ms(frames[0], MACECalculator(models=model, device="cpu", default_dtype="float32"),
                          args.repeats), args.repeats)
 

@@ -40,19 +40,7 @@ def main() -> None:
         return fit_and_test("mlfound", model, make_inputs, forward, args)
     frames = read_frames(args.data, args.batch)
     batch = make_inputs(frames)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        energy, forces = forward(batch, True)
-        loss = ((energy - batch.energy_ev) ** 2).mean().float() + ((forces - batch.forces_ev_a) ** 2).mean()
-        loss.backward()
-        optimizer.step()
-
-    def inference_step():
-        forward(batch, False)
-
-    report("mlfound", model, int(len(batch.z)), int(batch.edge_index.shape[1]), train_step, inference_step,
+    report("mlfound", model, forward, batch, frames, int(len(batch.z)), int(batch.edge_index.shape[1]),
            calculator_ms(frames[0], mlfound_calculator(model), args.repeats), args.repeats)
 
 

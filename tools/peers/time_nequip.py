@@ -43,22 +43,8 @@ def main() -> None:
         return fit_and_test("nequip", model, make_inputs, forward, args)
     frames = read_frames(args.data, args.batch)
     batch = make_inputs(frames)
-    energy_ref = batch[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1).float()
-    forces_ref = batch[AtomicDataDict.FORCE_KEY].float()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        energy, forces = forward(batch, True)
-        loss = ((energy - energy_ref) ** 2).mean() + ((forces - forces_ref) ** 2).mean()
-        loss.backward()
-        optimizer.step()
-
-    def inference_step():
-        forward(batch, False)
-
-    report("nequip", model, int(batch[AtomicDataDict.POSITIONS_KEY].shape[0]),
-           int(batch[AtomicDataDict.EDGE_INDEX_KEY].shape[1]), train_step, inference_step, None, args.repeats)
+    report("nequip", model, forward, batch, frames, int(batch[AtomicDataDict.POSITIONS_KEY].shape[0]),
+           int(batch[AtomicDataDict.EDGE_INDEX_KEY].shape[1]), None, args.repeats)
 
 
 if __name__ == "__main__":
