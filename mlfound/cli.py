@@ -1,6 +1,7 @@
 """The ``mlfound`` command: export, show, split, evaluate, learning-curve.
 
     mlfound export RUN_DIR --out model.safetensors [--register NAME]   # training checkpoint -> release
+    mlfound export OLD.safetensors --out new.safetensors  # an older release rewritten in the current format
     mlfound show MODEL                                   # heads, LoTs, sizes, history
     mlfound split DATA --out DIR --sizes train=200 val=50 test=rest
     mlfound evaluate MODEL DATA --head H [--scan] [--json OUT]
@@ -25,8 +26,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("export", help="turn a training checkpoint into a release")
-    p.add_argument("checkpoint", type=Path, help="run folder (its latest checkpoint) or a checkpoint folder")
+    p = commands.add_parser("export", help="turn a training checkpoint (or an older release) into a release")
+    p.add_argument("checkpoint", type=Path, help="run folder (its latest checkpoint), a checkpoint folder, or a "
+                   "release file to rewrite in the current format (with content hashes)")
     p.add_argument("--out", type=Path, required=True, help="release file, e.g. model.safetensors")
     p.add_argument("--register", metavar="NAME", help="also list it under NAME in models/registry.json")
     p.add_argument("--description", default="", help="registry description")
@@ -85,9 +87,15 @@ def _records(args, path: Path, task: str):
 
 
 def cmd_export(args) -> int:
-    from mlfound.train.export import export
+    if args.checkpoint.is_file():
+        from mlfound.release import load, save_release
 
-    path = export(args.checkpoint, args.out)
+        release = load(args.checkpoint)
+        path = save_release(release.model, release.metadata, args.out)
+    else:
+        from mlfound.train.export import export
+
+        path = export(args.checkpoint, args.out)
     print(f"wrote {path}")
     if args.register:
         from mlfound.release import register
@@ -99,13 +107,15 @@ def cmd_export(args) -> int:
 
 def cmd_show(args) -> int:
     from mlfound.data.readers import lot_label
-    from mlfound.release import read_metadata, resolve
+    from mlfound.release import load
 
-    path = resolve(args.model)
-    meta = read_metadata(path)
+    release = load(args.model)  # verifies the content hashes and the references against the weights
+    path, meta = release.path, release.metadata
     cfg = meta["model_config"]
     print(f"{path}  ({path.stat().st_size / 1024:.0f} KiB, format {meta['format_version']}, "
           f"mlfound {meta['code_version']}, created {meta['created']})")
+    print("content: " + ("sha256 of every tensor and metadata entry verified" if release.verified else
+                         "NOT verified (written before content hashes; re-export it with mlfound export)"))
     print(f"model: {meta['num_parameters']:,} parameters; channels {cfg['channels']}, l_max {cfg['l_max']}, "
           f"{cfg['num_layers']} layers, cutoff {cfg['cutoff_a']} Å; elements {meta['elements']}")
     print(f"{'head':<14}{'LoT':<24}{'structures':>11}{'scale eV':>10}  from")

@@ -7,6 +7,11 @@ references (float64, exact through JSON) and scales, the training config, data m
 the code version. Loading checks that the header's references equal the weight buffers bit for bit,
 so a release whose two halves disagree is refused instead of giving wrong absolute energies.
 
+Since format 3 the header also carries, under ``"mlfound_integrity"``, a sha256 of every tensor (dtype,
+shape and bytes) and of every top-level metadata entry, written at export and verified on every load
+and by ``mlfound show``: one flipped bit in a weight, or an edited cutoff, is an error naming what
+changed, never a silently different model.
+
 Releases are found by path or by name through ``models/registry.json`` (name -> file, sha256, LoTs).
 """
 from __future__ import annotations
@@ -14,9 +19,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import hashlib
 import json
 import os
+import struct
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,14 +35,20 @@ from mlfound.data.files import atomic_write_bytes, json_text, sha256_file
 from mlfound.data.readers import lot_label
 from mlfound.model import ModelConfig, Potential
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # How to read older formats: each step fills in what its successor added, with the old behaviour.
 MIGRATIONS = {
     # format 2: last layer scalars-only and one radial hidden layer became the defaults (2.5-4x faster)
     1: lambda meta: {**meta, "format_version": 2,
                      "model_config": {"scalar_last_layer": False, "radial_layers": 2, **meta["model_config"]}},
+    # format 3: content hashes in the header (nothing in the metadata changed)
+    2: lambda meta: {**meta, "format_version": 3},
 }
+FIRST_HASHED_FORMAT = 3
 METADATA_KEY = "mlfound"
+INTEGRITY_KEY = "mlfound_integrity"
+REEXPORT_ADVICE = ("re-export it from its training checkpoint (mlfound export RUN_DIR --out FILE) or fine-tune "
+                   "output, or restore the original file")
 REGISTRY_DIR = Path(os.environ.get("MLFOUND_MODELS", Path(__file__).resolve().parents[1] / "models"))
 REGISTRY_NAME = "registry.json"
 
@@ -48,6 +62,7 @@ class Release:
     model: Potential
     metadata: dict
     path: Path | None = None
+    verified: bool = True  # content hashes checked; False only for releases older than format 3
 
     @property
     def heads(self) -> list[str]:
@@ -97,45 +112,100 @@ def save_release(model: Potential, metadata: dict, path: Path) -> Path:
     tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
     tensors = {name: value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
                for name, value in tensors.items()}
-    payload = safetensors_bytes(tensors, metadata={METADATA_KEY: json_text(metadata, indent=None)})
+    metadata_text = json_text({**metadata, "format_version": FORMAT_VERSION}, indent=None)
+    integrity = content_hashes(tensors, json.loads(metadata_text))
+    payload = safetensors_bytes(tensors, metadata={METADATA_KEY: metadata_text,
+                                                   INTEGRITY_KEY: json.dumps(integrity, sort_keys=True)})
     return atomic_write_bytes(path, payload)
 
 
+def content_hashes(tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
+    """sha256 of each tensor (dtype, shape, bytes) and of each top-level metadata entry, so a mismatch
+    can name the part that changed."""
+    def tensor_digest(value: torch.Tensor) -> str:
+        digest = hashlib.sha256(f"{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    return {"tensors": {name: tensor_digest(value) for name, value in sorted(tensors.items())},
+            "metadata": {key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+                         for key, value in sorted(metadata.items())}}
+
+
 def read_metadata(path: Path | str) -> dict:
-    """The JSON header of a release, without loading its weights."""
-    path = resolve(path)
-    _refuse_pickle(path)
+    """The JSON header of a release, after checking the content hashes of its weights and metadata."""
+    return _read_verified(resolve(path))[0]
+
+
+def _read_verified(path: Path) -> tuple[dict, dict[str, torch.Tensor], bool]:
+    """(metadata migrated to the current format, tensors, whether hashes were checked) of a release
+    whose content hashes hold."""
+    _check_framing(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:
-        raise ReleaseError(f"{path}: not a safetensors file ({err}); "
+        raise ReleaseError(f"{path}: not a readable safetensors file ({err}); "
                            "mlfound models are made by `mlfound export`") from err
     if METADATA_KEY not in header:
         raise ReleaseError(f"{path}: a safetensors file without mlfound metadata (made by another tool?); "
                            "mlfound models are made by `mlfound export`")
-    metadata = json.loads(header[METADATA_KEY])
+    try:
+        metadata = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise ReleaseError(f"{path}: the mlfound metadata is not valid JSON ({err}); the file is corrupted; "
+                           f"{REEXPORT_ADVICE}") from None
+    version = metadata.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise ReleaseError(f"{path}: release format {version} but this mlfound ({code_version()}) reads format "
+                           f"{FORMAT_VERSION}; upgrade mlfound")
+    verified = _check_integrity(path, header.get(INTEGRITY_KEY), tensors, metadata)
     while metadata.get("format_version") in MIGRATIONS:
         metadata = MIGRATIONS[metadata["format_version"]](metadata)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ReleaseError(f"{path}: release format {version} is unknown to this mlfound ({code_version()}, "
+                           f"format {FORMAT_VERSION}); {REEXPORT_ADVICE}")
+    return metadata, tensors, verified
+
+
+def _check_integrity(path: Path, stored_text: str | None, tensors: dict[str, torch.Tensor], metadata: dict) -> bool:
+    """Compare the content hashes written at export with the file's content; name every part that differs.
+    False for a release older than format 3, which has no hashes to check (with a warning)."""
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
-        advice = "upgrade mlfound" if (version or 0) > FORMAT_VERSION else "re-export it"
-        raise ReleaseError(f"{path}: release format {version} but this mlfound ({code_version()}) reads format "
-                           f"{FORMAT_VERSION}; {advice}")
-    return metadata
+    if stored_text is None:
+        if isinstance(version, int) and version < FIRST_HASHED_FORMAT:
+            warnings.warn(f"{path}: release format {version} has no content hashes, so its integrity cannot be "
+                          f"checked; `mlfound export {path} --out NEW` rewrites it with them", stacklevel=3)
+            return False
+        raise ReleaseError(f"{path}: the content hashes ({INTEGRITY_KEY}) are missing from the header; the file "
+                           f"was edited or corrupted; {REEXPORT_ADVICE}")
+    try:
+        stored = json.loads(stored_text)
+        stored_tensors, stored_metadata = dict(stored["tensors"]), dict(stored["metadata"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ReleaseError(f"{path}: the content hashes ({INTEGRITY_KEY}) are unreadable; the file is corrupted; "
+                           f"{REEXPORT_ADVICE}") from None
+    actual = content_hashes(tensors, metadata)
+    differ = [f"tensor {n!r}" for n in sorted(set(stored_tensors) | set(actual["tensors"]))
+              if stored_tensors.get(n) != actual["tensors"].get(n)]
+    differ += [f"metadata {k!r}" for k in sorted(set(stored_metadata) | set(actual["metadata"]))
+               if stored_metadata.get(k) != actual["metadata"].get(k)]
+    if differ:
+        raise ReleaseError(f"{path}: content differs from the hashes written at export: {', '.join(differ)}; "
+                           f"the file was edited or corrupted; {REEXPORT_ADVICE}")
+    return True
 
 
 def load(path: Path | str, device: torch.device | str = "cpu") -> Release:
     """Load a release by path or registry name. No pickle is involved."""
     path = resolve(path)
-    metadata = read_metadata(path)
+    metadata, tensors, verified = _read_verified(path)
     heads = metadata["heads"]
     model = Potential(ModelConfig(**metadata["model_config"]), metadata["elements"], list(heads),
                       {t: {int(z): e for z, e in h["references_ev"].items()} for t, h in heads.items()},
                       {t: h["scale_ev"] for t, h in heads.items()})
     described = {"references_ev": model.references_ev.clone(), "scales_ev": model.scales_ev.clone()}
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
@@ -145,7 +215,7 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Release:
         if not ((loaded == value) | (loaded.isnan() & value.isnan())).all():  # bit-equal, NaN where undefined
             raise ReleaseError(f"{path}: {name} in the metadata and in the weights differ; "
                                "the file was edited or corrupted, re-export it")
-    return Release(model.to(device).eval(), metadata, path)
+    return Release(model.to(device).eval(), metadata, path, verified)
 
 
 def resolve(name_or_path: Path | str) -> Path:
@@ -182,11 +252,21 @@ def register(name: str, path: Path, description: str = "") -> dict:
     return entry
 
 
-def _refuse_pickle(path: Path) -> None:
+def _check_framing(path: Path) -> None:
+    """A safetensors file starts with its header length (little-endian u64), then the JSON header's ``{``.
+    Only a file without that framing is examined for pickle or zip signatures: the first byte of a valid
+    release is 0x80 whenever its header length is 128 mod 256, which is also pickle's PROTO opcode."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        start = f.read(4)
+        start = f.read(9)
+    if len(start) == 9:
+        header_length = struct.unpack("<Q", start[:8])[0]
+        if start[8:9] == b"{" and 0 < header_length <= size - 8:
+            return
     if start.startswith(b"PK\x03\x04") or start[:1] == b"\x80":
         raise ReleaseError(
             f"{path} is a pickled torch file (torch.save); mlfound loads only releases written by `mlfound export`, "
             "because unpickling a file can run arbitrary code. For a training run, export it first: "
             "mlfound export RUN_DIR --out model.safetensors")
+    raise ReleaseError(f"{path}: not a safetensors file ({size} bytes, no safetensors header); "
+                       "mlfound models are made by `mlfound export`")

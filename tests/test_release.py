@@ -11,7 +11,7 @@ from mlfound.cli import main as mlfound
 from mlfound.data.files import sha256_file
 from mlfound.data.readers import SourceSpec, read_source
 from mlfound.predict import predict
-from mlfound.release import ReleaseError, load, release_metadata, save_release
+from mlfound.release import INTEGRITY_KEY, ReleaseError, content_hashes, load, release_metadata, save_release
 from tests.model.test_potential import TASKS, make_potential
 
 LOTS = {"gfn2_xtb": {"lot_method": "GFN2-xTB", "lot_code": "tblite"},
@@ -55,10 +55,13 @@ def test_a_pickled_torch_file_is_refused(tmp_path):
 
 
 def test_metadata_that_disagrees_with_the_weights_is_refused(release_path, tmp_path):
+    """Even with content hashes that match (a writer's bug, not corruption), the two halves must agree."""
     header = json.loads(_header(release_path))
     header["heads"]["gfn2_xtb"]["references_ev"]["1"] += 1e-9
     edited = tmp_path / "edited.safetensors"
-    save_file(load_file(release_path), edited, metadata={"mlfound": json.dumps(header)})
+    tensors = load_file(release_path)
+    save_file(tensors, edited, metadata={"mlfound": json.dumps(header),
+                                         INTEGRITY_KEY: json.dumps(content_hashes(tensors, header))})
     with pytest.raises(ReleaseError, match="references_ev in the metadata and in the weights differ"):
         load(edited)
 
@@ -70,6 +73,57 @@ def test_a_newer_format_is_refused_with_advice(release_path, tmp_path):
     save_file(load_file(release_path), newer, metadata={"mlfound": json.dumps(header)})
     with pytest.raises(ReleaseError, match="format 99.*upgrade mlfound"):
         load(newer)
+
+
+@pytest.mark.parametrize("low_byte", [0x80, 0x50])
+def test_a_release_whose_header_length_looks_like_a_pickle_or_zip_loads(low_byte, tmp_path, records):
+    """A safetensors file starts with its header length (u64 LE): 0x80 is also pickle's PROTO opcode and
+    0x50 ('P') the start of a zip; the framing, not the first byte, decides."""
+    model = make_potential(seed=1)
+    for pad in range(400):
+        path = save_release(model, release_metadata(model, {}, training={"pad": "x" * pad}), tmp_path / "m.safetensors")
+        if path.read_bytes()[0] == low_byte:
+            break
+    assert path.read_bytes()[0] == low_byte
+    loaded = load(path)
+    assert (predict(loaded.model, records, "gfn2_xtb")[0] == predict(model, records, "gfn2_xtb")[0]).all()
+    assert mlfound(["show", str(path)]) == 0
+
+
+def test_a_flipped_bit_in_a_tensor_is_refused_naming_the_tensor(release_path, tmp_path, capsys):
+    data = bytearray(release_path.read_bytes())
+    header_length = int.from_bytes(data[:8], "little")
+    data[8 + header_length + 100] ^= 0x04  # one bit of the weights
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(ReleaseError, match="content differs from the hashes written at export: tensor '.*"
+                                           "mlfound export RUN_DIR"):
+        load(flipped)
+    assert mlfound(["show", str(flipped)]) == 2
+    assert "content differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, part", [
+    (lambda h: h["model_config"].update(cutoff_a=h["model_config"]["cutoff_a"] + 1.0), "model_config"),
+    (lambda h: h["heads"]["hf_sto3g"].update(scale_ev=2 * h["heads"]["hf_sto3g"]["scale_ev"]), "heads"),
+])
+def test_edited_metadata_is_refused_naming_the_entry(release_path, tmp_path, capsys, edit, part):
+    header = json.loads(_header(release_path))
+    edit(header)
+    edited = tmp_path / "edited.safetensors"
+    save_file(load_file(release_path), edited, metadata={"mlfound": json.dumps(header),
+                                                         INTEGRITY_KEY: _header(release_path, INTEGRITY_KEY)})
+    with pytest.raises(ReleaseError, match=f"differs from the hashes written at export: metadata '{part}'"):
+        load(edited)
+    assert mlfound(["show", str(edited)]) == 2
+    assert f"metadata '{part}'" in capsys.readouterr().err
+
+
+def test_a_release_without_its_hashes_is_refused(release_path, tmp_path):
+    stripped = tmp_path / "stripped.safetensors"
+    save_file(load_file(release_path), stripped, metadata={"mlfound": _header(release_path)})
+    with pytest.raises(ReleaseError, match="content hashes .* are missing"):
+        load(stripped)
 
 
 def test_registry_names_resolve_and_checksums_are_enforced(release_path, tmp_path, monkeypatch):
@@ -91,11 +145,11 @@ def test_show_lists_heads_lots_and_sizes(release_path, capsys):
     assert mlfound(["show", str(release_path.with_name("missing.safetensors"))]) == 2
 
 
-def _header(path) -> str:
+def _header(path, key: str = "mlfound") -> str:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return f.metadata()["mlfound"]
+        return f.metadata()[key]
 
 
 def test_a_head_never_trained_on_an_element_refuses_it(tmp_path, demo_dir):
@@ -129,6 +183,13 @@ def test_a_format_1_release_still_loads_and_predicts_the_same(tmp_path, records)
     for key in ("scalar_last_layer", "radial_layers"):
         del header["model_config"][key]
     save_file(load_file(path), tmp_path / "v1.safetensors", metadata={"mlfound": json.dumps(header)})
-    loaded = load(tmp_path / "v1.safetensors")
-    assert loaded.metadata["format_version"] == 2 and not loaded.model.config.scalar_last_layer
+    with pytest.warns(UserWarning, match="format 1 has no content hashes"):
+        loaded = load(tmp_path / "v1.safetensors")
+    assert not loaded.verified
+    assert loaded.metadata["format_version"] == 3 and not loaded.model.config.scalar_last_layer
     assert (predict(loaded.model, records, "gfn2_xtb")[0] == predict(old, records, "gfn2_xtb")[0]).all()
+    with pytest.warns(UserWarning, match="format 1 has no content hashes"):
+        assert mlfound(["export", str(tmp_path / "v1.safetensors"), "--out", str(tmp_path / "v3.safetensors")]) == 0
+    rewritten = load(tmp_path / "v3.safetensors")  # no warning: hashed now
+    assert rewritten.verified
+    assert (predict(rewritten.model, records, "gfn2_xtb")[0] == predict(old, records, "gfn2_xtb")[0]).all()
