@@ -12,7 +12,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 from ase.md import velocitydistribution
 
-from mlfound.data.record import Record
+from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, closest_pair
 from mlfound.predict import predict
 from mlfound.release import Release, load
 
@@ -26,12 +26,18 @@ class MLFoundCalculator(Calculator):
     """``MLFoundCalculator("model.safetensors", head="hf_631g", dtype="float64")``: energy (eV), forces (eV/Å).
 
     ``model`` is a release path, a registry name or a loaded ``Release``. float64 costs about twice the
-    time of float32 and makes long NVE runs conserve energy to round-off of the model, not of float32."""
+    time of float32 and makes long NVE runs conserve energy to round-off of the model, not of float32.
+
+    Atoms closer than ``min_distance_a`` (periodic images included) are an error naming them: two atoms
+    at one position give NaN energies and forces, and an MD run would carry on with them silently.
+    ``min_distance_a=0`` switches the guard off."""
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
-    def __init__(self, model: Release | str, head: str, dtype: str = "float32", device: str = "cpu", **kwargs):
+    def __init__(self, model: Release | str, head: str, dtype: str = "float32", device: str = "cpu",
+                 min_distance_a: float = DEFAULT_MIN_DISTANCE_A, **kwargs):
         super().__init__(**kwargs)
+        self.min_distance_a = min_distance_a
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.release = model if isinstance(model, Release) else load(model)
@@ -45,5 +51,12 @@ class MLFoundCalculator(Calculator):
         record = Record(z=self.atoms.numbers.astype(np.int64), pos_a=self.atoms.positions.astype(np.float64),
                         energy_ev=float("nan"), cell_a=np.asarray(self.atoms.cell[:], np.float64) if periodic else None,
                         pbc=self.atoms.pbc.copy() if periodic else None, task=self.head, source="ase.Atoms")
+        pair = closest_pair(record, self.min_distance_a) if self.min_distance_a > 0 else None
+        if pair is not None:
+            i, j, distance = pair
+            raise DataError(f"atoms {i} ({self.atoms.get_chemical_symbols()[i]}) and {j} "
+                            f"({self.atoms.get_chemical_symbols()[j]}) are {distance:.3f} Å apart, closer than "
+                            f"min_distance_a = {self.min_distance_a} Å: the model is meaningless there (coincident "
+                            "atoms give NaN). Fix the structure, or pass MLFoundCalculator(..., min_distance_a=...)")
         energy_ev, forces = predict(self.model, [record], self.head, compute_forces=True)
         self.results = {"energy": float(energy_ev[0]), "free_energy": float(energy_ev[0]), "forces": forces[0]}

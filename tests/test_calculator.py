@@ -76,3 +76,23 @@ def test_nve_conserves_energy(release, paracetamol):
     print(f"NVE 0.1 ps: drift {drift_mev_atom:+.4f} meV/atom, fluctuation {fluctuation_mev_atom:.4f} meV/atom, "
           f"final temperature {atoms.get_temperature():.0f} K")
     assert abs(drift_mev_atom) < 0.05 and fluctuation_mev_atom < 0.3
+
+
+def test_coincident_atoms_are_an_error_naming_them(release, paracetamol):
+    """Two atoms at one position gave NaN energy and forces without a word."""
+    atoms = atoms_of(paracetamol[0])
+    atoms.positions[5] = atoms.positions[2]
+    atoms.calc = MLFoundCalculator(release, head=HEAD)
+    symbols = atoms.get_chemical_symbols()
+    with pytest.raises(ValueError, match=f"atoms 2 \\({symbols[2]}\\) and 5 \\({symbols[5]}\\) are 0.000 Å apart"
+                                         ".*min_distance_a"):
+        atoms.get_potential_energy()
+
+
+def test_the_distance_guard_sees_periodic_images_and_can_be_tuned(release):
+    atoms = Atoms("CO", positions=[[0.2, 2.0, 2.0], [3.8, 2.0, 2.0]], cell=[4.0, 4.0, 4.0], pbc=True)
+    atoms.calc = MLFoundCalculator(release, head=HEAD)  # 0.4 Å apart through the cell wall
+    with pytest.raises(ValueError, match="atoms 0 \\(C\\) and 1 \\(O\\) are 0.400 Å apart"):
+        atoms.get_potential_energy()
+    atoms.calc = MLFoundCalculator(release, head=HEAD, min_distance_a=0.3)
+    assert np.isfinite(atoms.get_potential_energy())

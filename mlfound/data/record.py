@@ -61,14 +61,28 @@ def _check_array(rec: Record, name: str, array: np.ndarray, shape: tuple) -> Non
         raise DataError(f"{rec.where}: {name} contain NaN or inf")
 
 
+def closest_pair(rec: Record, within_a: float) -> tuple[int, int, float] | None:
+    """The closest pair of atoms nearer than ``within_a`` (periodic images included), as (i, j, distance Å)
+    with i <= j (i == j: an atom and its own periodic image); None when no pair is that close. A neighbour
+    list (vesin), so it costs O(num_atoms), not an N x N distance matrix."""
+    import vesin
+
+    periodic = rec.pbc if rec.pbc is not None else np.zeros(3, bool)
+    box = rec.cell_a if rec.cell_a is not None and periodic.any() else np.zeros((3, 3))
+    try:
+        i, j, d = vesin.NeighborList(cutoff=within_a, full_list=False).compute(
+            points=rec.pos_a, box=box, periodic=periodic, quantities="ijd")
+    except Exception as err:  # e.g. a degenerate periodic cell
+        raise DataError(f"{rec.where}: cannot build a neighbour list ({err}); check the cell and positions") from err
+    if len(d) == 0:
+        return None
+    k = int(np.argmin(d))
+    return int(min(i[k], j[k])), int(max(i[k], j[k])), float(d[k])
+
+
 def _check_distances(rec: Record, min_distance_a: float) -> None:
-    """Non-periodic check of the closest pair; periodic images are checked by the neighbour list later."""
-    if rec.num_atoms < 2:
-        return
-    diff = rec.pos_a[:, None, :] - rec.pos_a[None, :, :]
-    dist = np.sqrt((diff**2).sum(-1))
-    np.fill_diagonal(dist, np.inf)
-    i, j = np.unravel_index(np.argmin(dist), dist.shape)
-    if dist[i, j] < min_distance_a:
-        raise DataError(f"{rec.where}: atoms {min(i, j)} and {max(i, j)} are {dist[i, j]:.3f} Å apart "
+    pair = closest_pair(rec, min_distance_a) if min_distance_a > 0 else None
+    if pair is not None:
+        i, j, distance = pair
+        raise DataError(f"{rec.where}: atoms {i} and {j} are {distance:.3f} Å apart "
                         f"(< {min_distance_a} Å): overlapping atoms")
