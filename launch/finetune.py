@@ -46,6 +46,11 @@ def main(argv=None) -> int:
     p.add_argument("--replay-every", type=int, default=4)
     p.add_argument("--energy-key", default="energy")
     p.add_argument("--forces-key", default="forces")
+    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the file's energy_unit "
+                   "info key, else eV)")
+    p.add_argument("--length-unit", help="Ang or bohr (default: the file's length_unit info key, else Ang)")
+    p.add_argument("--no-unit-check", action="store_true",
+                   help="train even on data whose energies look like another unit than eV (Hartree, kcal/mol)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -54,7 +59,8 @@ def main(argv=None) -> int:
     from mlfound.release import load, save_release
 
     try:
-        keys = {"energy_key": args.energy_key, "forces_key": args.forces_key}
+        keys = {"energy_key": args.energy_key, "forces_key": args.forces_key,
+                "energy_unit": args.energy_unit, "length_unit": args.length_unit}
         train, val, lot = read_data(args, keys)
         replay = (ReplayConfig(shard_root=args.replay_shards, tasks=args.replay_tasks, every=args.replay_every)
                   if args.replay_shards else None)
@@ -63,7 +69,8 @@ def main(argv=None) -> int:
                              lr_trunk=args.lr_trunk, lr_head=args.lr_head, max_steps=args.max_steps,
                              eval_every=args.eval_every, patience=args.patience or None,
                              max_atoms_per_batch=args.max_atoms, energy_weight=args.energy_weight,
-                             forces_weight=args.forces_weight, seed=args.seed, replay=replay, device=args.device)
+                             forces_weight=args.forces_weight, seed=args.seed, replay=replay, device=args.device,
+                             check_units=not args.no_unit_check)
         result = finetune(load(args.model), train, val, cfg)
     except (DataError, ReleaseError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

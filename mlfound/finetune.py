@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from mlfound.data.batching import AtomBudgetBatcher
+from mlfound.data.plausibility import check_units
 from mlfound.data.readers import lot_label
 from mlfound.data.record import DataError, Record
 from mlfound.data.references import ReferenceFit, reference_energy
@@ -64,6 +65,7 @@ class FinetuneConfig(BaseModel):
     seed: int = 0
     replay: ReplayConfig | None = None
     device: str = "cpu"
+    check_units: bool = True  # refuse data that cannot be in eV and Å (mlfound.data.plausibility)
 
 
 @dataclasses.dataclass
@@ -116,6 +118,9 @@ def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: 
              progress: bool = True) -> FinetuneResult:
     """Fine-tune ``base`` on ``train`` (early stopping on ``val`` if given) into a new release."""
     _check_elements(base.model, train + (val or []))
+    if cfg.check_units:
+        for what, records in (("training data", train), ("validation data", val or [])):
+            check_units(records, what)
     model = copy.deepcopy(base.model).to(cfg.device)
     scores, heads_meta = {}, copy.deepcopy(base.metadata["heads"])
     if cfg.head in base.heads:

@@ -156,3 +156,49 @@ def test_data_at_another_lot_cannot_retrain_an_existing_head(base, splits):
     with pytest.raises(DataError, match="the data is at HF/6-31G but head 'gfn2_xtb' is GFN2-xTB; give a new head"):
         finetune(base, train, None, FinetuneConfig(head="gfn2_xtb", lot={"lot_method": "HF", "lot_basis": "6-31G"}),
                  progress=False)
+
+
+def write_in_hartree(demo_dir: Path, path: Path, unit_key: str | None) -> Path:
+    """40 paracetamol frames in Hartree and Hartree/Å, declaring ``unit_key`` or no unit."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import read, write
+    from ase.units import Hartree
+
+    frames = read(demo_dir / "hf_631g.extxyz", index=":40")
+    for atoms in frames:
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy() / Hartree,
+                                           forces=atoms.get_forces() / Hartree)
+        del atoms.info["energy_unit"], atoms.info["forces_unit"]
+        if unit_key:
+            atoms.info.update(energy_unit=unit_key, forces_unit=f"{unit_key}/Ang")
+    write(path, frames, format="extxyz")
+    return path
+
+
+def test_energies_in_hartree_are_refused_naming_the_unit(tiny_release_path, demo_dir, tmp_path):
+    """A Hartree file used to train without a word (validation MAE 671,148 meV/atom) and write a release."""
+    out = tmp_path / "ft.safetensors"
+    args = ["--model", str(tiny_release_path), "--head", "hf_631g", "--max-steps", "0", "--out", str(out)]
+    undeclared = write_in_hartree(demo_dir, tmp_path / "undeclared.extxyz", None)
+    done = run_finetune(*args, "--train", str(undeclared))
+    assert done.returncode == 2 and "likely in hartree (give --energy-unit hartree)" in done.stderr, done.stderr[-2000:]
+    assert "training data" in done.stderr and not out.exists()
+    assert run_finetune(*args, "--train", str(undeclared), "--energy-unit", "hartree").returncode == 0
+    declared = write_in_hartree(demo_dir, tmp_path / "declared.extxyz", "Hartree")  # the file says so
+    assert run_finetune(*args, "--train", str(declared)).returncode == 0
+    out.unlink()
+    done = run_finetune(*args, "--train", str(undeclared), "--no-unit-check")  # the user insists
+    assert done.returncode == 0 and out.exists(), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("unit", ["kcal/mol", "hartree"])
+def test_the_unit_guard_names_the_unit_when_forces_are_scaled_too(paracetamol, unit):
+    """All-electron energies and forces both in another unit: the ratio to the free atoms gives it away."""
+    from mlfound.data.plausibility import check_units
+    from mlfound.data.units import energy_factor
+
+    check_units(paracetamol, "demo")  # real eV data passes
+    scaled = [dataclasses.replace(r, energy_ev=r.energy_ev / energy_factor(unit),
+                                  forces_ev_a=r.forces_ev_a / energy_factor(unit)) for r in paracetamol[:30]]
+    with pytest.raises(DataError, match=f"demo: .*likely in {unit}"):
+        check_units(scaled, "demo")

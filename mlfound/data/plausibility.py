@@ -1,0 +1,99 @@
+"""Is this data really in eV and Å? A guard against labels in the wrong unit.
+
+A file in Hartree read as eV trains without complaint (new-head references absorb any scale) and
+gives a model that is wrong by a factor of 27. Three checks, each independent of the level of theory:
+
+* **Below the atoms' all-electron energy.** No level of theory puts a molecule more than a few per
+  cent below the sum of its free atoms' exact all-electron energies, so with ρ = E / Σ E_atom(Z)
+  (E_atom in Hartree), ρ > ~30 is impossible in eV: ρ ≈ 627 is kcal/mol, ρ ≈ 2625 kJ/mol.
+* **All-electron energies in Hartree.** All-electron data (HF, DFT) in eV has ρ ≈ 27.2; read from
+  Hartree it has ρ ≈ 1.00, a window eV data does not hit.
+* **Energies against forces.** For nearby structures of one molecule, ΔE ≈ -½ (F_a + F_b)·(x_b - x_a).
+  Real data of any LoT gives a slope of 0.8-1.0 (demo corpus, 0.15-0.18 Å apart); energies in
+  Hartree with forces in eV/Å give 1/27, forces in Hartree/Bohr 51.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mlfound.data.record import DataError, Record
+from mlfound.data.units import ENERGY_TO_EV
+
+# Exact non-relativistic ground-state energies of the free atoms, Hartree (Chakravorty et al., Phys. Rev. A 47,
+# 3649, 1993); relativistic corrections are below 0.1% up to Ar.
+ATOM_ENERGY_HARTREE = {1: -0.5, 2: -2.9037, 3: -7.4781, 4: -14.6674, 5: -24.6539, 6: -37.8450, 7: -54.5892,
+                       8: -75.0673, 9: -99.7339, 10: -128.9376, 11: -162.2546, 12: -200.053, 13: -242.346,
+                       14: -289.359, 15: -341.259, 16: -398.110, 17: -460.148, 18: -527.540}
+HARTREE_EV = ENERGY_TO_EV["hartree"]
+MAX_RATIO_TO_ATOMS = 1.1 * HARTREE_EV  # correlation energy is ~1%; a 10% margin
+HARTREE_WINDOW = (0.95, 1.05)  # ρ of all-electron energies in Hartree
+SLOPE_WINDOW = (0.6, 1.6)  # ΔE / (force-implied ΔE) of consistent labels
+MAX_PAIR_DISPLACEMENT_A = 0.25  # RMS; the trapezoid rule is accurate to a few per cent below this
+MIN_PAIRS = 5
+MAX_RECORDS_PER_MOLECULE = 200  # nearest neighbours by brute force: bounded cost on large sets
+OVERRIDE = "if the units are right, pass --no-unit-check (FinetuneConfig(check_units=False))"
+
+
+def check_units(records: list[Record], what: str) -> None:
+    """Raise DataError naming the likely unit when ``records`` cannot be in eV and Å."""
+    _check_energy_force_slope(records, what)  # first: its factor names the unit whatever the LoT
+    _check_ratio_to_atoms(records, what)
+
+
+def _check_ratio_to_atoms(records: list[Record], what: str) -> None:
+    covered = [r for r in records if all(int(z) in ATOM_ENERGY_HARTREE for z in r.z)]
+    if not covered:
+        return
+    ratios = np.array([r.energy_ev / sum(ATOM_ENERGY_HARTREE[int(z)] for z in r.z) for r in covered])
+    worst = int(np.argmax(ratios))
+    if ratios[worst] > MAX_RATIO_TO_ATOMS:
+        raise DataError(f"{what}: the energy of {covered[worst].where} is {ratios[worst] / HARTREE_EV:.1f}x the free "
+                        "atoms' all-electron energies in eV, lower than any level of theory gives; "
+                        f"{_likely_unit(ratios[worst] / HARTREE_EV)}; {OVERRIDE}")
+    median = float(np.median(ratios))
+    if HARTREE_WINDOW[0] <= median <= HARTREE_WINDOW[1]:
+        raise DataError(f"{what}: energies equal the free atoms' all-electron energies in Hartree "
+                        f"(median ratio {median:.3f}): {_likely_unit(median / HARTREE_EV)}, or energy_unit=Hartree in the "
+                        f"extxyz header; {OVERRIDE}")
+
+
+def _check_energy_force_slope(records: list[Record], what: str) -> None:
+    observed, implied = [], []
+    for group in _same_molecule(records).values():
+        positions = np.stack([r.pos_a for r in group])
+        for a, rec in enumerate(group):
+            rms = np.sqrt(((positions - rec.pos_a) ** 2).sum(-1).mean(-1))
+            rms[a] = np.inf
+            b = int(np.argmin(rms))
+            if rms[b] <= MAX_PAIR_DISPLACEMENT_A:
+                other = group[b]
+                implied.append(-0.5 * float(((rec.forces_ev_a + other.forces_ev_a) * (other.pos_a - rec.pos_a)).sum()))
+                observed.append(other.energy_ev - rec.energy_ev)
+    if len(implied) < MIN_PAIRS:
+        return
+    observed, implied = np.array(observed), np.array(implied)
+    slope = float((observed * implied).sum() / (implied**2).sum())
+    if not SLOPE_WINDOW[0] <= slope <= SLOPE_WINDOW[1]:
+        raise DataError(f"{what}: energy differences between nearby structures are {slope:.3g}x what their forces "
+                        f"imply ({len(implied)} pairs; consistent labels give 0.8-1.0): energies and forces are not "
+                        f"both in eV and eV/Å; {_likely_unit(slope)} (or the forces are off by a factor {1 / slope:.3g}); "
+                        f"{OVERRIDE}")
+
+
+def _same_molecule(records: list[Record]) -> dict[tuple, list[Record]]:
+    """Records with forces grouped by their atomic numbers in order (frames of one molecule)."""
+    groups: dict[tuple, list[Record]] = {}
+    for rec in records:
+        if rec.forces_ev_a is not None:
+            group = groups.setdefault(tuple(rec.z.tolist()), [])
+            if len(group) < MAX_RECORDS_PER_MOLECULE:
+                group.append(rec)
+    return {key: group for key, group in groups.items() if len(group) > 1}
+
+
+def _likely_unit(factor: float) -> str:
+    """The energy unit that explains values ``factor`` times their eV value (kcal/mol: 23), within 25%."""
+    for unit, ev in ENERGY_TO_EV.items():
+        if unit != "ev" and abs(np.log(factor * ev)) < np.log(1.25):
+            return f"the energies are likely in {unit} (give --energy-unit {unit})"
+    return "the energies are not in eV"
