@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import hashlib
+import importlib.metadata
 import json
 import os
 import struct

@@ -53,8 +53,8 @@ def _check_ratio_to_atoms(records: list[Record], what: str) -> None:
     median = float(np.median(ratios))
     if HARTREE_WINDOW[0] <= median <= HARTREE_WINDOW[1]:
         raise DataError(f"{what}: energies equal the free atoms' all-electron energies in Hartree "
-                        f"(median ratio {median:.3f}): {_likely_unit(median / HARTREE_EV)}, or energy_unit=Hartree in the "
-                        f"extxyz header; {OVERRIDE}")
+                        f"(median ratio {median:.3f}): {_likely_unit(median / HARTREE_EV)}, or energy_unit=Hartree "
+                        f"in the extxyz header; {OVERRIDE}")
 
 
 def _check_energy_force_slope(records: list[Record], what: str) -> None:
@@ -76,8 +76,8 @@ def _check_energy_force_slope(records: list[Record], what: str) -> None:
     if not SLOPE_WINDOW[0] <= slope <= SLOPE_WINDOW[1]:
         raise DataError(f"{what}: energy differences between nearby structures are {slope:.3g}x what their forces "
                         f"imply ({len(implied)} pairs; consistent labels give 0.8-1.0): energies and forces are not "
-                        f"both in eV and eV/Å; {_likely_unit(slope)} (or the forces are off by a factor {1 / slope:.3g}); "
-                        f"{OVERRIDE}")
+                        f"both in eV and eV/Å; {_likely_unit(slope)} (or the forces are off by a factor "
+                        f"{1 / slope:.3g}); {OVERRIDE}")
 
 
 def _same_molecule(records: list[Record]) -> dict[tuple, list[Record]]:
