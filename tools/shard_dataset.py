@@ -8,7 +8,9 @@
 
 Each file's task is its file name stem unless --task is given (files of one task are merged).
 Re-running with unchanged sources and options does nothing. A bad record stops the run with an
-error naming file and index, or with --skip-bad is listed in <out>/<task>/rejects.jsonl.
+error naming file and index, or with --skip-bad is listed in <out>/<task>/rejects.jsonl (each malformed
+extxyz frame on its own; reading goes on at the next frame). Units: --energy-unit/--length-unit, else
+the extxyz frames' energy_unit/length_unit info keys, else eV and Å.
 """
 import argparse
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 from mlfound.data import DataError
 from mlfound.data.readers import SourceSpec, lot_label
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A
-from mlfound.data.shards import ShardOptions, shard_task
+from mlfound.data.shards import REJECTS_NAME, ShardOptions, shard_task
 
 
 def parse_args(argv):
@@ -25,11 +27,12 @@ def parse_args(argv):
     p.add_argument("sources", nargs="+", type=Path, help="extxyz/ASE db/any ASE format, .npz (rMD17), .h5 (ANI-1x)")
     p.add_argument("--out", type=Path, required=True, help="shard root; each task gets <out>/<task>/")
     p.add_argument("--task", help="task (level-of-theory) name for all sources; default: each file's stem")
-    p.add_argument("--format", default="auto", choices=["auto", "ase", "npz", "hdf5"])
+    p.add_argument("--format", default="auto", choices=["auto", "ase", "extxyz", "npz", "hdf5"])
     p.add_argument("--energy-key", default="energy")
     p.add_argument("--forces-key", default="forces")
-    p.add_argument("--energy-unit", default="eV", help="eV, hartree, kcal/mol, kJ/mol")
-    p.add_argument("--length-unit", default="Ang", help="Ang or bohr")
+    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the file's energy_unit info key, "
+                   "else eV; an explicit unit that contradicts the file's is an error)")
+    p.add_argument("--length-unit", help="Ang or bohr (default: the file's length_unit info key, else Ang)")
     p.add_argument("--records-per-shard", type=int, default=1000)
     p.add_argument("--min-distance", type=float, default=DEFAULT_MIN_DISTANCE_A,
                    help="closer atom pairs are rejected as overlapping (Å)")
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
                   f"{m['stats']['residual_rms_ev']:>11.4f}  {lot_label(m['lot'])}")
             for note in m["reference_notes"]:
                 print(f"  warning ({task}): {note}")
+            if m["num_rejected"]:
+                print(f"  {task}: {m['num_rejected']} rejected records listed in {args.out / task / REJECTS_NAME}")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

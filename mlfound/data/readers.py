@@ -2,18 +2,27 @@
 
 Formats: anything ASE reads (extxyz, ASE db, ...), rMD17-style npz, ANI-1x-style HDF5.
 Readers convert units and fill fields; they do not judge records (``validate_record`` does),
-so a bad record reaches the caller, who raises or, with ``--skip-bad``, rejects it.
+so a bad record reaches the caller, who raises or, with ``--skip-bad``, rejects it. A record that cannot
+be read at all (a malformed extxyz frame) comes as a ``BadRecord`` in its place, so the count stays true.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import io
+import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from ase import Atoms
 
 from mlfound.data.record import DataError, Record
 from mlfound.data.units import energy_factor, length_factor
+
+DEFAULT_ENERGY_UNIT = "eV"
+DEFAULT_LENGTH_UNIT = "Ang"
+RECORD_UNITS = {"energy_unit": "eV", "forces_unit": "eV/Ang"}  # what every reader returns
+XYZ_SUFFIXES = (".xyz", ".extxyz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,35 +30,85 @@ class SourceSpec:
     """Where one source file is and how to read its labels."""
     path: Path
     task: str
-    format: str = "auto"  # "ase", "npz", "hdf5" or "auto" (by suffix)
+    format: str = "auto"  # "ase", "extxyz", "npz", "hdf5" or "auto" (by suffix)
     energy_key: str = "energy"
     forces_key: str = "forces"
-    energy_unit: str = "eV"
-    length_unit: str = "Ang"
+    energy_unit: str | None = None  # None: each frame's energy_unit info key (extxyz), else eV
+    length_unit: str | None = None  # None: each frame's length_unit info key (extxyz), else Å
+
+
+class BadRecord(DataError):
+    """A record that cannot be read, yielded in its place so that reading goes on with the next one."""
+
+    def __init__(self, source, index: int, reason: str):
+        super().__init__(f"{source} record {index}: {reason}")
+        self.index = index
 
 
 def read_source(spec: SourceSpec) -> Iterator[Record]:
-    """Yield every record of one source file; unreadable files raise DataError naming the file."""
+    """Yield every record of one source file; the first that cannot be read raises DataError naming file and
+    index. Unreadable files raise DataError naming the file."""
+    return _raise_bad(read_entries(spec))
+
+
+def read_entries(spec: SourceSpec) -> Iterator[Record | BadRecord]:
+    """Every record of one source file in order, with a BadRecord in the place of each that cannot be read, so
+    that a caller skipping bad records accounts for every index. A file that cannot be read on (a broken npz
+    or HDF5 layout, a binary ASE format broken mid-file) still raises DataError."""
     if not Path(spec.path).exists():
         raise DataError(f"{spec.path}: no such file")
-    fmt = spec.format if spec.format != "auto" else _format_from_suffix(Path(spec.path))
-    return READERS[fmt](spec)
+    _check_given_units(spec)
+    return READERS[_format(spec)](spec)
+
+
+def _check_given_units(spec: SourceSpec) -> None:
+    """A misspelt unit is the caller's error, to stop on at once, not a bad record in every frame."""
+    for unit, factor in ((spec.energy_unit, energy_factor), (spec.length_unit, length_factor)):
+        if unit is None:
+            continue
+        try:
+            factor(unit)
+        except ValueError as err:
+            raise DataError(f"{spec.path}: {err}") from None
 
 
 def lot_metadata(spec: SourceSpec) -> dict:
-    """LoT metadata stored in the source (extxyz ``lot_*`` info keys), else empty."""
-    fmt = spec.format if spec.format != "auto" else _format_from_suffix(Path(spec.path))
-    if fmt != "ase":
+    """LoT metadata stored in the source (extxyz ``lot_*`` info keys of the first frame that can be read) with
+    the units of the records the readers return (the source's were converted), else empty."""
+    first = _first_readable_atoms(spec)
+    if first is None:
         return {}
-    from ase.io import read
+    return {**{k: v for k, v in first.info.items() if k.startswith("lot_")}, **RECORD_UNITS}
 
-    first = read(spec.path, index=0)
-    return {k: v for k, v in first.info.items() if k.startswith("lot_") or k.endswith("_unit")}
+
+def _first_readable_atoms(spec: SourceSpec) -> Atoms | None:
+    """None when no frame can be read (or the format has no frames): its records are all rejected anyway."""
+    fmt = _format(spec)
+    if fmt == "extxyz":
+        return next((atoms for _, atoms in _xyz_atoms(spec) if not isinstance(atoms, BadRecord)), None)
+    if fmt == "ase":
+        try:
+            return next((atoms for _, atoms in _iread_atoms(spec)), None)
+        except DataError:
+            return None
+    return None
 
 
 def lot_label(lot: dict) -> str:
     """``method/basis`` of LoT metadata, e.g. "PBE0/6-31G*" or "GFN2-xTB"; "?" when unknown."""
     return "/".join(v for v in (lot.get("lot_method"), lot.get("lot_basis")) if v) or "?"
+
+
+def _raise_bad(entries: Iterator[Record | BadRecord]) -> Iterator[Record]:
+    for entry in entries:
+        if isinstance(entry, BadRecord):
+            raise entry
+        yield entry
+
+
+def _format(spec: SourceSpec) -> str:
+    fmt = spec.format if spec.format != "auto" else _format_from_suffix(Path(spec.path))
+    return "extxyz" if fmt == "ase" and Path(spec.path).suffix.lower() in XYZ_SUFFIXES else fmt
 
 
 def _format_from_suffix(path: Path) -> str:
@@ -61,32 +120,190 @@ def _format_from_suffix(path: Path) -> str:
     return "ase"
 
 
-def read_ase(spec: SourceSpec) -> Iterator[Record]:
-    """Anything ``ase.io`` reads. Labels come from ``atoms.calc.results`` (ASE >= 3.23 puts extxyz
-    energy/forces there) or from ``atoms.info`` / ``atoms.arrays`` under the configured keys."""
+def read_extxyz(spec: SourceSpec) -> Iterator[Record | BadRecord]:
+    """extxyz and xyz files, split into frames here and each parsed by ASE on its own, so that one malformed
+    frame is one bad record with its true index (``ase.io.iread`` stops at the first)."""
+    for index, atoms in _xyz_atoms(spec):
+        yield atoms if isinstance(atoms, BadRecord) else _atoms_record(spec, atoms, index)
+
+
+def read_ase(spec: SourceSpec) -> Iterator[Record | BadRecord]:
+    """Any other format ``ase.io`` reads (ASE db, ...), through ``iread``: a file broken mid-way raises."""
+    for index, atoms in _iread_atoms(spec):
+        yield _atoms_record(spec, atoms, index)
+
+
+def _xyz_atoms(spec: SourceSpec) -> Iterator[tuple[int, Atoms | BadRecord]]:
+    from ase.io import read
+
+    with open(spec.path, encoding="utf-8", errors="replace") as file:
+        for frame in _xyz_frames(file):
+            if frame.error is not None:
+                yield frame.index, BadRecord(spec.path, frame.index, f"frame at line {frame.line}: {frame.error}; "
+                                             "the frame is malformed or the file is truncated: fix or remove it")
+                continue
+            try:
+                yield frame.index, read(io.StringIO(frame.text), format="extxyz")
+            except Exception as err:  # noqa: BLE001 - ASE raises many types for a malformed frame
+                yield frame.index, BadRecord(spec.path, frame.index, f"ASE cannot parse the frame at line "
+                                             f"{frame.line} ({type(err).__name__}: {err}); fix or remove it")
+
+
+def _iread_atoms(spec: SourceSpec) -> Iterator[tuple[int, Atoms]]:
     from ase.io import iread
 
-    e_factor = energy_factor(spec.energy_unit)
-    l_factor = length_factor(spec.length_unit)
-    index = -1
+    frames = iread(spec.path, index=":")
+    index = 0
+    while True:
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            return
+        except Exception as err:  # ASE raises many types for truncated or malformed files
+            raise DataError(f"{spec.path}: cannot read record {index} ({type(err).__name__}: {err}); "
+                            "the file is truncated or malformed") from err
+        yield index, atoms
+        index += 1
+
+
+def _atoms_record(spec: SourceSpec, atoms: Atoms, index: int) -> Record | BadRecord:
+    """Labels come from ``atoms.calc.results`` (ASE >= 3.23 puts extxyz energy/forces there) or from
+    ``atoms.info`` / ``atoms.arrays`` under the configured keys."""
     try:
-        for index, atoms in enumerate(iread(spec.path, index=":")):
-            results = atoms.calc.results if atoms.calc is not None else {}
-            energy = results.get(spec.energy_key, atoms.info.get(spec.energy_key))
-            forces = results.get(spec.forces_key, atoms.arrays.get(spec.forces_key))
-            periodic = bool(atoms.pbc.any())
-            yield Record(
-                z=atoms.numbers.astype(np.int64), pos_a=atoms.positions * l_factor,
-                energy_ev=None if energy is None else float(energy) * e_factor,
-                forces_ev_a=None if forces is None else np.asarray(forces, np.float64) * e_factor / l_factor,
-                cell_a=np.asarray(atoms.cell[:], np.float64) * l_factor if periodic else None,
-                pbc=atoms.pbc.copy() if periodic else None,
-                task=spec.task, source=str(spec.path), index=index)
-    except DataError:
-        raise
-    except Exception as err:  # ASE raises many types for truncated or malformed files
-        raise DataError(f"{spec.path}: cannot read record {index + 1} ({type(err).__name__}: {err}); "
-                        "the file is truncated or malformed") from err
+        e_factor, l_factor = _frame_units(spec, atoms.info)
+    except DataError as err:
+        return BadRecord(spec.path, index, str(err))
+    results = atoms.calc.results if atoms.calc is not None else {}
+    energy = results.get(spec.energy_key, atoms.info.get(spec.energy_key))
+    forces = results.get(spec.forces_key, atoms.arrays.get(spec.forces_key))
+    periodic = bool(atoms.pbc.any())
+    return Record(
+        z=atoms.numbers.astype(np.int64), pos_a=atoms.positions * l_factor,
+        energy_ev=None if energy is None else float(energy) * e_factor,
+        forces_ev_a=None if forces is None else np.asarray(forces, np.float64) * e_factor / l_factor,
+        cell_a=np.asarray(atoms.cell[:], np.float64) * l_factor if periodic else None,
+        pbc=atoms.pbc.copy() if periodic else None,
+        task=spec.task, source=str(spec.path), index=index)
+
+
+def _frame_units(spec: SourceSpec, info: dict) -> tuple[float, float]:
+    """(energy, length) factors to eV and Å: the spec's units, else the frame's ``energy_unit``/``length_unit``
+    info keys, else eV and Å. A spec unit that contradicts the frame's is an error, since picking one would
+    silently scale the labels; so is a ``forces_unit`` that is not energy unit / length unit."""
+    energy_unit = _pick_unit("energy", spec.energy_unit, info.get("energy_unit"), energy_factor) or DEFAULT_ENERGY_UNIT
+    length_unit = _pick_unit("length", spec.length_unit, info.get("length_unit"), length_factor) or DEFAULT_LENGTH_UNIT
+    _check_forces_unit(info.get("forces_unit"), energy_unit, length_unit)
+    return energy_factor(energy_unit), length_factor(length_unit)
+
+
+def _pick_unit(what: str, given: str | None, declared, factor) -> str | None:
+    if declared is None:
+        return given
+    try:
+        declared_factor = factor(str(declared))
+    except ValueError as err:
+        raise DataError(f"info key {what}_unit: {err}") from None
+    if given is not None and not math.isclose(factor(given), declared_factor):
+        raise DataError(f"the {what} unit was given as {given!r} but the file says {what}_unit={declared}; "
+                        f"leave the {what} unit unset to use the file's, or correct the file")
+    return str(declared)
+
+
+def _check_forces_unit(forces_unit, energy_unit: str, length_unit: str) -> None:
+    if forces_unit is None:
+        return
+    energy_part, _, length_part = str(forces_unit).rpartition("/")
+    try:
+        ratio = energy_factor(energy_part) / length_factor(length_part)
+    except ValueError as err:
+        raise DataError(f"info key forces_unit={forces_unit}: {err}; write it as <energy unit>/<length unit>") from None
+    if not math.isclose(ratio, energy_factor(energy_unit) / length_factor(length_unit)):
+        raise DataError(f"info key forces_unit={forces_unit} is not {energy_unit}/{length_unit}, the units the "
+                        "energies and positions are read in; correct the file's units")
+
+
+@dataclasses.dataclass(frozen=True)
+class _XyzFrame:
+    index: int  # 0-based frame index in the file
+    line: int  # 1-based line number of its count line
+    text: str  # its lines: count, comment, atoms
+    error: str | None  # why its layout is broken; None when it can be parsed
+
+
+def _xyz_frames(lines: Iterable[str]) -> Iterator[_XyzFrame]:
+    """The frames of an xyz/extxyz text (count line, comment line, one line per atom). A frame whose layout
+    is broken (count line not a number, too few or too many atom lines) is yielded with its error, and the
+    next frame starts at the next line that is a bare number: every line belongs to some frame."""
+    reader = _Lines(lines)
+    index = 0
+    while reader.skip_blank():
+        line = reader.number + 1
+        text, error = _take_frame(reader)
+        yield _XyzFrame(index, line, "".join(text), error)
+        index += 1
+
+
+def _take_frame(reader: _Lines) -> tuple[list[str], str | None]:
+    count_line = reader.take()
+    count = _atom_count(count_line)
+    if count is None:
+        return [count_line, *reader.take_until_count()], f"count line {count_line.strip()!r} is not a number of atoms"
+    if reader.peek() is None:
+        return [count_line], "the file ends after the count line"
+    text = [count_line, reader.take()]
+    for k in range(count):
+        line = reader.peek()
+        if line is None:
+            return text, f"the file ends after {k} of {count} atom lines"
+        if not _is_atom_line(line):  # a count line, a blank line or a cut atom line
+            broken = f"line {reader.number + 1} is {line.strip()!r}, not atom line {k + 1} of {count}"
+            return text + reader.take_until_count(), broken
+        text.append(reader.take())
+    line = reader.peek()
+    if line is not None and _is_atom_line(line):  # anything shorter starts the next frame
+        extra = f"the count line says {count} atoms but line {reader.number + 1} is one more atom line"
+        return text + reader.take_until_count(), extra
+    return text, None
+
+
+def _is_atom_line(line: str) -> bool:
+    """An element and three coordinates at least; ASE checks the rest against the frame's Properties."""
+    return len(line.split()) >= 4
+
+
+def _atom_count(line: str) -> int | None:
+    stripped = line.strip()
+    return int(stripped) if stripped.isdigit() else None
+
+
+class _Lines:
+    """Lines with one line of look-ahead and the 1-based number of the last line taken."""
+
+    def __init__(self, lines: Iterable[str]):
+        self._lines = iter(lines)
+        self._next = next(self._lines, None)
+        self.number = 0
+
+    def peek(self) -> str | None:
+        return self._next
+
+    def take(self) -> str:
+        line, self._next = self._next, next(self._lines, None)
+        self.number += 1
+        return line
+
+    def skip_blank(self) -> bool:
+        """Skip blank lines; False at the end of the file."""
+        while self._next is not None and not self._next.strip():
+            self.take()
+        return self._next is not None
+
+    def take_until_count(self) -> list[str]:
+        """Every line up to the next bare number (the next frame's count line) or the end of the file."""
+        taken = []
+        while self._next is not None and _atom_count(self._next) is None:
+            taken.append(self.take())
+        return taken
 
 
 def read_npz(spec: SourceSpec) -> Iterator[Record]:
@@ -130,8 +347,8 @@ def read_hdf5(spec: SourceSpec) -> Iterator[Record]:
 
 
 def _records_from_arrays(spec, z, coords, energies, forces, first_index) -> Iterator[Record]:
-    e_factor = energy_factor(spec.energy_unit)
-    l_factor = length_factor(spec.length_unit)
+    e_factor = energy_factor(spec.energy_unit or DEFAULT_ENERGY_UNIT)
+    l_factor = length_factor(spec.length_unit or DEFAULT_LENGTH_UNIT)
     if len(energies) != len(coords) or (forces is not None and len(forces) != len(coords)):
         raise DataError(f"{spec.path}: {len(coords)} coordinate sets but {len(energies)} energies"
                         + ("" if forces is None else f" and {len(forces)} force sets"))
@@ -143,4 +360,4 @@ def _records_from_arrays(spec, z, coords, energies, forces, first_index) -> Iter
             task=spec.task, source=str(spec.path), index=first_index + i)
 
 
-READERS = {"ase": read_ase, "npz": read_npz, "hdf5": read_hdf5}
+READERS = {"extxyz": read_extxyz, "ase": read_ase, "npz": read_npz, "hdf5": read_hdf5}

@@ -24,11 +24,12 @@ from tqdm import tqdm
 
 from mlfound.data import shard_format
 from mlfound.data.files import atomic_write_bytes, sha256_file
-from mlfound.data.readers import SourceSpec, lot_metadata, read_source
+from mlfound.data.readers import BadRecord, SourceSpec, lot_metadata, read_entries
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, validate_record
 from mlfound.data.references import ReferenceFit, reference_energy
 
 MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"  # one {"source", "index", "reason"} per line, written with skip_bad
 VALIDATION_DIR = "val"
 MANIFEST_VERSION = 1
 TOOL_VERSION = "mlfound-shard 0.2"
@@ -73,9 +74,10 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
         for split in splits.values():
             split.writer.abort()
         raise
-    if splits["train"].stats.num_records == 0:
-        raise DataError(f"task {task!r}: no valid training records in {[str(s.path) for s in sources]}")
     _write_rejects(task_dir, rejects)
+    if splits["train"].stats.num_records == 0:
+        listed = f"; {len(rejects)} rejected, listed in {task_dir / REJECTS_NAME}" if rejects else ""
+        raise DataError(f"task {task!r}: no valid training records in {[str(s.path) for s in sources]}{listed}")
     common = {"format_version": MANIFEST_VERSION, "tool": TOOL_VERSION, "task": task,
               "lot": {**_lot_from_sources(sources), **(lot or {})}, "fingerprint": fingerprint,
               "sources": described, "options": dataclasses.asdict(options),
@@ -130,29 +132,42 @@ def load_manifest(task_dir: Path) -> dict:
 
 
 def _valid_records(sources: list[SourceSpec], options: ShardOptions, rejects: list[dict]) -> Iterable[Record]:
-    hint = "(pass --skip-bad to reject such records to a list instead)"
+    """Every record that reads and validates. A bad one raises, or with ``skip_bad`` goes to ``rejects`` under its
+    index in its file, so that the records read are exactly those kept plus those rejected."""
     for spec in sources:
-        records = read_source(spec)
-        index = -1
-        while True:
-            try:
-                rec = next(records)
-            except StopIteration:
-                break
-            except DataError as err:  # unreadable rest of the file, e.g. truncated: reject it as a whole
-                if not options.skip_bad:
-                    raise DataError(f"{err} {hint}") from None
-                rejects.append({"source": str(spec.path), "index": index + 1, "reason": f"{err} (rest of file)"})
-                break
-            index = rec.index
-            try:
-                validate_record(rec, options.min_distance_a)
-            except DataError as err:
-                if not options.skip_bad:
-                    raise DataError(f"{err} {hint}") from None
-                rejects.append({"source": rec.source, "index": rec.index, "reason": str(err)})
-                continue
-            yield rec
+        for entry in _read_to_end(spec):
+            error = entry if isinstance(entry, BadRecord) else _validation_error(entry, options.min_distance_a)
+            if error is None:
+                yield entry
+            elif options.skip_bad:
+                rejects.append({"source": str(spec.path), "index": entry.index, "reason": str(error)})
+            else:
+                raise DataError(f"{error} (pass --skip-bad to reject such records to a list instead)") from None
+
+
+def _read_to_end(spec: SourceSpec) -> Iterable[Record | BadRecord]:
+    """A source's records; a reader that cannot read on (a file broken mid-way in a format without frame
+    boundaries) ends with one BadRecord standing for the rest of the file, whose records cannot be counted."""
+    entries = read_entries(spec)
+    next_index = 0
+    while True:
+        try:
+            entry = next(entries)
+        except StopIteration:
+            return
+        except DataError as err:
+            yield BadRecord(spec.path, next_index, f"{err} (it and the rest of the file are unread)")
+            return
+        next_index = entry.index + 1
+        yield entry
+
+
+def _validation_error(rec: Record, min_distance_a: float) -> DataError | None:
+    try:
+        validate_record(rec, min_distance_a)
+    except DataError as err:
+        return err
+    return None
 
 
 class _ShardWriter:
@@ -271,10 +286,11 @@ def _describe_source(spec: SourceSpec) -> dict:
 
 
 def _lot_from_sources(sources: list[SourceSpec]) -> dict:
-    metas = [lot_metadata(s) for s in sources]
+    """The sources' common LoT metadata; a source without any (npz, or no frame readable) does not disagree."""
+    metas = [meta for meta in map(lot_metadata, sources) if meta]
     if any(m != metas[0] for m in metas):
         raise DataError(f"sources disagree on level-of-theory metadata: {metas}; one task needs one LoT")
-    return metas[0]
+    return metas[0] if metas else {}
 
 
 def _shards_intact(task_dir: Path, manifest: dict) -> bool:
@@ -287,7 +303,7 @@ def _shards_intact(task_dir: Path, manifest: dict) -> bool:
 
 
 def _write_rejects(task_dir: Path, rejects: list[dict]) -> None:
-    path = task_dir / "rejects.jsonl"
+    path = task_dir / REJECTS_NAME
     if rejects:
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rejects).encode())
     elif path.exists():

@@ -1,12 +1,22 @@
-"""Readers convert units at the door: rMD17 npz (kcal/mol), ANI-1x HDF5 (Hartree), ASE db (eV)."""
+"""Readers convert units at the door: rMD17 npz (kcal/mol), ANI-1x HDF5 (Hartree), ASE db (eV), extxyz (the
+units its frames declare)."""
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 from ase import units
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.db import connect
-from ase.io import read
+from ase.io import read, write
 
-from mlfound.data.readers import SourceSpec, read_source
+from mlfound.data import DataError
+from mlfound.data.readers import SourceSpec, lot_metadata, read_source
+from tests.data.helpers import demo_slice
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -69,3 +79,36 @@ def test_unknown_unit_is_an_error(methanol_frames, tmp_path):
         db.write(methanol_frames[0])
     with pytest.raises(ValueError, match="unknown energy unit 'rydberg'"):
         list(read_source(SourceSpec(path, task="t", energy_unit="rydberg")))
+
+
+def test_extxyz_in_the_units_its_frames_declare(methanol_frames, tmp_path):
+    """energy_unit=Hartree and length_unit=Bohr info keys: read into eV and Å with no unit given."""
+    hartree_per_bohr = units.Hartree / units.Bohr
+    frames = []
+    for atoms in methanol_frames:
+        frame = atoms.copy()
+        frame.positions = atoms.positions / units.Bohr
+        frame.info.update(energy_unit="Hartree", length_unit="Bohr", forces_unit="Hartree/Bohr")
+        frame.calc = SinglePointCalculator(frame, energy=atoms.get_potential_energy() / units.Hartree,
+                                           forces=atoms.get_forces() / hartree_per_bohr)
+        frames.append(frame)
+    path = tmp_path / "hartree.extxyz"
+    write(path, frames, format="extxyz")
+    records = list(read_source(SourceSpec(path, task="t")))
+    assert len(records) == len(methanol_frames)
+    for rec, atoms in zip(records, methanol_frames):
+        assert rec.energy_ev == pytest.approx(atoms.get_potential_energy(), abs=1e-6)
+        np.testing.assert_allclose(rec.pos_a, atoms.positions, atol=1e-7)
+        np.testing.assert_allclose(rec.forces_ev_a, atoms.get_forces(), atol=1e-6)
+    assert lot_metadata(SourceSpec(path, task="t"))["energy_unit"] == "eV"  # the records', written next to them
+
+
+def test_a_given_unit_must_agree_with_the_file(demo_dir, tmp_path):
+    path = demo_slice(demo_dir, "gfn2_xtb", 3, tmp_path)  # its frames say energy_unit=eV
+    with pytest.raises(DataError, match=f"{path} record 0: .*'kcal/mol'.*energy_unit=eV"):
+        list(read_source(SourceSpec(path, task="t", energy_unit="kcal/mol")))
+    same = list(read_source(SourceSpec(path, task="t", energy_unit="EV", length_unit="angstrom")))
+    assert [r.energy_ev for r in same] == [r.energy_ev for r in read_source(SourceSpec(path, task="t"))]
+    done = subprocess.run([sys.executable, "tools/shard_dataset.py", str(path), "--out", str(tmp_path / "shards"),
+                           "--energy-unit", "kcal/mol"], check=False, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and f"{path} record 0: the energy unit was given as 'kcal/mol'" in done.stderr
