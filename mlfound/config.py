@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlfound.model.potential import ModelConfig
 
@@ -52,11 +52,44 @@ class LossConfig(_Strict):
     forces_weight: float = Field(1.0, ge=0)
 
 
+_PRECISION = "the typed field deepspeed.bf16 (fp16 and amp are not supported)"
+_OUTER_OPTIMIZER = ("the outer optimizer and its lr schedule come from meta.mode (SGD for reptile, Adam for "
+                    "joint/single), meta.outer_lr and meta.outer_lr_final")
+_BATCHES = "batches are atom-budget graphs: use data.max_atoms_per_batch and data.max_graphs_per_batch"
+# DeepSpeed keys the typed config sets (mlfound/train/engine.py::deepspeed_config) or must not be changed
+# behind its back, each with what to use instead: an override in deepspeed.extra would train differently
+# from what config.json records (bf16 weights exported as fp32, ZeRO-3 crashing every rank).
+OWNED_DEEPSPEED_KEYS = {
+    "zero_optimization": "set deepspeed.zero_stage instead",
+    "bf16": f"set {_PRECISION} instead",
+    "bfloat16": f"set {_PRECISION} instead",
+    "fp16": f"precision comes from {_PRECISION}",
+    "amp": f"precision comes from {_PRECISION}",
+    "torch_autocast": f"precision comes from {_PRECISION}",
+    "gradient_clipping": "set deepspeed.gradient_clipping instead",
+    "optimizer": _OUTER_OPTIMIZER,
+    "scheduler": _OUTER_OPTIMIZER,
+    "train_batch_size": _BATCHES,
+    "train_micro_batch_size_per_gpu": _BATCHES,
+    "gradient_accumulation_steps": f"{_BATCHES}; one outer step is one DeepSpeed step",
+    "zero_allow_untested_optimizer": "always true: mlfound passes its own torch optimizer",
+    "steps_per_print": "mlfound logs itself: set train.log_every instead",
+}
+
+
 class DeepSpeedConfig(_Strict):
     zero_stage: int = Field(0, ge=0)
     gradient_clipping: float = Field(0.0, ge=0, description="0 disables; DeepSpeed's own default is 1.0")
     bf16: bool = False
     extra: dict[str, Any] = {}  # passed through to DeepSpeed's config (monitors, comms logging, ...)
+
+    @field_validator("extra")
+    @classmethod
+    def _not_owned(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        owned = [f"deepspeed.extra.{key}: {OWNED_DEEPSPEED_KEYS[key]}" for key in extra if key in OWNED_DEEPSPEED_KEYS]
+        if owned:
+            raise ValueError("; ".join(owned))
+        return extra
 
     @model_validator(mode="after")
     def _check(self):
@@ -112,8 +145,14 @@ def load_config(path: Path | None, overrides: list[str] = (), base: dict | None 
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(_problem(e) for e in err.errors())
         raise ConfigError(f"invalid config{f' {path}' if path else ''}: {problems}") from None
+
+
+def _problem(error: dict) -> str:
+    """One pydantic error as ``key: message``, unless the message already names a key below ``key``."""
+    key, message = ".".join(map(str, error["loc"])) or "(top)", error["msg"].removeprefix("Value error, ")
+    return message if message.startswith(f"{key}.") else f"{key}: {message}"
 
 
 def _merge(a: dict, b: dict) -> dict:

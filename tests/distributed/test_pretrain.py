@@ -187,6 +187,8 @@ def test_resume_equals_uninterrupted_run(shard_root, tmp_path):
     ("deepspeed.zero_stage=3", "zero_stage 3 is not supported"),
     ("meta.inner_steps=0", "inner_steps (k) must be >= 1"),
     ("data.tasks=[gfn2_xtb,nope]", "nope/manifest.json: no manifest"),
+    ("deepspeed.extra={zero_optimization: {stage: 3}}", "deepspeed.extra.zero_optimization: set deepspeed.zero_stage"),
+    ("deepspeed.extra={bf16: {enabled: true}}", "deepspeed.extra.bf16: set the typed field deepspeed.bf16"),
 ])
 def test_bad_config_is_named(shard_root, tmp_path, override, message):
     config = write_config(tmp_path, shard_root)
