@@ -1,6 +1,6 @@
 """Pretrain on many LoT tasks with DeepSpeed.
 
-    deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml [--resume auto] [key=value ...]
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml [key=value ...] [--resume auto] [key=value ...]
     torchrun --nproc_per_node 2 launch/pretrain.py --config configs/demo.yaml
     python launch/pretrain.py --config configs/demo.yaml          # one process
 """
@@ -10,7 +10,7 @@ import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: the deepspeed launcher leaves it unset
 
-from mlfound.config import ConfigError, load_config  # noqa: E402
+from mlfound.config import ConfigError, load_config
 
 
 def main(argv=None) -> int:
@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", help="'auto' for the latest complete checkpoint, or a checkpoint tag")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. meta.inner_steps=5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after --resume
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

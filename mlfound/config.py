@@ -136,17 +136,47 @@ def load_config(path: Path | None, overrides: list[str] = (), base: dict | None 
     if path is not None:
         if not Path(path).exists():
             raise ConfigError(f"config file {path} does not exist")
-        raw = _merge(raw, yaml.safe_load(Path(path).read_text()) or {})
+        raw = _merge(raw, _parse_file(Path(path)))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(raw, key, yaml.safe_load(value))
+        _set_dotted(raw, key, _parse_override(item, value))
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(_problem(e) for e in err.errors())
         raise ConfigError(f"invalid config{f' {path}' if path else ''}: {problems}") from None
+
+
+def _parse_file(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}{_position(err, 0, line=True)}: invalid YAML: "
+                          f"{getattr(err, 'problem', None) or err}") from None
+    if not isinstance(raw, dict | None):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections, not {type(raw).__name__}")
+    return raw or {}
+
+
+def _parse_override(item: str, value: str):
+    """The YAML ``value`` of the override ``item``; an error names the override and the column inside it."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        position = _position(err, len(item) - len(value), line=False)
+        raise ConfigError(f"override {item!r}{position}: invalid YAML value: "
+                          f"{getattr(err, 'problem', None) or err}") from None
+
+
+def _position(err: yaml.YAMLError, column_offset: int, line: bool) -> str:
+    """Where PyYAML found the problem, 1-based (its marks count from 0); empty when it does not say."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return ""
+    column = mark.column + 1 + column_offset
+    return f", line {mark.line + 1}, column {column}" if line else f", column {column}"
 
 
 def _problem(error: dict) -> str:

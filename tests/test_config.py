@@ -1,4 +1,5 @@
-"""Config loading: the keys the typed config owns cannot be overridden through deepspeed.extra."""
+"""Config loading: the keys the typed config owns cannot be overridden through deepspeed.extra, and
+broken YAML (file or override) is a one-line ConfigError that says where."""
 import pytest
 
 from mlfound.config import OWNED_DEEPSPEED_KEYS, ConfigError, load_config
@@ -34,3 +35,19 @@ def test_deepspeed_extra_passes_through_what_the_typed_config_does_not_own():
     assert all(ds[key] == value for key, value in monitors.items())
     assert set(ds) - set(monitors) <= set(OWNED_DEEPSPEED_KEYS), "every key deepspeed_config sets is owned"
 
+
+def test_invalid_yaml_file_names_file_line_and_column(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: run\ndata:\n  tasks: [a, b\n  shard_root: shards\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml, line 4, column 13: invalid YAML: expected ',' or ']'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, where", [
+    ("meta.inner_steps=[1", "override 'meta.inner_steps=[1', column 20: invalid YAML value"),
+    ("meta.single_task=@x", "override 'meta.single_task=@x', column 18: invalid YAML value: found character '@'"),
+])
+def test_invalid_yaml_override_names_override_and_column(override, where):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override], base=BASE)
+    assert str(err.value).startswith(where)

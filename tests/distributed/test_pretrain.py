@@ -3,6 +3,7 @@ on the same batches: Reptile at ZeRO 0/1/2, joint, resume, and config errors."""
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "launch" / "pretrain.py"), "--config", str(config), *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -189,21 +190,45 @@ def test_resume_equals_uninterrupted_run(shard_root, tmp_path):
     ("data.tasks=[gfn2_xtb,nope]", "nope/manifest.json: no manifest"),
     ("deepspeed.extra={zero_optimization: {stage: 3}}", "deepspeed.extra.zero_optimization: set deepspeed.zero_stage"),
     ("deepspeed.extra={bf16: {enabled: true}}", "deepspeed.extra.bf16: set the typed field deepspeed.bf16"),
+    ("meta.inner_steps=[1", "override 'meta.inner_steps=[1', column 20: invalid YAML value"),
 ])
 def test_bad_config_is_named(shard_root, tmp_path, override, message):
-    config = write_config(tmp_path, shard_root)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(config), override],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = run_one_process(write_config(tmp_path, shard_root), override)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+def run_one_process(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """launch/pretrain.py in one process (no launcher), on a free port: other runs may share the machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1", "PYTHONPATH": str(ROOT),
+           "MASTER_PORT": str(free_port())}
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(config), *args],
+                          check=False, capture_output=True, text=True, env=env, timeout=300)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_config_errors_are_one_line(shard_root, tmp_path):
+    config = write_config(tmp_path, shard_root)
+    config.write_text(config.read_text() + "train: {outer_steps: 4\n")
+    done = run_one_process(config)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: config file {config}, line ")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_overrides_on_both_sides_of_resume(shard_root, tmp_path):
+    done = run_one_process(write_config(tmp_path, shard_root), "meta.bogus=1", "--resume", "auto", "train.bogus=2")
+    assert done.returncode == 2, done.stderr
+    assert "meta.bogus: Extra inputs" in done.stderr and "train.bogus: Extra inputs" in done.stderr, done.stderr
 
 
 def test_single_mode_in_one_process_trains_only_its_task(shard_root, tmp_path):
     config = write_config(tmp_path, shard_root, meta={"mode": "single", "single_task": "hf_sto3g",
                                                       "outer_lr": 1e-3, "outer_lr_final": 1e-3})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(config)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = run_one_process(config)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "mixture gfn2_xtb=0.00 hf_sto3g=1.00" in done.stdout
     records = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics_rank0.jsonl").read_text().splitlines()]
