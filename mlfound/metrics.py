@@ -14,7 +14,9 @@ from mlfound.data.batching import GraphBatch
 def error_table(model, batches_by_task: dict[str, list[GraphBatch]],
              device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
     """Per task (or head): energy MAE/RMSE (meV/atom), force MAE/RMSE (meV/Å), record counts. In a
-    distributed run each rank passes its disjoint share and the sums are all-reduced."""
+    distributed run each rank passes its disjoint share and the sums are all-reduced, one all-reduce per
+    task in the order of ``batches_by_task``: every rank must pass the same tasks in the same order, a
+    task without batches on this rank (a split smaller than the world) included."""
     results = {}
     for task, batches in batches_by_task.items():
         sums = torch.zeros(6, dtype=torch.float64, device=device)  # graphs, |dE|, dE², force comps, |dF|, dF²

@@ -8,6 +8,13 @@ Epoch plan (a pure function of seed, task, epoch, rank and world size):
 So ranks are disjoint and together cover the task once per epoch. Streams never end (the next
 epoch follows), so no rank can run dry and hang a collective. The state (epoch, cursor, offset)
 goes into checkpoints: ``load_state_dict`` resumes at exactly the next record.
+
+Tasks too small to give every rank a record (fewer shards than ranks, each with fewer records than
+ranks; e.g. a task of 1 record on 2 ranks) work on any world size:
+  * training streams (``disjoint=False``) then give every rank the whole task, each in its own order:
+    a rank without records would stall its collectives, a few repeated records cost nothing;
+  * validation streams (``disjoint=True``) stay disjoint so every record counts exactly once over all
+    ranks; a rank without a share gets an empty ``rest_of_epoch()`` and contributes nothing.
 """
 from __future__ import annotations
 
@@ -30,9 +37,11 @@ class TaskStream:
     """Infinite stream of one task's records for one rank; ``peek()`` looks ahead without consuming."""
 
     def __init__(self, task_dir: Path, seed: int, rank: int = 0, world_size: int = 1,
-                 shard_url_template: str | None = None):
+                 shard_url_template: str | None = None, disjoint: bool = False):
         """``shard_url_template`` (e.g. ``"pipe:curl -s https://host/{task}/{name}"``) streams shards from
-        remote storage instead of ``task_dir``; the manifest is always read from ``task_dir``."""
+        remote storage instead of ``task_dir``; the manifest is always read from ``task_dir``.
+        ``disjoint`` keeps ranks disjoint even for a task too small to give every rank a record
+        (validation); otherwise such a task is read whole by every rank (training), see the module doc."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.task_dir = Path(task_dir)
@@ -40,9 +49,12 @@ class TaskStream:
         self.task = self.manifest["task"]
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shard_url_template = shard_url_template
-        if self.manifest["num_records"] < world_size:
-            raise DataError(f"task {self.task!r} has {self.manifest['num_records']} records, fewer than "
-                            f"{world_size} ranks: every rank needs at least one")
+        shard_sizes = [s["num_records"] for s in self.manifest["shards"]]
+        if not shard_sizes:
+            raise DataError(f"{self.task_dir}: the manifest lists no shards; re-run tools/shard_dataset.py")
+        few_shards = len(shard_sizes) < world_size  # then rank r keeps records i % world == r of every shard
+        self.empty = disjoint and few_shards and max(shard_sizes) <= rank  # no shard has a record i == r
+        self.whole_task = not disjoint and few_shards and max(shard_sizes) < world_size  # else the last rank gets none
         self.epoch, self.cursor, self.offset = 0, 0, 0
         self._parts: list[tuple[int, int]] | None = None  # (shard index, record stride) of this epoch
         self._buffer: list[Record] | None = None
@@ -58,6 +70,9 @@ class TaskStream:
         return rec
 
     def peek(self) -> Record:
+        if self.empty:
+            raise DataError(f"task {self.task!r} ({self.task_dir}): rank {self.rank} of {self.world_size} has no "
+                            "records in a disjoint split; use rest_of_epoch(), which is empty then")
         while True:
             if self._buffer is None:
                 self._buffer = self._load_part()
@@ -68,6 +83,8 @@ class TaskStream:
     def rest_of_epoch(self) -> list[Record]:
         """This rank's remaining records of the current epoch (all of them on a fresh stream):
         what distributed validation needs to see every record exactly once."""
+        if self.empty:
+            return []
         epoch, records = self.epoch, []
         while True:
             self.peek()  # crosses into the next epoch once this one is exhausted
@@ -107,7 +124,9 @@ class TaskStream:
         if self._parts is None:
             num_shards = len(self.manifest["shards"])
             order = self._rng().permutation(num_shards).tolist()
-            if num_shards >= self.world_size:
+            if self.whole_task:
+                self._parts = [(s, 1) for s in order]
+            elif num_shards >= self.world_size:
                 self._parts = [(s, 1) for s in order[self.rank::self.world_size]]
             else:
                 self._parts = [(s, self.world_size) for s in order]
@@ -121,18 +140,29 @@ class TaskStream:
         permutation = self._rng(self.rank, shard).permutation(len(records))
         return [records[i] for i in permutation]
 
+    def verify(self) -> None:
+        """Check every local shard of the task against the manifest now, not when first read: all ranks
+        reach the same verdict before training (validation splits are small enough for this)."""
+        if self.shard_url_template is None:
+            for shard in range(len(self.manifest["shards"])):
+                self._verify(shard)
+
+    def _verify(self, shard: int) -> None:
+        if shard in self._verified:
+            return
+        local = self.task_dir / self.manifest["shards"][shard]["name"]
+        if not local.exists():
+            raise DataError(f"shard {local} listed in the manifest is missing")
+        if sha256_file(local) != self.manifest["shards"][shard]["sha256"]:
+            raise DataError(f"shard {local}: sha256 does not match the manifest; the file is "
+                            "corrupted or was changed, re-run tools/shard_dataset.py")
+        self._verified.add(shard)
+
     def _read_shard(self, shard: int) -> list[Record]:
         info = self.manifest["shards"][shard]
-        local = self.task_dir / info["name"]
         if self.shard_url_template is None:
-            url = str(local)
-            if shard not in self._verified:
-                if not local.exists():
-                    raise DataError(f"shard {local} listed in the manifest is missing")
-                if sha256_file(local) != info["sha256"]:
-                    raise DataError(f"shard {local}: sha256 does not match the manifest; the file is "
-                                    "corrupted or was changed, re-run tools/shard_dataset.py")
-                self._verified.add(shard)
+            self._verify(shard)
+            url = str(self.task_dir / info["name"])
         else:
             url = self.shard_url_template.format(task=self.task, name=info["name"])
         pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())

@@ -21,6 +21,7 @@ from mlfound.train.engine import build_engine, init_distributed
 from mlfound.train.validation import validation_batches
 
 HEAD_PREFIX = "heads.heads."
+VALIDATION_LOG = "validation.jsonl"
 
 
 class _TimedBatches:
@@ -60,10 +61,13 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._window = self._new_window()
-        self._validation_batches = None  # built at the first evaluation, reused after
+        self._validation_batches = validation_batches(  # now: a bad validation shard fails before training
+            validation_dirs(cfg), cfg.data.tasks, cfg.model.cutoff_a, cfg.data.max_atoms_per_batch,
+            self.rank, self.world_size)
 
     def train(self, resume: str | None = None) -> dict:
-        """Run to ``train.outer_steps``; returns the final validation table (per task)."""
+        """Run to ``train.outer_steps``; returns the final validation table (per task). A step is saved
+        before it is evaluated, so a failing evaluation never costs that step's checkpoint."""
         if resume:
             self.restore(resume)
         if self.rank == 0:
@@ -75,10 +79,10 @@ class Trainer:
             self.step += 1
             if self.step % self.cfg.train.log_every == 0:
                 self.log()
-            if self.step % self.cfg.train.eval_every == 0:
-                self.evaluate()
             if self.step % self.cfg.train.save_every == 0:
                 self.save()
+            if self.step % self.cfg.train.eval_every == 0:
+                self.evaluate()
         if self.step % self.cfg.train.save_every != 0:
             self.save()  # the final state is always checkpointed
         results = self.evaluate()
@@ -155,13 +159,9 @@ class Trainer:
                   f"    loss {losses}\n    mixture {mixture}", flush=True)
 
     def evaluate(self) -> dict:
-        if self._validation_batches is None:
-            self._validation_batches = validation_batches(
-                validation_dirs(self.cfg), self.cfg.data.tasks, self.cfg.model.cutoff_a,
-                self.cfg.data.max_atoms_per_batch, self.rank, self.world_size)
         results = error_table(self.engine.module, self._validation_batches, self.device)
         if self.rank == 0 and results:
-            with open(self.run_dir / "validation.jsonl", "a") as f:
+            with open(self.run_dir / VALIDATION_LOG, "a") as f:
                 f.write(json.dumps({"step": self.step, "tasks": results}) + "\n")
         return results
 

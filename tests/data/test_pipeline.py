@@ -4,6 +4,7 @@ import pytest
 import torch
 from ase.io import read
 
+from mlfound.data import DataError
 from mlfound.data.batching import AtomBudgetBatcher
 from mlfound.data.readers import SourceSpec, read_source
 from mlfound.data.streams import TaskStream
@@ -116,3 +117,33 @@ def test_finite_batching_follows_the_stream_batching_rule(demo_dir, tmp_path):
     assert sum(len(b) for b in finite) == 60
     for batch in finite[:-1]:  # the last finite batch ends with the epoch; the stream goes on
         assert [r.index for r in batcher.next_records()] == [r.index for r in batch]
+
+
+@pytest.mark.parametrize("num_records, records_per_shard, world_size", [(1, 1, 2), (4, 2, 4), (3, 5, 4)])
+def test_tasks_smaller_than_the_world(demo_dir, tmp_path, num_records, records_per_shard, world_size):
+    """Training: every rank reads the whole task (no rank may run dry), each in its own order.
+    Validation (disjoint): every record exactly once over all ranks, some ranks get none."""
+    shard(demo_slice(demo_dir, "gfn2_xtb", num_records, tmp_path), tmp_path / "shards",
+          records_per_shard=records_per_shard)
+    task_dir = tmp_path / "shards" / "gfn2_xtb"
+    for rank in range(world_size):
+        stream = TaskStream(task_dir, seed=0, rank=rank, world_size=world_size)
+        assert sorted(r.index for r in one_epoch(stream)) == list(range(num_records))
+        assert all(next(stream).task == "gfn2_xtb" for _ in range(3 * num_records))
+    shares = [TaskStream(task_dir, seed=0, rank=rank, world_size=world_size, disjoint=True).rest_of_epoch()
+              for rank in range(world_size)]
+    assert sorted(r.index for share in shares for r in share) == list(range(num_records))
+    assert [] in shares
+    with pytest.raises(DataError, match=f"rank {world_size - 1} of {world_size} has no records"):
+        next(TaskStream(task_dir, seed=0, rank=world_size - 1, world_size=world_size, disjoint=True))
+
+
+def test_verify_checks_every_shard_on_every_rank(demo_dir, tmp_path):
+    """A corrupt shard is found by every rank, also by those that would never read it."""
+    shard(demo_slice(demo_dir, "gfn2_xtb", 20, tmp_path), tmp_path / "shards", records_per_shard=5)
+    task_dir = tmp_path / "shards" / "gfn2_xtb"
+    corrupt = max(task_dir.glob("*.tar"))
+    corrupt.write_bytes(corrupt.read_bytes()[:-700])
+    for rank in range(2):
+        with pytest.raises(DataError, match=f"shard {corrupt}: sha256 does not match"):
+            TaskStream(task_dir, seed=0, rank=rank, world_size=2, disjoint=True).verify()

@@ -183,6 +183,23 @@ def test_resume_equals_uninterrupted_run(shard_root, tmp_path):
     assert_same_parameters(final_parameters(load_config(split).run_dir), final_parameters(load_config(whole).run_dir))
 
 
+def test_a_step_is_saved_before_it_is_evaluated(tmp_path):
+    """So a failing evaluation never costs the checkpoint of its step."""
+    from mlfound.train.trainer import Trainer
+
+    calls = []
+    trainer = Trainer.__new__(Trainer)  # the loop alone: its parts are recorded, not run
+    trainer.cfg = load_config(None, ["train.outer_steps=2", "train.eval_every=1", "train.save_every=1"],
+                              base={"run_dir": str(tmp_path), "data": {"shard_root": "none", "tasks": TASKS}})
+    trainer.rank, trainer.world_size, trainer.step, trainer.run_dir = 0, 1, 0, tmp_path
+    trainer.tasks_of_step = lambda step: TASKS[:1]
+    trainer.outer_step = lambda tasks: calls.append("step")
+    trainer.save = lambda: calls.append(f"save {trainer.step}")
+    trainer.evaluate = lambda: calls.append(f"evaluate {trainer.step}") or {}
+    trainer.train()
+    assert calls[:6] == ["step", "save 1", "evaluate 1", "step", "save 2", "evaluate 2"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("meta.bogus=1", "meta.bogus: Extra inputs are not permitted"),
     ("deepspeed.zero_stage=3", "zero_stage 3 is not supported"),
