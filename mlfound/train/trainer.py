@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from mlfound.config import RunConfig
+from mlfound.data.files import atomic_write_bytes
 from mlfound.meta.loss import LossWeights, potential_loss
 from mlfound.meta.reptile import inner_loop, scale_task_heads, surrogate_loss
 from mlfound.meta.sampling import TaskSampler
@@ -64,6 +65,7 @@ class Trainer:
         self._validation_batches = validation_batches(  # now: a bad validation shard fails before training
             validation_dirs(cfg), cfg.data.tasks, cfg.model.cutoff_a, cfg.data.max_atoms_per_batch,
             self.rank, self.world_size)
+        self._evaluation: tuple[int | None, dict] = (None, {})  # (step, table) of the latest evaluation
 
     def train(self, resume: str | None = None) -> dict:
         """Run to ``train.outer_steps``; returns the final validation table (per task). A step is saved
@@ -159,10 +161,15 @@ class Trainer:
                   f"    loss {losses}\n    mixture {mixture}", flush=True)
 
     def evaluate(self) -> dict:
-        results = error_table(self.engine.module, self._validation_batches, self.device)
-        if self.rank == 0 and results:
-            with open(self.run_dir / VALIDATION_LOG, "a") as f:
-                f.write(json.dumps({"step": self.step, "tasks": results}) + "\n")
+        """This step's validation table, computed and logged once per step: the final evaluation may fall
+        on a periodic one, or on the step a resumed run restored (its table is in the log already)."""
+        step, results = self._evaluation
+        if step != self.step:
+            results = error_table(self.engine.module, self._validation_batches, self.device)
+            self._evaluation = (self.step, results)
+            if self.rank == 0 and results:
+                with open(self.run_dir / VALIDATION_LOG, "a") as f:
+                    f.write(json.dumps({"step": self.step, "tasks": results}) + "\n")
         return results
 
     def save(self) -> Path:
@@ -197,3 +204,35 @@ class Trainer:
         for task, state in rank_state["streams"].items():
             self.batchers[task].load_state_dict(state)
         torch.set_rng_state(rank_state["torch_rng"])
+        self._forget_logs_after_step()
+        if self.rank == 0:
+            print(f"resumed from {checkpoint.checkpoint_dir(self.run_dir) / tag} (step {self.step})", flush=True)
+
+    def _forget_logs_after_step(self) -> None:
+        """Drop what the logs hold beyond the restored step (a job killed after logging steps it did not
+        checkpoint), so the resumed run logs no step twice. Every rank reads the validation log (rank 0
+        rewrites it) and reuses a table of the restored step, so all ranks skip that evaluation alike."""
+        drop_lines_after(self.run_dir / f"metrics_rank{self.rank}.jsonl", self.step)
+        validation = self.run_dir / VALIDATION_LOG
+        kept = drop_lines_after(validation, self.step) if self.rank == 0 else read_jsonl(validation, self.step)
+        if kept and kept[-1]["step"] == self.step:
+            self._evaluation = (self.step, kept[-1]["tasks"])
+
+
+def read_jsonl(path: Path, last_step: int) -> list[dict]:
+    """The records of a JSONL log up to ``last_step``; a line cut short by a killed job is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if r["step"] <= last_step]
+
+
+def drop_lines_after(path: Path, last_step: int) -> list[dict]:
+    """Rewrite a JSONL log (atomically) with only its records up to ``last_step``; returns them."""
+    kept = read_jsonl(path, last_step)
+    if path.exists():
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    return kept

@@ -171,16 +171,31 @@ def test_joint_two_ranks_equals_serial_gradient_averaging(shard_root, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(shard_root, tmp_path):
+    """A job that hit its time limit at step 2 of 4 and was killed after logging step 3 (fake lines here),
+    resumed with overrides before and after --resume: the parameters of an uninterrupted run, and logs
+    that hold each step once."""
     (tmp_path / "whole").mkdir()
     (tmp_path / "split").mkdir()
     whole = write_config(tmp_path / "whole", shard_root, deepspeed={"zero_stage": 1})
-    split = write_config(tmp_path / "split", shard_root, deepspeed={"zero_stage": 1})
+    split = write_config(tmp_path / "split", shard_root, deepspeed={"zero_stage": 1}, train={"eval_every": 2})
+    run_dir = load_config(split).run_dir
     torchrun(whole)
-    torchrun(split, "train.stop_after_steps=2")  # a job that hit its time limit at step 2 of 4
-    assert checkpoint.latest_tag(load_config(split).run_dir) == "step00000002"
-    torchrun(split, "--resume", "auto")
-    assert checkpoint.latest_tag(load_config(split).run_dir) == "step00000004"
-    assert_same_parameters(final_parameters(load_config(split).run_dir), final_parameters(load_config(whole).run_dir))
+    torchrun(split, "train.stop_after_steps=2")
+    assert checkpoint.latest_tag(run_dir) == "step00000002"
+    for log in ("metrics_rank0.jsonl", "metrics_rank1.jsonl", "validation.jsonl"):
+        with open(run_dir / log, "a") as f:
+            f.write(json.dumps({"step": 3, "tasks": {}}) + "\n" + '{"step": 4, "ta')  # killed mid-line
+    done = torchrun(split, "train.log_every=1", "--resume", "auto", "train.eval_every=4")
+    assert f"resumed from {checkpoint.checkpoint_dir(run_dir) / 'step00000002'} (step 2)" in done.stdout
+    assert checkpoint.latest_tag(run_dir) == "step00000004"
+    assert_same_parameters(final_parameters(run_dir), final_parameters(load_config(whole).run_dir))
+    for rank in range(2):
+        assert logged_steps(run_dir / f"metrics_rank{rank}.jsonl") == [2, 3, 4]  # log_every 2, then 1
+    assert logged_steps(run_dir / "validation.jsonl") == [2, 4]
+
+
+def logged_steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
 
 def test_a_step_is_saved_before_it_is_evaluated(tmp_path):
