@@ -39,6 +39,8 @@ def parse_args(argv):
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of records held out for validation in <out>/<task>/val/ (by a stable hash)")
     p.add_argument("--skip-bad", action="store_true", help="reject bad records to a list instead of stopping")
+    p.add_argument("--no-unit-check", action="store_true",
+                   help="shard even a task whose energies look like another unit than eV (Hartree, kcal/mol)")
     p.add_argument("--method", help="LoT method to record in the manifest (overrides the source's)")
     p.add_argument("--basis", help="LoT basis to record in the manifest")
     p.add_argument("--code", help="QM code to record in the manifest")
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
         by_task.setdefault(task, []).append(SourceSpec(
             path=path, task=task, format=args.format, energy_key=args.energy_key, forces_key=args.forces_key,
             energy_unit=args.energy_unit, length_unit=args.length_unit))
-    options = ShardOptions(args.records_per_shard, args.min_distance, args.skip_bad, args.val_fraction)
+    options = ShardOptions(args.records_per_shard, args.min_distance, args.skip_bad, args.val_fraction,
+                           check_units=not args.no_unit_check)
     lot = {f"lot_{k}": v for k, v in (("method", args.method), ("basis", args.basis), ("code", args.code)) if v}
     print(f"{'task':<14}{'records':>8}{'val':>6}{'rejected':>9}{'shards':>7}{'atoms':>8}{'forces':>7}"
           f"{'ref RMS eV':>11}  LoT")

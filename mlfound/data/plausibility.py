@@ -31,7 +31,7 @@ SLOPE_WINDOW = (0.6, 1.6)  # ΔE / (force-implied ΔE) of consistent labels
 MAX_PAIR_DISPLACEMENT_A = 0.25  # RMS; the trapezoid rule is accurate to a few per cent below this
 MIN_PAIRS = 5
 MAX_RECORDS_PER_MOLECULE = 200  # nearest neighbours by brute force: bounded cost on large sets
-OVERRIDE = "if the units are right, pass --no-unit-check (FinetuneConfig(check_units=False))"
+OVERRIDE = "if the units are right, pass --no-unit-check (check_units=False in Python)"
 
 
 def check_units(records: list[Record], what: str) -> None:
@@ -49,7 +49,7 @@ def _check_ratio_to_atoms(records: list[Record], what: str) -> None:
     if ratios[worst] > MAX_RATIO_TO_ATOMS:
         raise DataError(f"{what}: the energy of {covered[worst].where} is {ratios[worst] / HARTREE_EV:.1f}x the free "
                         "atoms' all-electron energies in eV, lower than any level of theory gives; "
-                        f"{_likely_unit(ratios[worst] / HARTREE_EV)}; {OVERRIDE}")
+                        f"{_likely_unit(ratios[worst] / HARTREE_EV, ratios[worst])}; {OVERRIDE}")
     median = float(np.median(ratios))
     if HARTREE_WINDOW[0] <= median <= HARTREE_WINDOW[1]:
         raise DataError(f"{what}: energies equal the free atoms' all-electron energies in Hartree "
@@ -63,7 +63,7 @@ def _check_energy_force_slope(records: list[Record], what: str) -> None:
         positions = np.stack([r.pos_a for r in group])
         for a, rec in enumerate(group):
             rms = np.sqrt(((positions - rec.pos_a) ** 2).sum(-1).mean(-1))
-            rms[a] = np.inf
+            rms[rms == 0] = np.inf  # itself, and duplicates: no displacement to integrate along
             b = int(np.argmin(rms))
             if rms[b] <= MAX_PAIR_DISPLACEMENT_A:
                 other = group[b]
@@ -91,9 +91,13 @@ def _same_molecule(records: list[Record]) -> dict[tuple, list[Record]]:
     return {key: group for key, group in groups.items() if len(group) > 1}
 
 
-def _likely_unit(factor: float) -> str:
-    """The energy unit that explains values ``factor`` times their eV value (kcal/mol: 23), within 25%."""
-    for unit, ev in ENERGY_TO_EV.items():
-        if unit != "ev" and abs(np.log(factor * ev)) < np.log(1.25):
-            return f"the energies are likely in {unit} (give --energy-unit {unit})"
-    return "the energies are not in eV"
+def _likely_unit(factor: float, ratio_to_atoms: float | None = None) -> str:
+    """The energy unit that explains values ``factor`` times their eV value (kcal/mol: 23), within 25%; failing
+    that, the units in which ``ratio_to_atoms`` (energy / Σ E_atom in Hartree) would be possible."""
+    others = {unit: ev for unit, ev in ENERGY_TO_EV.items() if unit != "ev"}
+    units = [unit for unit, ev in others.items() if abs(np.log(factor * ev)) < np.log(1.25)]
+    if not units and ratio_to_atoms is not None:
+        units = [unit for unit, ev in others.items() if ratio_to_atoms * ev <= MAX_RATIO_TO_ATOMS]
+    if not units:
+        return "the energies are not in eV"
+    return f"the energies are likely in {' or '.join(units)} (give --energy-unit {units[0]})"

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from mlfound.data import shard_format
 from mlfound.data.files import atomic_write_bytes, sha256_file
+from mlfound.data.plausibility import check_units
 from mlfound.data.readers import BadRecord, SourceSpec, lot_metadata, read_entries
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, validate_record
 from mlfound.data.references import ReferenceFit, reference_energy
@@ -32,6 +33,7 @@ MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"  # one {"source", "index", "reason"} per line, written with skip_bad
 VALIDATION_DIR = "val"
 MANIFEST_VERSION = 1
+UNIT_CHECK_RECORDS = 2000
 TOOL_VERSION = "mlfound-shard 0.2"
 
 
@@ -41,6 +43,7 @@ class ShardOptions:
     min_distance_a: float = DEFAULT_MIN_DISTANCE_A
     skip_bad: bool = False
     val_fraction: float = 0.0  # held-out validation records, in <task>/val/
+    check_units: bool = True  # refuse a task whose labels cannot be in eV and Å (mlfound.data.plausibility)
 
     def __post_init__(self):
         if not 0.0 <= self.val_fraction < 1.0:
@@ -66,10 +69,13 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
     if options.val_fraction > 0:
         splits["val"] = _Split(task_dir / VALIDATION_DIR, task, options.records_per_shard)
     rejects: list[dict] = []
+    unit_sample: list[Record] = []  # the first records, bounded: enough to tell Hartree from eV
     try:
         for rec in tqdm(_valid_records(sources, options, rejects), desc=f"shard {task}", unit="rec",
                         disable=not progress):
             splits["val" if is_validation(rec, options.val_fraction) else "train"].add(rec)
+            if len(unit_sample) < UNIT_CHECK_RECORDS:
+                unit_sample.append(rec)
     except BaseException:
         for split in splits.values():
             split.writer.abort()
@@ -78,6 +84,8 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
     if splits["train"].stats.num_records == 0:
         listed = f"; {len(rejects)} rejected, listed in {task_dir / REJECTS_NAME}" if rejects else ""
         raise DataError(f"task {task!r}: no valid training records in {[str(s.path) for s in sources]}{listed}")
+    if options.check_units:  # before any manifest: shards without one are never read
+        check_units(unit_sample, f"task {task!r} ({', '.join(str(s.path) for s in sources)})")
     common = {"format_version": MANIFEST_VERSION, "tool": TOOL_VERSION, "task": task,
               "lot": {**_lot_from_sources(sources), **(lot or {})}, "fingerprint": fingerprint,
               "sources": described, "options": dataclasses.asdict(options),

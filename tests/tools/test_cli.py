@@ -32,3 +32,22 @@ def test_shard_dataset_bad_record_exit_code(demo_dir, tmp_path):
     done = run("tools/shard_dataset.py", source, "--out", tmp_path / "shards")
     assert done.returncode == 2
     assert f"{source} record 2: atoms 0 and 3 are 0.000 Å apart" in done.stderr
+
+
+def test_shard_dataset_refuses_kcal_per_mol_read_as_ev(demo_dir, tmp_path):
+    """Energies and forces in kcal/mol with no unit in the file: no manifest, the likely unit named."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.units import kcal, mol
+
+    frames = read(demo_dir / "gfn2_xtb.extxyz", index=":60")
+    for atoms in frames:
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy() / (kcal / mol),
+                                           forces=atoms.get_forces() / (kcal / mol))
+        del atoms.info["energy_unit"], atoms.info["forces_unit"]
+    source = tmp_path / "gfn2_kcal.extxyz"
+    write(source, frames)
+    done = run("tools/shard_dataset.py", source, "--out", tmp_path / "shards")
+    assert done.returncode == 2 and "likely in kcal/mol" in done.stderr, done.stderr
+    assert not (tmp_path / "shards" / "gfn2_kcal" / "manifest.json").exists()
+    done = run("tools/shard_dataset.py", source, "--out", tmp_path / "shards", "--energy-unit", "kcal/mol")
+    assert done.returncode == 0, done.stderr
