@@ -10,6 +10,8 @@ after every rank has finished writing, so an interrupted save never replaces the
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -18,6 +20,9 @@ from mlfound.data.files import atomic_write
 
 LATEST = "latest"
 MODEL_INFO = "model_info.json"
+# Fault injection for the test suite: "save:<step>:<rank>" SIGKILLs that rank in the middle of that save,
+# after its DeepSpeed and rank files are written and before the checkpoint is marked complete.
+FAILPOINT_ENV = "MLFOUND_FAILPOINT"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -30,6 +35,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, rank_state: dict,
     tag = f"step{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     atomic_write(root / tag / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
+    if os.environ.get(FAILPOINT_ENV) == f"save:{step}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
     torch.distributed.barrier()
     if rank == 0:
         atomic_write(root / tag / MODEL_INFO, lambda f: f.write(json.dumps(model_info, indent=1).encode()))

@@ -19,18 +19,9 @@ from mlfound.meta.sampling import TaskSampler
 from mlfound.release import load
 from mlfound.train import checkpoint
 from mlfound.train.build import build_batchers, build_potential, load_manifests
-from tests.data.helpers import demo_slice, shard
+from tests.distributed.conftest import TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
-TASKS = ["gfn2_xtb", "hf_sto3g"]
-
-
-@pytest.fixture(scope="module")
-def shard_root(demo_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    for task in TASKS:
-        shard(demo_slice(demo_dir, task, 40, root), root, val_fraction=0.2, records_per_shard=16)
-    return root
 
 
 def write_config(tmp_path, shard_root, **sections) -> Path:
