@@ -78,6 +78,7 @@ def test_nve_conserves_energy(release, paracetamol):
     assert abs(drift_mev_atom) < 0.05 and fluctuation_mev_atom < 0.3
 
 
+@pytest.mark.faults
 def test_coincident_atoms_are_an_error_naming_them(release, paracetamol):
     """Two atoms at one position gave NaN energy and forces without a word."""
     atoms = atoms_of(paracetamol[0])

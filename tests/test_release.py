@@ -47,6 +47,7 @@ def test_round_trip_is_exact(release_path, records):
         assert (e0 == e1).all() and all((a == b).all() for a, b in zip(f0, f1))
 
 
+@pytest.mark.faults
 def test_a_pickled_torch_file_is_refused(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(make_potential().state_dict(), path)
@@ -75,6 +76,7 @@ def test_a_newer_format_is_refused_with_advice(release_path, tmp_path):
         load(newer)
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("low_byte", [0x80, 0x50])
 def test_a_release_whose_header_length_looks_like_a_pickle_or_zip_loads(low_byte, tmp_path, records):
     """A safetensors file starts with its header length (u64 LE): 0x80 is also pickle's PROTO opcode and
@@ -90,6 +92,7 @@ def test_a_release_whose_header_length_looks_like_a_pickle_or_zip_loads(low_byte
     assert mlfound(["show", str(path)]) == 0
 
 
+@pytest.mark.faults
 def test_a_flipped_bit_in_a_tensor_is_refused_naming_the_tensor(release_path, tmp_path, capsys):
     data = bytearray(release_path.read_bytes())
     header_length = int.from_bytes(data[:8], "little")
@@ -103,6 +106,7 @@ def test_a_flipped_bit_in_a_tensor_is_refused_naming_the_tensor(release_path, tm
     assert "content differs" in capsys.readouterr().err
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("edit, part", [
     (lambda h: h["model_config"].update(cutoff_a=h["model_config"]["cutoff_a"] + 1.0), "model_config"),
     (lambda h: h["heads"]["hf_sto3g"].update(scale_ev=2 * h["heads"]["hf_sto3g"]["scale_ev"]), "heads"),
@@ -119,6 +123,7 @@ def test_edited_metadata_is_refused_naming_the_entry(release_path, tmp_path, cap
     assert f"metadata '{part}'" in capsys.readouterr().err
 
 
+@pytest.mark.faults
 def test_a_release_without_its_hashes_is_refused(release_path, tmp_path):
     stripped = tmp_path / "stripped.safetensors"
     save_file(load_file(release_path), stripped, metadata={"mlfound": _header(release_path)})

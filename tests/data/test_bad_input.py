@@ -12,6 +12,7 @@ from mlfound.data.shards import ShardOptions, shard_task
 from mlfound.data.streams import TaskStream
 from tests.data.helpers import demo_slice, shard
 
+pytestmark = pytest.mark.faults  # pytest -m faults: the fault-injection suite
 BAD_INDEX = 4
 
 

@@ -18,6 +18,7 @@ from mlfound.data.shards import ShardOptions, shard_task
 from tests.data.helpers import demo_slice, shard
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.faults  # pytest -m faults: the fault-injection suite
 NUM_FRAMES = 12
 
 

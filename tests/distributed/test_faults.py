@@ -15,6 +15,7 @@ from mlfound.config import load_config
 from mlfound.train import checkpoint
 from tests.distributed.test_pretrain import ROOT, torchrun, write_config
 
+pytestmark = pytest.mark.faults  # pytest -m faults: the fault-injection suite
 MODES = {"reptile-zero1": ({"mode": "reptile"}, 1),
          "joint-zero2": ({"mode": "joint", "outer_lr": 1e-3, "outer_lr_final": 1e-4}, 2)}
 STEPS = 24

@@ -56,6 +56,7 @@ def test_a_one_record_task_trains_on_two_ranks(small_root, tmp_path):
     assert final["step"] == 2 and final["tasks"]["gfn2_xtb"]["num_records"] == 1
 
 
+@pytest.mark.faults
 def test_corrupt_validation_shard_stops_the_run_before_training(small_root, tmp_path):
     root = tmp_path / "shards"
     shutil.copytree(small_root, root)
