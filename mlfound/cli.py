@@ -78,12 +78,22 @@ def main(argv=None) -> int:
 def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy-key", default="energy")
     p.add_argument("--forces-key", default="forces")
+    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the file's energy_unit, else eV)")
+    p.add_argument("--length-unit", help="Ang or bohr (default: the file's length_unit, else Ang)")
+    p.add_argument("--no-unit-check", action="store_true",
+                   help="accept data whose energies look like another unit than eV (Hartree, kcal/mol)")
 
 
 def _records(args, path: Path, task: str):
+    """The records of a data file in eV and Å, refused when their energies cannot be in eV."""
+    from mlfound.data.plausibility import check_units
     from mlfound.data.sets import load_records
 
-    return load_records(path, task, energy_key=args.energy_key, forces_key=args.forces_key)
+    records = load_records(path, task, energy_key=args.energy_key, forces_key=args.forces_key,
+                           energy_unit=args.energy_unit, length_unit=args.length_unit)
+    if not args.no_unit_check:
+        check_units(records, str(path))
+    return records
 
 
 def cmd_export(args) -> int:

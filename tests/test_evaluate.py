@@ -93,3 +93,14 @@ def test_split_then_learning_curve(tiny_release_path, demo_dir, tmp_path, capsys
     assert (tmp_path / "lc.png").read_bytes()[:4] == b"\x89PNG"
     too_many = ["a=200", "b=200"]
     assert mlfound(["split", str(demo_dir / "hf_631g.extxyz"), "--out", str(tmp_path), "--sizes", *too_many]) == 2
+
+
+@pytest.mark.faults
+def test_evaluate_refuses_hartree_labels_unless_told_the_unit(demo_dir, tmp_path, capsys):
+    """Test labels in Hartree read as eV would report errors of hundreds of eV per atom as if real."""
+    from tests.test_finetune import write_in_hartree
+
+    data = write_in_hartree(demo_dir, tmp_path / "test.extxyz", None)
+    assert mlfound(["evaluate", "demo-reptile", str(data), "--head", "hf_sto3g"]) == 2
+    assert "likely in hartree" in capsys.readouterr().err
+    assert mlfound(["evaluate", "demo-reptile", str(data), "--head", "hf_sto3g", "--energy-unit", "hartree"]) == 0
