@@ -12,9 +12,11 @@ framework's own calculator (mlfound and MACE; NequIP's needs a compiled model an
 Frameworks alternate within each round and the best of the rounds' medians is kept, so machine
 noise hits every framework alike. Ratios are peer time / mlfound time: above 1, mlfound is faster.
 
---accuracy trains each framework from scratch on the same 200 demo paracetamol structures with one
-recipe (tools/peers/common.py: fit_and_test) and tests on the same 50, for 2 seeds each (2 workers
-at a time): test error at equal size, data and steps. Ratio = peer error / mlfound error.
+--accuracy trains each framework from scratch on the same N demo paracetamol structures (nested
+subsets, N = 10, 50, 200 by default) with one recipe (tools/peers/common.py: fit_and_test) and tests on
+the same 50, for 2 seeds each (2 workers at a time): test error at equal size, data and steps.
+Ratio = peer error / mlfound error. --correlation sets the product basis of MACE and mlfound alike
+(mlfound's correlation 1 is its two-body NequIP-like trunk).
 """
 import argparse
 import concurrent.futures as cf
@@ -36,6 +38,7 @@ def run_worker(framework: str, l_max: int, batch: int, args, extra: tuple = ()) 
         return None
     cmd = [str(python), str(ROOT / "tools" / "peers" / script), "--data", str(args.data), "--batch", str(batch),
            "--l-max", str(l_max), "--channels", str(args.channels), "--layers", str(args.layers),
+           "--correlation", str(args.correlation),
            "--cutoff", str(args.cutoff), "--repeats", str(args.repeats), *map(str, extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -51,12 +54,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[8, 32], help="molecules per batch")
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--correlation", type=int, default=3, help="product basis order, MACE's and mlfound's")
     p.add_argument("--cutoff", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=10, help="timed steps per worker (median)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--accuracy", action="store_true", help="test errors at equal recipe instead of speed")
-    p.add_argument("--num-train", type=int, default=200)
+    p.add_argument("--num-train", type=int, nargs="+", default=[10, 50, 200], help="accuracy: training set sizes")
     p.add_argument("--fit-steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--frameworks", nargs="+", default=list(WORKERS), choices=list(WORKERS))
@@ -102,41 +106,50 @@ def main(argv=None) -> int:
 
 
 def accuracy(args) -> int:
-    """Every framework trained from scratch by the same recipe on the same split; test MAE mean ± std over seeds."""
+    """Every framework trained from scratch by the same recipe on the same nested subsets; test MAE mean ± std
+    over seeds, one row per framework and training size."""
     import numpy as np
     from ase.io import read, write
 
     frames = read(args.data, index=":")
     order = np.random.default_rng(0).permutation(len(frames))
-    split = {"test": order[:50], "train": order[50:50 + args.num_train]}
+    split = {"test": order[:50], **{f"train{n}": order[50:50 + n] for n in args.num_train}}
     paths = {name: args.out / f"{name}.extxyz" for name in split}
     args.out.mkdir(parents=True, exist_ok=True)
     for name, index in split.items():
         write(paths[name], [frames[i] for i in index])
     l_max, batch = args.l_max[0], 5
-    extra = ("--fit-train", paths["train"], "--fit-test", paths["test"], "--fit-steps", args.fit_steps)
-    jobs = [(framework, seed) for seed in args.seeds for framework in args.frameworks]
+    jobs = [(n, framework, seed) for n in args.num_train for seed in args.seeds for framework in args.frameworks]
+
+    def run(job):
+        n, framework, seed = job
+        extra = ("--fit-train", paths[f"train{n}"], "--fit-test", paths["test"], "--fit-steps", args.fit_steps,
+                 "--seed", seed)
+        row = run_worker(framework, l_max, batch, args, extra)
+        return None if row is None else {**row, "num_train": n}
+
     with cf.ThreadPoolExecutor(2) as pool:
-        rows = list(pool.map(lambda job: run_worker(job[0], l_max, batch, args, (*extra, "--seed", job[1])), jobs))
-    rows = [r for r in rows if r is not None]
-    print(f"# {args.channels} channels, l_max {l_max}, {args.layers} layers, {args.cutoff} Å cutoff, float32; "
-          f"{args.num_train} train / 50 test structures, {batch} per batch, {args.fit_steps} steps, "
-          f"mean ± std over seeds {args.seeds}")
-    print(f"{'framework':>10}{'params':>8}{'ms/step':>9}{'E MAE meV/atom':>17}{'F MAE meV/Å':>15}"
+        rows = [r for r in pool.map(run, jobs) if r is not None]
+    print(f"# {args.channels} channels, l_max {l_max}, {args.layers} layers, correlation {args.correlation}, "
+          f"{args.cutoff} Å cutoff, float32; N train / 50 test structures, {batch} per batch, {args.fit_steps} "
+          f"steps, mean ± std over seeds {args.seeds}")
+    print(f"{'N':>4}{'framework':>10}{'params':>8}{'ms/step':>9}{'E MAE meV/atom':>17}{'F MAE meV/Å':>15}"
           f"{'peer/mlfound F':>16}")
-    ran = {r["framework"] for r in rows}  # a framework without its venv has no rows
-    mean_f = {f: np.mean([r["forces_mae_mev_a"] for r in rows if r["framework"] == f]) for f in ran}
-    for framework in args.frameworks:
-        runs = [r for r in rows if r["framework"] == framework]
-        if not runs:
-            continue
-        e = [r["energy_mae_mev_atom"] for r in runs]
-        f = [r["forces_mae_mev_a"] for r in runs]
-        ms = np.mean([1e3 * r["train_seconds"] / r["steps"] for r in runs])
-        ratio = (f"{mean_f[framework] / mean_f['mlfound']:>16.2f}" if framework != "mlfound" and "mlfound" in mean_f
-                 else f"{'':>16}")
-        print(f"{framework:>10}{runs[0]['params']:>8,}{ms:>9.1f}{np.mean(e):>9.1f} ± {np.std(e):<5.1f}"
-              f"{np.mean(f):>9.0f} ± {np.std(f):<3.0f}{ratio}")
+    for n in args.num_train:
+        of_n = [r for r in rows if r["num_train"] == n]
+        mean_f = {f: np.mean([r["forces_mae_mev_a"] for r in of_n if r["framework"] == f])
+                  for f in {r["framework"] for r in of_n}}  # a framework without its venv has no rows
+        for framework in args.frameworks:
+            runs = [r for r in of_n if r["framework"] == framework]
+            if not runs:
+                continue
+            e = [r["energy_mae_mev_atom"] for r in runs]
+            f = [r["forces_mae_mev_a"] for r in runs]
+            ms = np.mean([1e3 * r["train_seconds"] / r["steps"] for r in runs])
+            ratio = (f"{mean_f[framework] / mean_f['mlfound']:>16.2f}" if framework != "mlfound" and "mlfound" in mean_f
+                     else f"{'':>16}")
+            print(f"{n:>4}{framework:>10}{runs[0]['params']:>8,}{ms:>9.1f}{np.mean(e):>9.1f} ± {np.std(e):<5.1f}"
+                  f"{np.mean(f):>9.0f} ± {np.std(f):<3.0f}{ratio}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

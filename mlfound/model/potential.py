@@ -28,6 +28,7 @@ class ModelConfig(BaseModel):
     head_hidden: int = Field(32, ge=1)
     avg_num_neighbors: float = Field(10.0, gt=0)
     scalar_last_layer: bool = True  # the last layer outputs only the invariants the heads read (release format 2)
+    correlation: int = Field(1, ge=1, le=4)  # body order - 1 of each layer's features: 1 two-body, 3 as MACE
 
 
 class Potential(nn.Module):
@@ -47,7 +48,7 @@ class Potential(nn.Module):
         self.register_buffer("scales_ev", torch.tensor([scales_ev[t] for t in task_names], dtype=torch.float64))
         self.trunk = Trunk(len(self.elements), config.channels, config.l_max, config.num_layers, config.cutoff_a,
                            config.num_basis, config.radial_hidden, config.radial_layers, config.avg_num_neighbors,
-                           config.scalar_last_layer)
+                           config.scalar_last_layer, config.correlation)
         self.heads = TaskHeads(task_names, config.channels, config.head_hidden)
 
     def _apply(self, fn, recurse=True):

@@ -1,5 +1,9 @@
-"""e3nn message-passing trunk, NequIP-like: species embedding, spherical harmonics of edge
-directions, radial-weighted tensor-product convolutions, gated nonlinearities.
+"""e3nn message-passing trunk: species embedding, spherical harmonics of edge directions,
+radial-weighted tensor-product convolutions, gated nonlinearities (NequIP-like), and optionally
+MACE's many-body step: each node's aggregated features A are multiplied with themselves channel by
+channel, A, A⊗A, A⊗A⊗A coupled by Clebsch-Gordan to every output irrep with element-dependent
+weights, so one layer's features reach body order ``correlation + 1`` at the cost of node (not edge)
+operations. That product basis is what makes MACE learn more per structure than two-body messages.
 
 Shape legend: N atoms, E edges, C channels, B radial basis functions.
 """
@@ -18,11 +22,42 @@ def hidden_irreps(channels: int, l_max: int) -> o3.Irreps:
     return o3.Irreps([(channels, (l, (-1) ** l)) for l in range(l_max + 1)])
 
 
+class ProductBasis(nn.Module):
+    """B = Σ_ν Linear_ν(A^⊗ν), ν = 1..correlation: channel-wise ("uuu") Clebsch-Gordan products of a node's
+    features with themselves, weighted per element (MACE's symmetric contraction, without its reduction to
+    the symmetric subspace: a few redundant paths, no loss of body order)."""
+
+    def __init__(self, irreps: o3.Irreps, correlation: int, num_species: int):
+        super().__init__()
+        self.products = nn.ModuleList()
+        self.weights = nn.ModuleList()  # species -> that element's weights of each product's paths
+        for _ in range(correlation - 1):
+            instructions = [(i, j, k, "uuu", True) for i, (_, ir_i) in enumerate(irreps)
+                            for j, (_, ir_j) in enumerate(irreps) for k, (_, ir_k) in enumerate(irreps)
+                            if ir_k in ir_i * ir_j]
+            product = o3.TensorProduct(irreps, irreps, irreps, instructions, shared_weights=False,
+                                       internal_weights=False)
+            self.products.append(product)
+            weights = nn.Embedding(num_species, product.weight_numel)
+            nn.init.normal_(weights.weight)
+            self.weights.append(weights)
+        self.linears = nn.ModuleList(o3.Linear(irreps, irreps) for _ in range(correlation))
+
+    def forward(self, a_NI: torch.Tensor, species_N: torch.Tensor) -> torch.Tensor:
+        power_NI, basis_NI = a_NI, self.linears[0](a_NI)
+        for product, weights, linear in zip(self.products, self.weights, self.linears[1:]):
+            power_NI = product(power_NI, a_NI, weights(species_N))
+            basis_NI = basis_NI + linear(power_NI)
+        return basis_NI
+
+
 class Interaction(nn.Module):
-    """h_i <- Gate(Linear(Σ_j TP(h_j, Y(r̂_ij); R(|r_ij|)))) + Linear(h_i)."""
+    """h_i <- Gate(Linear(B(Σ_j TP(h_j, Y(r̂_ij); R(|r_ij|))))) + Linear(h_i), B the product basis (identity
+    for correlation 1, the two-body NequIP-like layer)."""
 
     def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, irreps_sh: o3.Irreps,
-                 num_basis: int, radial_hidden: int, radial_layers: int, avg_num_neighbors: float):
+                 num_basis: int, radial_hidden: int, radial_layers: int, avg_num_neighbors: float,
+                 correlation: int = 1, irreps_product: o3.Irreps | None = None, num_species: int = 0):
         super().__init__()
         irreps_mid, instructions = [], []
         for i, (mul, ir_in) in enumerate(irreps_in):
@@ -42,17 +77,24 @@ class Interaction(nn.Module):
         gated = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l > 0])
         gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated else o3.Irreps("")
         self.gate = Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid] if gated else [], gated)
-        self.linear = o3.Linear(irreps_mid_sorted.simplify(), self.gate.irreps_in)
+        if correlation > 1:  # A in the product irreps (all l, even for a scalars-only output), then B
+            self.to_a = o3.Linear(irreps_mid_sorted.simplify(), irreps_product)
+            self.product_basis = ProductBasis(irreps_product, correlation, num_species)
+            self.linear = o3.Linear(irreps_product, self.gate.irreps_in)
+        else:
+            self.linear = o3.Linear(irreps_mid_sorted.simplify(), self.gate.irreps_in)
         self.self_connection = o3.Linear(irreps_in, self.gate.irreps_out)
         self.norm = avg_num_neighbors**0.5
         self.irreps_out = self.gate.irreps_out
 
-    def forward(self, h_NI, sh_EY, radial_EB, edge_index_2E):
+    def forward(self, h_NI, sh_EY, radial_EB, edge_index_2E, species_N):
         sender, receiver = edge_index_2E
         messages_EM = self.tp(h_NI[sender], sh_EY, self.radial(radial_EB))
         aggregated_NM = torch.zeros(h_NI.shape[0], messages_EM.shape[1], dtype=messages_EM.dtype,
-                                    device=messages_EM.device).index_add_(0, receiver, messages_EM)
-        return self.gate(self.linear(aggregated_NM / self.norm)) + self.self_connection(h_NI)
+                                    device=messages_EM.device).index_add_(0, receiver, messages_EM) / self.norm
+        if hasattr(self, "product_basis"):
+            aggregated_NM = self.product_basis(self.to_a(aggregated_NM), species_N)
+        return self.gate(self.linear(aggregated_NM)) + self.self_connection(h_NI)
 
 
 class Trunk(nn.Module):
@@ -60,7 +102,7 @@ class Trunk(nn.Module):
 
     def __init__(self, num_species: int, channels: int, l_max: int, num_layers: int, cutoff_a: float,
                  num_basis: int, radial_hidden: int, radial_layers: int, avg_num_neighbors: float,
-                 scalar_last_layer: bool):
+                 scalar_last_layer: bool, correlation: int = 1):
         super().__init__()
         self.embedding = nn.Embedding(num_species, channels)
         self.irreps_sh = o3.Irreps.spherical_harmonics(l_max)
@@ -72,7 +114,8 @@ class Trunk(nn.Module):
             # only scalars leave the trunk, so the last layer need not compute l > 0 outputs (NequIP does the same)
             last = index == num_layers - 1 and scalar_last_layer
             layer = Interaction(irreps, hidden_irreps(channels, 0 if last else l_max), self.irreps_sh, num_basis,
-                                radial_hidden, radial_layers, avg_num_neighbors)
+                                radial_hidden, radial_layers, avg_num_neighbors, correlation,
+                                hidden_irreps(channels, l_max), num_species)
             self.layers.append(layer)
             irreps = layer.irreps_out
         self.readout = o3.Linear(irreps, o3.Irreps(f"{channels}x0e"))
@@ -83,5 +126,5 @@ class Trunk(nn.Module):
         sh_EY = self.spherical_harmonics(vectors_E3).to(h.dtype)
         radial_EB = self.radial_basis(vectors_E3.norm(dim=-1)).to(h.dtype)
         for layer in self.layers:
-            h = layer(h, sh_EY, radial_EB, edge_index_2E)
+            h = layer(h, sh_EY, radial_EB, edge_index_2E, species_N)
         return self.readout(h)

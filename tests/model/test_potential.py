@@ -23,11 +23,15 @@ def records(demo_dir):
     return [by_molecule[m] for m in ("glycine", "furan", "acetamide")]
 
 
-def make_potential(dtype=torch.float32, seed=0):
+CORRELATIONS = [1, 3]  # two-body messages, and MACE's many-body product basis
+
+
+def make_potential(dtype=torch.float32, seed=0, correlation: int = 1):
     torch.manual_seed(seed)
     refs = {"gfn2_xtb": {1: -10.0, 6: -48.0, 7: -71.0, 8: -103.0}, "hf_sto3g": {1: -13.0, 6: -1020.0, 7: -1470.0,
                                                                                  8: -2030.0}}
-    model = Potential(CONFIG, [1, 6, 7, 8], TASKS, refs, {"gfn2_xtb": 0.5, "hf_sto3g": 2.0})
+    config = CONFIG.model_copy(update={"correlation": correlation})
+    model = Potential(config, [1, 6, 7, 8], TASKS, refs, {"gfn2_xtb": 0.5, "hf_sto3g": 2.0})
     return model.to(dtype)
 
 
@@ -37,8 +41,9 @@ def batch_of(records, tasks=None):
     return collate(records, CONFIG.cutoff_a, TASKS)
 
 
-def test_rotation_invariant_energy_and_equivariant_forces(records):
-    model = make_potential(torch.float64)
+@pytest.mark.parametrize("correlation", CORRELATIONS)
+def test_rotation_invariant_energy_and_equivariant_forces(records, correlation):
+    model = make_potential(correlation=correlation, dtype=torch.float64)
     batch = batch_of(records)
     energy, forces = model(batch)
     torch.manual_seed(3)
@@ -49,8 +54,9 @@ def test_rotation_invariant_energy_and_equivariant_forces(records):
     torch.testing.assert_close(forces_rot, forces @ rotation.T, rtol=0, atol=1e-9)
 
 
-def test_translation_and_permutation_invariance(records):
-    model = make_potential(torch.float64)
+@pytest.mark.parametrize("correlation", CORRELATIONS)
+def test_translation_and_permutation_invariance(records, correlation):
+    model = make_potential(correlation=correlation, dtype=torch.float64)
     rec = records[0]
     energy, forces = model(batch_of([rec]))
     shifted = batch_of([rec])
@@ -63,8 +69,9 @@ def test_translation_and_permutation_invariance(records):
     torch.testing.assert_close(forces_perm, forces[perm], rtol=0, atol=1e-9)
 
 
-def test_forces_are_minus_energy_gradient_by_finite_differences(records):
-    model = make_potential(torch.float64)
+@pytest.mark.parametrize("correlation", CORRELATIONS)
+def test_forces_are_minus_energy_gradient_by_finite_differences(records, correlation):
+    model = make_potential(correlation=correlation, dtype=torch.float64)
     batch = batch_of(records[:1])
     batch.pos_a = batch.pos_a.double()
     _, forces = model(batch)
@@ -78,8 +85,9 @@ def test_forces_are_minus_energy_gradient_by_finite_differences(records):
         assert forces[atom, axis].item() == pytest.approx(numeric.item(), abs=1e-6)
 
 
-def test_each_graph_in_a_mixed_task_batch_gets_its_own_head(records):
-    model = make_potential()
+@pytest.mark.parametrize("correlation", CORRELATIONS)
+def test_each_graph_in_a_mixed_task_batch_gets_its_own_head(records, correlation):
+    model = make_potential(correlation=correlation)
     mixed = batch_of(records, ["gfn2_xtb", "hf_sto3g", "gfn2_xtb"])
     energy_mixed, forces_mixed = model(mixed)
     for g, (rec, task) in enumerate(zip(records, ["gfn2_xtb", "hf_sto3g", "gfn2_xtb"])):

@@ -14,6 +14,7 @@ def parse_args():
     p.add_argument("--l-max", type=int, default=1)
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--correlation", type=int, default=3, help="body order - 1 of the product basis (MACE, mlfound)")
     p.add_argument("--cutoff", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)

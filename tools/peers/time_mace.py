@@ -2,7 +2,7 @@
 (mace-torch 0.3.16, e3nn 0.4.4).
 
 Same molecules and step as time_mlfound.py: MACE with hidden irreps Cx0e + Cx1o (+ Cx2e) up to
-l_max, spherical harmonics to l_max, correlation 3, ``layers`` interactions, Bessel radial basis.
+l_max, spherical harmonics to l_max, ``correlation``, ``layers`` interactions, Bessel radial basis.
 """
 import os
 import sys
@@ -31,7 +31,7 @@ def build_model(args) -> torch.nn.Module:
         interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
         num_interactions=args.layers, num_elements=len(ELEMENTS), hidden_irreps=o3.Irreps(irreps),
         MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(len(ELEMENTS)), avg_num_neighbors=10.0,
-        atomic_numbers=ELEMENTS, correlation=3, gate=torch.nn.functional.silu)
+        atomic_numbers=ELEMENTS, correlation=args.correlation, gate=torch.nn.functional.silu)
 
 
 def main() -> None:
