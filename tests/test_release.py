@@ -47,6 +47,16 @@ def test_round_trip_is_exact(release_path, records):
         assert (e0 == e1).all() and all((a == b).all() for a, b in zip(f0, f1))
 
 
+
+def test_a_many_body_model_round_trips_exactly(tmp_path, records):
+    """The product-basis trunk (correlation 3) is rebuilt from the header's model config alone."""
+    model = make_potential(seed=2, correlation=3)
+    loaded = load(save_release(model, release_metadata(model, {}), tmp_path / "mace_like.safetensors"))
+    assert loaded.model.config.correlation == 3
+    e0, f0 = predict(model, records, "gfn2_xtb")
+    e1, f1 = predict(loaded.model, records, "gfn2_xtb")
+    assert (e0 == e1).all() and all((a == b).all() for a, b in zip(f0, f1))
+
 @pytest.mark.faults
 def test_a_pickled_torch_file_is_refused(tmp_path):
     path = tmp_path / "model.pt"

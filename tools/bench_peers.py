@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--frameworks", nargs="+", default=list(WORKERS), choices=list(WORKERS))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_peers_accuracy", help="accuracy: split files")
+    p.add_argument("--evaluate-on", choices=["test", "val"], default="test",
+                   help="accuracy: 'val' scores on 50 held-out structures outside every training subset and the "
+                        "test set, for choosing a model or recipe without looking at test")
     args = p.parse_args(argv)
     missing = [f for f, (venv, _) in WORKERS.items() if not (ROOT / venv / "bin" / "python").exists()]
     if missing:
@@ -113,7 +116,8 @@ def accuracy(args) -> int:
 
     frames = read(args.data, index=":")
     order = np.random.default_rng(0).permutation(len(frames))
-    split = {"test": order[:50], **{f"train{n}": order[50:50 + n] for n in args.num_train}}
+    split = {"test": order[:50], **{f"train{n}": order[50:50 + n] for n in args.num_train},
+             "val": order[50 + max(args.num_train):100 + max(args.num_train)]}
     paths = {name: args.out / f"{name}.extxyz" for name in split}
     args.out.mkdir(parents=True, exist_ok=True)
     for name, index in split.items():
@@ -123,16 +127,16 @@ def accuracy(args) -> int:
 
     def run(job):
         n, framework, seed = job
-        extra = ("--fit-train", paths[f"train{n}"], "--fit-test", paths["test"], "--fit-steps", args.fit_steps,
-                 "--seed", seed)
+        extra = ("--fit-train", paths[f"train{n}"], "--fit-test", paths[args.evaluate_on],
+                 "--fit-steps", args.fit_steps, "--seed", seed)
         row = run_worker(framework, l_max, batch, args, extra)
         return None if row is None else {**row, "num_train": n}
 
     with cf.ThreadPoolExecutor(2) as pool:
         rows = [r for r in pool.map(run, jobs) if r is not None]
     print(f"# {args.channels} channels, l_max {l_max}, {args.layers} layers, correlation {args.correlation}, "
-          f"{args.cutoff} Å cutoff, float32; N train / 50 test structures, {batch} per batch, {args.fit_steps} "
-          f"steps, mean ± std over seeds {args.seeds}")
+          f"{args.cutoff} Å cutoff, float32; N train / 50 {args.evaluate_on} structures, {batch} per batch, "
+          f"{args.fit_steps} steps, mean ± std over seeds {args.seeds}")
     print(f"{'N':>4}{'framework':>10}{'params':>8}{'ms/step':>9}{'E MAE meV/atom':>17}{'F MAE meV/Å':>15}"
           f"{'peer/mlfound F':>16}")
     for n in args.num_train:
