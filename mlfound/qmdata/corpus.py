@@ -38,12 +38,12 @@ class GeometryUnit:
 class LabelUnit:
     task: str
     geometry: GeometryUnit
-    first_frame: int
-    num_frames: int
+    frames: tuple[int, ...]  # MD frame indices, in order, every ``frame_step``-th of the trajectory
+    frame_step: int
 
     @property
     def stem(self) -> str:
-        return f"{self.task}/{self.geometry.stem}_f{self.first_frame:04d}"
+        return f"{self.task}/{self.geometry.stem}_f{self.frames[0]:04d}_s{self.frame_step}"
 
 
 def make_corpus(recipe_name: str, recipe: Recipe, out_dir: Path, workers: int) -> dict[str, dict]:
@@ -52,11 +52,9 @@ def make_corpus(recipe_name: str, recipe: Recipe, out_dir: Path, workers: int) -
     geom_units = [GeometryUnit(m, t) for m in _molecules_used(recipe) for t in recipe.temperatures_k]
     _run_units(_make_geometry, [(recipe, u, work_dir) for u in geom_units
                                 if not _geometry_path(work_dir, u).exists()], workers, "MD")
-    label_units = [
-        LabelUnit(task.lot, GeometryUnit(m, t), first, min(LABEL_CHUNK_FRAMES, recipe.frames_per_temperature - first))
-        for task in recipe.tasks for m in task.molecules for t in recipe.temperatures_k
-        for first in range(0, recipe.frames_per_temperature, LABEL_CHUNK_FRAMES)
-    ]
+    label_units = [LabelUnit(task.lot, GeometryUnit(m, t), chunk, task.frame_step)
+                   for task in recipe.tasks for m in task.molecules for t in recipe.temperatures_k
+                   for chunk in _chunks(range(0, recipe.frames_per_temperature, task.frame_step))]
     _run_units(_make_labels, [(u, work_dir) for u in label_units
                               if not _label_path(work_dir, u).exists()], workers, "labels")
     return {task.lot: _write_task(task.lot, recipe, [u for u in label_units if u.task == task.lot],
@@ -69,6 +67,10 @@ def _molecules_used(recipe: Recipe) -> list[str]:
     if unknown:
         raise ValueError(f"recipe tasks name molecules without SMILES: {sorted(unknown)}")
     return [m for m in recipe.smiles if m in used]
+
+
+def _chunks(frames: range) -> list[tuple[int, ...]]:
+    return [tuple(frames[i:i + LABEL_CHUNK_FRAMES]) for i in range(0, len(frames), LABEL_CHUNK_FRAMES)]
 
 
 def _run_units(fn, args_list, workers: int, what: str) -> None:
@@ -117,7 +119,7 @@ def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
     geom = np.load(_geometry_path(work_dir, unit.geometry))
     symbols = [str(s) for s in geom["symbols"]]
     records, rejects = [], []
-    for frame in range(unit.first_frame, unit.first_frame + unit.num_frames):
+    for frame in unit.frames:
         try:
             energy_ev, forces = levels.label(lot, symbols, geom["frames_a"][frame])
         except levels.NotConvergedError as err:

@@ -51,3 +51,13 @@ def test_unconverged_scf_goes_to_the_rejects_file(tmp_path, monkeypatch):
     assert summary["hf_starved"]["structures"] == 0 and summary["hf_starved"]["rejected"] == 2
     rejects = [json.loads(line) for line in (tmp_path / "hf_starved.rejects.jsonl").read_text().splitlines()]
     assert [r["frame"] for r in rejects] == [0, 1] and "not converged" in rejects[0]["reason"]
+
+
+def test_a_task_labels_every_nth_frame_of_each_trajectory(tmp_path):
+    recipe = dataclasses.replace(RECIPES["tiny"], frames_per_temperature=3,
+                                 tasks=(TaskRecipe("gfn2_xtb", ("water",), frame_step=2),))
+    make_corpus("stepped", recipe, tmp_path, workers=1)
+    frames = read(tmp_path / "gfn2_xtb.extxyz", index=":")
+    assert [a.info["md_frame"] for a in frames] == [0, 2]
+    trajectory = np.load(tmp_path / ".work" / "stepped" / "geometries" / "water_T300.npz")["frames_a"]
+    np.testing.assert_allclose(frames[1].positions, trajectory[2])
