@@ -32,8 +32,11 @@ def main(argv=None) -> int:
     p.add_argument("--lr-schedule", choices=["cosine", "constant"], default=default("lr_schedule"),
                    help="cosine: decay to lr x --lr-final-ratio at --max-steps (default %(default)s)")
     p.add_argument("--lr-final-ratio", type=float, default=default("lr_final_ratio"))
-    p.add_argument("--lr-trunk", type=float)
-    p.add_argument("--lr-head", type=float)
+    p.add_argument("--lr-trunk", type=float, help="trunk lr (default: --lr); below the head's keeps pretraining")
+    p.add_argument("--lr-head", type=float, help="head lr (default: --lr)")
+    p.add_argument("--warmup-steps", type=int, default=default("warmup_steps"), help="linear lr warmup")
+    p.add_argument("--ema-decay", type=float, help="keep an exponential moving average of the weights "
+                   "(e.g. 0.99); validation and the output use it")
     p.add_argument("--max-steps", type=int, default=default("max_steps"))
     p.add_argument("--eval-every", type=int, default=default("eval_every"))
     p.add_argument("--patience", type=int, default=default("patience"),
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
                   if args.replay_shards else None)
         cfg = FinetuneConfig(head=args.head, init=args.init, lot=lot, freeze=args.freeze, lr=args.lr,
                              lr_schedule=args.lr_schedule, lr_final_ratio=args.lr_final_ratio,
-                             lr_trunk=args.lr_trunk, lr_head=args.lr_head, max_steps=args.max_steps,
+                             lr_trunk=args.lr_trunk, lr_head=args.lr_head, warmup_steps=args.warmup_steps,
+                             ema_decay=args.ema_decay, max_steps=args.max_steps,
                              eval_every=args.eval_every, patience=args.patience or None,
                              max_atoms_per_batch=args.max_atoms, energy_weight=args.energy_weight,
                              forces_weight=args.forces_weight, seed=args.seed, replay=replay, device=args.device,

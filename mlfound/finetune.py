@@ -6,8 +6,12 @@ its own float64 references fitted to what that head's network part leaves unexpl
 head's weights *and* its scale means fine-tuning for zero steps changes no prediction: the new head
 predicts exactly what its source predicts, up to the refitted per-element references.
 
-Training is single-process plain torch (Adam): fine-tuning sets are small. Early stopping restores
-the weights of the best validation loss. The result is a new release keeping every old head.
+Training is single-process plain torch (Adam): fine-tuning sets are small. The recipe for a
+pretrained start has four parts, each off by default and each a config key: per-part learning rates
+(``lr_trunk`` below ``lr_head`` keeps what pretraining learned), a linear lr warmup, an exponential
+moving average of the weights (ema-pytorch; validation and the result use the averaged weights), and
+early stopping, which restores the weights of the best validation loss. The result is a new release
+keeping every old head.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from ema_pytorch import EMA
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
@@ -56,6 +61,8 @@ class FinetuneConfig(BaseModel):
     lr_head: float | None = Field(None, gt=0)  # default: lr
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_final_ratio: float = Field(0.01, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)  # lr rises linearly from lr / warmup_steps to lr over these steps
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the weights (ema-pytorch beta); None: no EMA
     max_steps: int = Field(3000, ge=0)
     eval_every: int = Field(50, ge=1)
     patience: int | None = Field(10, ge=1)  # evaluations without improvement; None: run max_steps
@@ -154,6 +161,8 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
     sigma = float(model.scales_ev[model.task_names.index(cfg.head)])
     val_batches = head_batches(val, cfg.head, model.task_names, model.config.cutoff_a,
                                cfg.max_atoms_per_batch) if val else []
+    ema = _weight_average(model, cfg)
+    scored = ema.ema_model if ema else model  # the weights validation scores and the release keeps
     history: list[dict] = []
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     evaluations_since_best = 0
@@ -161,11 +170,11 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
     def evaluate(step: int) -> bool:
         """Record validation at ``step``; False once patience is exhausted."""
         nonlocal best, evaluations_since_best
-        errors = error_table(model, {cfg.head: val_batches}, cfg.device)[cfg.head]
+        errors = error_table(scored, {cfg.head: val_batches}, cfg.device)[cfg.head]
         loss = _validation_loss(errors, sigma, weights)
         history.append({"step": step, "loss": loss, "errors": errors})
         if loss < best[0]:
-            best, evaluations_since_best = (loss, step, copy.deepcopy(model.state_dict())), 0
+            best, evaluations_since_best = (loss, step, copy.deepcopy(scored.state_dict())), 0
         else:
             evaluations_since_best += 1
         return cfg.patience is None or evaluations_since_best < cfg.patience
@@ -185,6 +194,8 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema:
+            ema.update()
         if val_batches and step % cfg.eval_every == 0:
             keep_going = evaluate(step)
             bar.set_postfix(val_E=f"{history[-1]['errors']['energy_mae_mev_atom']:.1f}",
@@ -193,17 +204,32 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
                 break
     model.eval()
     if not val_batches:
+        if ema:
+            model.load_state_dict(ema.ema_model.state_dict())
         return history, cfg.max_steps
     model.load_state_dict(best[2])
     return history, best[1]
 
 
+def _weight_average(model: Potential, cfg: FinetuneConfig) -> EMA | None:
+    """An EMA copy updated after every step. Its decay ramps up from 0 to ``ema_decay`` (ema-pytorch's
+    1 - (1 + step)^-2/3 warmup), so early averages do not drag in the starting weights for long."""
+    if cfg.ema_decay is None:
+        return None
+    return EMA(model, beta=cfg.ema_decay, update_after_step=0, update_every=1, include_online_model=False)
+
+
 def _lr_factor(cfg: FinetuneConfig):
-    """Multiplier of every group's lr after ``step`` steps: 1, or a cosine from 1 to lr_final_ratio at max_steps."""
-    if cfg.lr_schedule == "constant":
-        return lambda step: 1.0
+    """Multiplier of every group's lr after ``step`` steps: a linear warmup over ``warmup_steps``, times
+    1 (constant) or a cosine from 1 to lr_final_ratio at max_steps."""
     final = cfg.lr_final_ratio
-    return lambda step: final + (1 - final) * 0.5 * (1 + np.cos(np.pi * min(step / max(cfg.max_steps, 1), 1)))
+
+    def factor(step: int) -> float:
+        warmup = min((step + 1) / cfg.warmup_steps, 1.0) if cfg.warmup_steps else 1.0
+        if cfg.lr_schedule == "constant":
+            return warmup
+        return warmup * (final + (1 - final) * 0.5 * (1 + np.cos(np.pi * min(step / max(cfg.max_steps, 1), 1))))
+    return factor
 
 
 def _param_groups(model: Potential, cfg: FinetuneConfig) -> list[dict]:

@@ -90,9 +90,11 @@ def test_head_scores_equal_a_least_squares_refit_by_hand(base, splits):
     assert auto.release.metadata["heads"]["hf_631g"]["initialised_from"] == best
 
 
-def test_training_improves_validation_and_keeps_the_best_step(base, splits):
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_training_improves_validation_and_keeps_the_best_step(base, splits, ema_decay):
+    """With EMA, validation scores the averaged weights, and those are the weights the release keeps."""
     train, val = splits
-    cfg = FinetuneConfig(head="hf_631g", lr=3e-3, max_steps=60, eval_every=10, patience=None)
+    cfg = FinetuneConfig(head="hf_631g", lr=3e-3, max_steps=60, eval_every=10, patience=None, ema_decay=ema_decay)
     result = finetune(base, train, val, cfg, progress=False)
     losses = {h["step"]: h["loss"] for h in result.history}
     assert min(losses.values()) < losses[0]
@@ -107,6 +109,36 @@ def test_cosine_schedule_decays_from_lr_to_the_final_ratio_at_max_steps():
     assert factors[0] == 1.0 and factors[50] == pytest.approx(0.505) and factors[100] == pytest.approx(0.01)
     assert all(a > b for a, b in zip(factors[:100], factors[1:101])) and set(factors[100:]) == {factors[100]}
     assert _lr_factor(cfg.model_copy(update={"lr_schedule": "constant"}))(77) == 1.0
+
+
+def test_warmup_rises_linearly_then_the_cosine_takes_over():
+    cfg = FinetuneConfig(head="x", max_steps=100, warmup_steps=10, lr_final_ratio=0.01)
+    plain = _lr_factor(cfg.model_copy(update={"warmup_steps": 0}))
+    factors = [_lr_factor(cfg)(step) for step in range(101)]
+    assert factors[:10] == pytest.approx([(step + 1) / 10 * plain(step) for step in range(10)])
+    assert factors[10:] == [plain(step) for step in range(10, 101)]
+    constant = cfg.model_copy(update={"lr_schedule": "constant"})
+    assert [_lr_factor(constant)(step) for step in (0, 4, 9, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+
+
+def test_ema_result_is_the_moving_average_of_the_trained_weights(base, splits):
+    """Reference by hand: the online weights after t = 1..4 steps (constant lr, so a run of t steps is the
+    first t steps of a longer one), averaged with ema-pytorch's documented decay 1 - t^(-2/3)."""
+    train, _ = splits
+    cfg = FinetuneConfig(head="hf_631g", lr=3e-3, lr_schedule="constant", max_steps=4, patience=None)
+    online = [dict(finetune(base, train, None, cfg.model_copy(update={"max_steps": t}), progress=False)
+                   .release.model.named_parameters()) for t in range(1, 5)]
+    expected = {name: value.detach().clone() for name, value in online[0].items()}
+    for t, weights in enumerate(online[1:], start=2):
+        decay = min(1 - t ** (-2 / 3), 0.95)
+        for name in expected:
+            expected[name] = decay * expected[name] + (1 - decay) * weights[name].detach()
+    averaged = finetune(base, train, None, cfg.model_copy(update={"ema_decay": 0.95}), progress=False)
+    got = dict(averaged.release.model.named_parameters())
+    trained = [name for name in expected if not torch.equal(online[0][name], online[-1][name])]
+    assert trained and not torch.equal(got[trained[0]], online[-1][trained[0]])
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
 
 
 def test_frozen_trunk_and_replay_train_exactly_the_chosen_parts(base, splits, demo_dir, tmp_path):
