@@ -3,12 +3,15 @@
     python tools/make_qm_dataset.py --recipe demo-pretrain demo-target --out data/demo --workers 2
     python tools/make_qm_dataset.py --scan paracetamol-amide --out data/demo --workers 2
 
-Recipes are resumable: kill the run and start the same command again to continue.
+Recipes are resumable: kill the run and start the same command again to continue. When done, the
+folder's SHA256SUMS lists every extxyz in it, so a regenerated corpus can be checked against the one a
+result was measured on: `cd data/e2 && sha256sum -c SHA256SUMS`.
 """
 import argparse
 import sys
 from pathlib import Path
 
+from mlfound.data.files import atomic_write_bytes, sha256_file
 from mlfound.qmdata.corpus import make_corpus
 from mlfound.qmdata.recipes import RECIPES
 from mlfound.qmdata.scans import SCANS, make_scan
@@ -34,7 +37,15 @@ def main(argv=None) -> int:
         print(f"{'task':<14}{'structures':>11}{'molecules':>10}{'rejected':>9}  forces")
     for task, row in summary.items():
         print(f"{task:<14}{row['structures']:>11}{row['molecules']:>10}{row['rejected']:>9}  {row['forces']}")
+    print(f"wrote {write_checksums(args.out)}")
     return 0
+
+
+def write_checksums(folder: Path) -> Path:
+    """``sha256sum -c``-compatible list of every extxyz in ``folder`` (scans included)."""
+    files = sorted(folder.rglob("*.extxyz"))
+    lines = "".join(f"{sha256_file(path)}  {path.relative_to(folder)}\n" for path in files)
+    return atomic_write_bytes(folder / "SHA256SUMS", lines.encode())
 
 
 if __name__ == "__main__":

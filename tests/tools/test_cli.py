@@ -53,3 +53,14 @@ def test_shard_dataset_refuses_kcal_per_mol_read_as_ev(demo_dir, tmp_path):
     assert not (tmp_path / "shards" / "gfn2_kcal" / "manifest.json").exists()
     done = run("tools/shard_dataset.py", source, "--out", tmp_path / "shards", "--energy-unit", "kcal/mol")
     assert done.returncode == 0, done.stderr
+
+
+def test_make_qm_dataset_writes_a_checksum_list_that_sha256sum_verifies(tmp_path):
+    done = run("tools/make_qm_dataset.py", "--recipe", "tiny", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    listed = (tmp_path / "SHA256SUMS").read_text().split()[1::2]
+    assert listed == ["gfn2_xtb.extxyz", "hf_sto3g.extxyz"]
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    (tmp_path / "hf_sto3g.extxyz").write_text((tmp_path / "hf_sto3g.extxyz").read_text().replace("HF", "hf", 1))
+    assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path, capture_output=True).returncode != 0
