@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlfound.model.potential import ModelConfig
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -132,10 +134,17 @@ class ConfigError(ValueError):
 
 
 def load_config(path: Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    return load_validated(RunConfig, path, overrides, base)
+
+
+def load_validated(model: type[M], path: Path | None, overrides: list[str] = (), base: dict | None = None,
+                   what: str = "config") -> M:
+    """``model`` from ``base`` < the YAML file ``path`` < dotted ``overrides``; a ConfigError names the file,
+    the override or the key. Any typed YAML file of the project (run configs, experiments) loads this way."""
     raw = dict(base or {})
     if path is not None:
         if not Path(path).exists():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"{what} file {path} does not exist")
         raw = _merge(raw, _parse_file(Path(path)))
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -143,10 +152,14 @@ def load_config(path: Path | None, overrides: list[str] = (), base: dict | None 
             raise ConfigError(f"override {item!r} must look like section.key=value")
         _set_dotted(raw, key, _parse_override(item, value))
     try:
-        return RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(_problem(e) for e in err.errors())
-        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {problems}") from None
+        raise ConfigError(f"invalid {what}{f' {path}' if path else ''}: {describe(err)}") from None
+
+
+def describe(err: ValidationError, prefix: str = "") -> str:
+    """Every problem of a pydantic error as ``prefix.key: message``, joined by "; "."""
+    return "; ".join(f"{prefix}{_problem(e)}" for e in err.errors())
 
 
 def _parse_file(path: Path) -> dict:

@@ -1,105 +1,261 @@
 """The paper's experiment at small scale (Allen et al. 2024): does pretraining on many LoTs, and
-Reptile in particular, make fine-tuning on a new LoT better from little data?
+Reptile in particular, make fine-tuning on a new LoT better from little data? One tool, one YAML
+per experiment (configs/experiments/):
 
-    python tools/paper_experiment.py --out runs/paper            # about 46 minutes on 2 cores
+    python tools/paper_experiment.py --experiment configs/experiments/demo.yaml --out runs/paper  # demo corpus
+    python tools/paper_experiment.py --experiment configs/experiments/e1.yaml     # E1: paracetamol at 5 LoTs
+    python tools/paper_experiment.py --experiment configs/experiments/e2.yaml     # E2: 109 drug-like molecules
+    python tools/paper_experiment.py --experiment configs/experiments/e1.yaml finetune.sizes=[10,50] md.runs=4
 
-It shards data/demo/ into --shards first if that folder has no shards yet (as the README's main job).
+Corpora: data/demo is committed; `python tools/make_qm_dataset.py --recipe e1-one-molecule --out data/e1
+--workers 2` (e2-many-molecules, data/e2) makes the others. Dotted overrides follow the file (defaults <
+YAML < command line; unknown keys are errors naming the key, and every fine-tuning recipe is checked
+against FinetuneConfig before anything runs). Relative paths in the YAML are relative to the
+repository root; --out defaults to runs/<experiment>/paper.
 
-Pretraining (2 DeepSpeed ranks, equal budget of gradient steps per rank, 2 seeds each):
-  none      no pretraining (the model at its random initialisation)
-  single    single-task on the best single LoT (the head `auto` picks for the target)
-  joint     multi-head joint training (Adam), every rank its own task per step
-  reptile   k = 5 (and k = 1, k = 20 at the same number of gradient steps)
-Fine-tuning: a new head for the target LoT (HF/6-31G paracetamol), `init=auto`, on N structures
-from a fixed training pool, 2 subsets per N, Adam with a cosine lr decay, early stopping on a fixed
-validation split; test errors on one fixed test split and the torsion-scan smoothness. Baselines:
-references only, and the zero-shot pretrained head with refitted references (fine-tuning for zero
-steps).
-Every unit writes its result to <out>/results/ as it finishes: rerun the command to resume.
+Stages, each skipping what <out> already holds (rerun the command to resume):
+  shards    pretrain.corpus/*.extxyz into pretrain.shards (10% validation) when a task has none
+  pretrain  2 DeepSpeed ranks per run, pretrain.grad_steps gradient steps per rank, every method at every
+            seed: `single` (the LoT whose head `auto` picks for the target after a joint run), `joint`
+            (multi-head Adam) and `reptile_k<k>`; `none` is the model at its random initialisation
+  finetune  a new head for the target LoT, `init=auto`, on N structures of a fixed pool (finetune.subsets
+            draws per N); every recipe of finetune.recipes runs and the one whose kept weights have the lowest
+            validation loss (one loss form for all) is alone tested (test split, torsion scan); scratch goes
+            through the same grid. N = 0: zero-shot (references refitted on 50 pool structures, no training)
+  mace      MACE from scratch on the same train subsets, validation and test splits
+            (tools/peers/mace_cli.py in .venv-mace; left out with a note when that venv is missing)
+  md        md.runs Langevin runs per method from the first test structure, with models fine-tuned on
+            N = md.n; run i has seed i and uses that method's unit i mod (its number of units at md.n)
+Outputs: <out>/table.txt (mean ± std over seeds x subsets), results.json, learning_curve.png.
 """
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated, Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: E402
+
+from mlfound.config import ConfigError, describe, load_config, load_validated  # noqa: E402
+from mlfound.finetune import FinetuneConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "demo.yaml"
-DEMO = ROOT / "data" / "demo"
-METHODS = ("single", "joint", "reptile_k1", "reptile_k5", "reptile_k20")
-SIZES = (10, 25, 50, 100, 200)
-SEEDS = (0, 1)
-SUBSETS = (0, 1)
-HEAD = "hf_631g"
+MACE_PYTHON = ROOT / ".venv-mace" / "bin" / "python"
+MACE_CLI = ROOT / "tools" / "peers" / "mace_cli.py"
+ZERO_SHOT_REFERENCE_STRUCTURES = 50  # N = 0 refits the new head's references on this many pool structures
+# FinetuneConfig fields the tool sets for every recipe alike, so recipes differ only in how they train
+SET_BY_THE_TOOL = {"head": "it is target.head", "max_steps": "set finetune.max_steps (one budget for every recipe)",
+                   "seed": "the subset index seeds each fine-tune"}
+DEFAULT_ENERGY_WEIGHT = FinetuneConfig.model_fields["energy_weight"].default  # of the recipe-independent
+DEFAULT_FORCES_WEIGHT = FinetuneConfig.model_fields["forces_weight"].default  # validation loss recipes compete on
+RECIPE_FIELDS = [field for field in FinetuneConfig.model_fields if field not in SET_BY_THE_TOOL]
 
 
+# -- experiment config -------------------------------------------------------------------------
+def _from_root(path: Path) -> Path:
+    return path if path.is_absolute() else ROOT / path
+
+
+RootPath = Annotated[Path, AfterValidator(_from_root)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Pretrain(_Strict):
+    corpus: RootPath  # every *.extxyz here is sharded into `shards` when a task has none there
+    shards: RootPath
+    config: RootPath  # the pretraining RunConfig; run_dir, seed and data.shard_root are set by the tool
+    overrides: list[str] = []  # dotted overrides of `config` for every method (and the scratch model)
+    grad_steps: int = Field(3000, ge=1)  # gradient steps per rank, every method
+    methods: list[str] = ["single", "joint", "reptile_k1", "reptile_k5", "reptile_k20"]
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods: list[str]) -> list[str]:
+        unknown = [m for m in methods if m not in ("single", "joint") and not re.fullmatch(r"reptile_k[1-9]\d*", m)]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}: use single, joint or reptile_k<inner steps>")
+        return methods
+
+
+class Target(_Strict):
+    file: RootPath
+    head: str  # the new head fine-tuned for the target LoT
+    test: int = Field(50, ge=1)
+    val: int = Field(25, ge=1)
+    scan: RootPath | None = None  # a torsion scan at the target LoT, for the smoothness columns
+
+
+class Finetune(_Strict):
+    sizes: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    subsets: list[int] = Field([0, 1], min_length=1)
+    max_steps: int = Field(2000, ge=1)
+    recipes: dict[str, dict[str, Any]] = Field(min_length=1)  # name -> FinetuneConfig fields
+
+    @field_validator("recipes")
+    @classmethod
+    def _finetune_fields(cls, recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Each recipe as FinetuneConfig reads it, so a typo fails here and not after hours of pretraining."""
+        return {name: _check_recipe(name, recipe or {}) for name, recipe in recipes.items()}
+
+
+class Mace(_Strict):
+    enabled: bool = False
+    max_epochs: int | None = Field(None, ge=1)  # None: mace_cli.py's own default
+
+
+class Md(_Strict):
+    n: int = Field(ge=1)  # the fine-tuning size whose models run MD
+    runs: int = Field(10, ge=1)  # per method
+    steps: int = Field(4000, ge=1)
+    temperature_k: float = Field(600.0, gt=0)
+    timestep_fs: float = Field(0.5, gt=0)
+
+
+class Experiment(_Strict):
+    pretrain: Pretrain
+    target: Target
+    finetune: Finetune
+    mace: Mace = Mace()
+    md: Md | None = None  # None: no MD stability runs
+
+
+def _check_recipe(name: str, recipe: dict[str, Any]) -> dict[str, Any]:
+    owned = [f"finetune.recipes.{name}.{key}: {SET_BY_THE_TOOL[key]}" for key in recipe if key in SET_BY_THE_TOOL]
+    if owned:
+        raise ValueError("; ".join(owned))
+    try:
+        cfg = FinetuneConfig.model_validate({"head": "new", **recipe})
+    except ValidationError as err:
+        problems = describe(err, prefix=f"finetune.recipes.{name}.")
+        if any(e["type"] == "extra_forbidden" for e in err.errors()):
+            problems += f" (recipe keys are FinetuneConfig fields: {', '.join(RECIPE_FIELDS)})"
+        raise ValueError(problems) from None
+    return {key: value for key, value in cfg.model_dump(mode="json").items() if key in recipe}
+
+
+def load_experiment(path: Path, overrides: list[str] = ()) -> Experiment:
+    """The experiment in ``path`` with dotted ``overrides``; a ConfigError names the file and the key."""
+    exp = load_validated(Experiment, path, overrides, what="experiment")
+    if exp.md is not None and exp.md.n not in exp.finetune.sizes:
+        raise ConfigError(f"invalid experiment {path}: md.n {exp.md.n} is not among finetune.sizes "
+                          f"{exp.finetune.sizes}: MD runs models fine-tuned on md.n structures")
+    for method in ["none", *exp.pretrain.methods]:
+        try:
+            pretrain_config(exp, method, Path("check"), seed=0)
+        except ConfigError as err:
+            raise ConfigError(f"invalid experiment {path}: pretrain.overrides as `{method}` runs them: {err}") from None
+    return exp
+
+
+# -- entry point -------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "paper")
-    p.add_argument("--shards", type=Path, default=ROOT / "runs" / "demo" / "shards")
-    p.add_argument("--target", type=Path, default=DEMO / "hf_631g.extxyz")
-    p.add_argument("--scan", type=Path,
-                   default=DEMO / "scans" / "hf_631g_paracetamol-amide_scan.extxyz")
-    p.add_argument("--workers", type=int, default=2, help="parallel fine-tunes (one core each)")
-    p.add_argument("--max-steps", type=int, default=2000, help="fine-tuning steps (lr decays to 1%% by the last)")
-    p.add_argument("--lr", type=float, default=1e-2, help="fine-tuning lr at the start")
-    p.add_argument("--grad-steps", type=int, default=3000, help="pretraining gradient steps per rank, every method")
-    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help="pretraining methods next to scratch (default: all)")
+    p.add_argument("--experiment", type=Path, default=ROOT / "configs" / "experiments" / "demo.yaml")
+    p.add_argument("--out", type=Path, help="results folder (default: runs/<experiment name>/paper)")
+    p.add_argument("--workers", type=int, default=2, help="parallel fine-tunes, MACE trainings, MD runs (1 core each)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the experiment, e.g. finetune.sizes=[10]")
     args = p.parse_args(argv)
-    start = time.perf_counter()
-    make_shards(args)
-    split = make_split(args)
-    models = {f"none_s{seed}": scratch_release(args, seed) for seed in SEEDS}
-    best_single = choose_single_task(args, split) if "single" in args.methods else "(single not run)"
-    print(f"best single LoT for the target: {best_single}", flush=True)
-    for method in args.methods:
-        extra = [f"meta.single_task={best_single}"] if method == "single" else []
-        for seed in SEEDS:
-            models[f"{method}_s{seed}"] = pretrain(args, method, seed, overrides(method, args.grad_steps) + extra)
-    print(f"pretraining done after {(time.perf_counter() - start) / 60:.1f} min", flush=True)
-    units = [(name, path, n, subset) for name, path in models.items() for n in [0, *args.sizes]
-             for subset in (SUBSETS if n else (0,))]
-    results = run_units(args, split, units)
-    rows = summarise(results, args.methods, args.sizes)
-    write_report(args, rows, results, best_single, time.perf_counter() - start)
+    try:
+        exp = load_experiment(args.experiment, args.overrides)
+        out = args.out or ROOT / "runs" / args.experiment.stem / "paper"
+        make_shards(exp)
+        check_same_models(exp, out)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_experiment(exp, out, args.workers, title=args.experiment.stem)
     return 0
 
 
+def run_experiment(exp: Experiment, out: Path, workers: int, title: str) -> None:
+    start = time.perf_counter()
+    split = make_split(exp, out)
+    units = plan_units(exp)
+    md_runs = plan_md_runs(exp, units)
+    print_plan(exp, units, md_runs)
+    best_single = pretrain_all(exp, out, split)
+    print(f"pretraining done after {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    results = run_jobs(exp, out, split, units, "units", workers)
+    md_results = run_jobs(exp, out, split, md_runs, "MD runs", workers)
+    write_report(exp, out, title, results, md_results, best_single, time.perf_counter() - start)
+
+
 # -- data --------------------------------------------------------------------------------------
-def make_shards(args) -> None:
-    """The demo corpus as shards, 10% held out, exactly as the README's main job makes them."""
-    if (args.shards / "gfn2_xtb" / "manifest.json").exists():
+def make_shards(exp: Experiment) -> None:
+    """The corpus as shards, 10% held out, exactly as the README's main job makes them."""
+    tasks = pretrain_config(exp, "none", Path("shards"), seed=0).data.tasks
+    shards, corpus = exp.pretrain.shards, exp.pretrain.corpus
+    if not _missing_tasks(shards, tasks):
         return
-    cmd = [sys.executable, str(ROOT / "tools" / "shard_dataset.py"), *map(str, sorted(DEMO.glob("*.extxyz"))),
-           "--out", str(args.shards), "--val-fraction", "0.1"]
+    sources = sorted(corpus.glob("*.extxyz"))
+    if not sources:
+        raise ConfigError(f"pretrain.corpus {corpus} has no *.extxyz and pretrain.shards {shards} lacks the tasks "
+                          f"{_missing_tasks(shards, tasks)}: make the corpus first (tools/make_qm_dataset.py)")
+    cmd = [sys.executable, str(ROOT / "tools" / "shard_dataset.py"), *map(str, sources), "--out", str(shards),
+           "--val-fraction", "0.1"]
     subprocess.run(cmd, check=True)
+    if _missing_tasks(shards, tasks):
+        raise ConfigError(f"pretrain.corpus {corpus} has no data for the pretraining tasks "
+                          f"{_missing_tasks(shards, tasks)} (files are named <task>.extxyz)")
 
 
-def make_split(args) -> dict[str, Path]:
-    """One fixed split of the target: 50 test, 25 validation, the rest (225) the training pool."""
+def _missing_tasks(shards: Path, tasks: list[str]) -> list[str]:
+    return [task for task in tasks if not (shards / task / "manifest.json").exists()]
+
+
+def make_split(exp: Experiment, out: Path) -> dict[str, Path]:
+    """One fixed split of the target: target.test test, target.val validation, the rest the training pool."""
     from mlfound.data.sets import load_records, split_records, write_extxyz
 
-    out = args.out / "target"
-    paths = {name: out / f"{name}.extxyz" for name in ("pool", "val", "test")}
+    paths = {name: out / "target" / f"{name}.extxyz" for name in ("pool", "val", "test")}
     if not all(path.exists() for path in paths.values()):
-        records = load_records(args.target, HEAD)
-        for name, subset in split_records(records, {"test": 50, "val": 25, "pool": None}, seed=0).items():
-            write_extxyz(subset, paths[name])
+        records = load_records(exp.target.file, exp.target.head)
+        sizes = {"test": exp.target.test, "val": exp.target.val, "pool": None}
+        for name, records_of_split in split_records(records, sizes, seed=0).items():
+            write_extxyz(records_of_split, paths[name])
     return paths
 
 
+def train_subset(pool: list, n: int, subset: int) -> list:
+    """The N training structures of ``subset``: the same for every start model and for MACE."""
+    from mlfound.data.sets import subset as draw
+
+    return draw(pool, n, seed=100 * subset + 7)
+
+
+def check_same_models(exp: Experiment, out: Path) -> None:
+    """Models and splits in ``out`` are reused: refuse an ``out`` made from another corpus, config or target."""
+    from mlfound.data.files import atomic_write_bytes, json_text
+
+    made_by = {"pretrain": exp.pretrain.model_dump(mode="json", exclude={"methods", "seeds", "shards"}),
+               "target": exp.target.model_dump(mode="json")}
+    path = out / "models_made_by.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [f"{section}.{key}" for section, now in made_by.items() for key in now
+                   if before.get(section, {}).get(key) != now[key]]
+        if changed:
+            raise ConfigError(f"{out} holds models and splits made with other {', '.join(changed)} "
+                              f"(see {path}): use another --out")
+    atomic_write_bytes(path, json_text(made_by).encode())
+
+
 # -- pretraining ---------------------------------------------------------------------------------
-def overrides(method: str, grad_steps: int) -> list[str]:
-    """configs/demo.yaml overrides of each method, all at ``grad_steps`` gradient steps per rank."""
+def method_overrides(method: str, grad_steps: int) -> list[str]:
+    """Overrides of each method, all at ``grad_steps`` gradient steps per rank."""
     adam = ["meta.outer_lr=2e-3", "meta.outer_lr_final=2e-4"]
     if method in ("single", "joint"):
         return [f"meta.mode={method}", f"train.outer_steps={grad_steps}", *adam]
@@ -107,18 +263,51 @@ def overrides(method: str, grad_steps: int) -> list[str]:
     return ["meta.mode=reptile", f"meta.inner_steps={k}", f"train.outer_steps={max(grad_steps // k, 1)}"]
 
 
-def pretrain(args, method: str, seed: int, overrides: list[str]) -> Path:
+def run_overrides(exp: Experiment, method: str, run_dir: Path, seed: int, single_task: str | None) -> list[str]:
+    """Everything the tool sets on pretrain.config for one run; ``none`` (scratch) only the shared part."""
+    shared = [f"run_dir={run_dir}", f"seed={seed}", f"data.shard_root={exp.pretrain.shards}",
+              *exp.pretrain.overrides]
+    if method == "none":
+        return shared
+    single = [f"meta.single_task={single_task}"] if method == "single" else []
+    quiet = ["train.eval_every=100000", "train.save_every=100000", "train.log_every=100000"]
+    return [*shared, *quiet, *method_overrides(method, exp.pretrain.grad_steps), *single]
+
+
+def pretrain_config(exp: Experiment, method: str, run_dir: Path, seed: int, single_task: str | None = None):
+    """The RunConfig of one run (``single`` without ``single_task``: the first task, to check the config)."""
+    if method == "single" and single_task is None:
+        single_task = load_config(exp.pretrain.config, run_overrides(exp, "none", run_dir, seed, None)).data.tasks[0]
+    return load_config(exp.pretrain.config, run_overrides(exp, method, run_dir, seed, single_task))
+
+
+def pretrain_all(exp: Experiment, out: Path, split: dict[str, Path]) -> str:
+    """Every start model as a release in <out>/models; returns the single-task choice."""
+    for seed in exp.pretrain.seeds:
+        scratch_release(exp, out, seed)
+    best_single = choose_single_task(exp, out, split) if "single" in exp.pretrain.methods else "(single not run)"
+    print(f"best single LoT for the target: {best_single}", flush=True)
+    for method in exp.pretrain.methods:
+        for seed in exp.pretrain.seeds:
+            pretrain(exp, out, method, seed, best_single if method == "single" else None)
+    return best_single
+
+
+def start_model(out: Path, method: str, seed: int) -> Path:
+    return out / "models" / f"{method}_s{seed}.safetensors"
+
+
+def pretrain(exp: Experiment, out: Path, method: str, seed: int, single_task: str | None = None) -> Path:
     """A 2-rank DeepSpeed run of launch/pretrain.py, exported as a release (skipped if already there)."""
     from mlfound.train.export import export
 
-    release = args.out / "models" / f"{method}_s{seed}.safetensors"
+    release = start_model(out, method, seed)
     if release.exists():
         return release
-    run_dir = args.out / "pretrain" / f"{method}_s{seed}"
+    run_dir = out / "pretrain" / f"{method}_s{seed}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "launch" / "pretrain.py"), "--config", str(CONFIG), f"run_dir={run_dir}", f"seed={seed}",
-           f"data.shard_root={args.shards}", "train.eval_every=100000", "train.save_every=100000",
-           "train.log_every=100000", *overrides]
+           str(ROOT / "launch" / "pretrain.py"), "--config", str(exp.pretrain.config),
+           *run_overrides(exp, method, run_dir, seed, single_task)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1"}
     tic = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -129,76 +318,224 @@ def pretrain(args, method: str, seed: int, overrides: list[str]) -> Path:
     return release
 
 
-def scratch_release(args, seed: int) -> Path:
-    """The untrained model, as a release: the 'no pretraining' starting point."""
+def scratch_release(exp: Experiment, out: Path, seed: int) -> Path:
+    """The untrained model (pretraining config and overrides, seeded), as a release: the 'none' start."""
     import torch
 
-    from mlfound.config import load_config
     from mlfound.release import release_metadata, save_release
     from mlfound.train.build import build_potential, load_manifests
 
-    path = args.out / "models" / f"none_s{seed}.safetensors"
+    path = start_model(out, "none", seed)
     if not path.exists():
-        cfg = load_config(CONFIG, [f"data.shard_root={args.shards}"])
+        cfg = pretrain_config(exp, "none", out / "pretrain" / f"none_s{seed}", seed)
         torch.manual_seed(seed)
         model = build_potential(cfg, load_manifests(cfg))
         save_release(model, release_metadata(model, {}, history=[{"stage": "none"}]), path)
     return path
 
 
-def choose_single_task(args, split) -> str:
-    """The LoT whose head, after a short joint pretraining, best explains the target (the `auto` score)."""
+def choose_single_task(exp: Experiment, out: Path, split: dict[str, Path]) -> str:
+    """The LoT whose head, after joint pretraining, best explains the target (the `auto` score)."""
     from mlfound.data.sets import load_records
     from mlfound.finetune import choose_init_head, head_scores
     from mlfound.release import load
 
-    probe = pretrain(args, "joint", SEEDS[0], overrides("joint", args.grad_steps))
-    return choose_init_head(head_scores(load(probe).model, load_records(split["pool"], HEAD)))
+    probe = pretrain(exp, out, "joint", exp.pretrain.seeds[0])
+    return choose_init_head(head_scores(load(probe).model, load_records(split["pool"], exp.target.head)))
+
+
+# -- units and the compute plan ------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One start model fine-tuned on N structures of one subset (N = 0: zero-shot), or MACE trained on them."""
+    method: str  # "none", a pretraining method, or "mace"
+    seed: int  # the pretraining seed (MACE: its training seed)
+    n: int
+    subset: int
+    md_runs: int = 0  # MACE only: Langevin runs of this unit (mlfound models run MD as MdRun jobs)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_s{self.seed}_n{self.n}_sub{self.subset}"
+
+
+@dataclasses.dataclass(frozen=True)
+class MdRun:
+    """Langevin run ``index`` (seed ``index``) of ``method``, with the model fine-tuned in ``unit``."""
+    method: str
+    index: int
+    unit: Unit
+
+    @property
+    def name(self) -> str:
+        return f"md_{self.method}_run{self.index}"
+
+
+def plan_units(exp: Experiment) -> list[Unit]:
+    """Fine-tune units of every start (zero-shot once per seed), then MACE units when MACE can run."""
+    starts = ["none", *exp.pretrain.methods]
+    units = [Unit(method, seed, n, subset) for method in starts for seed in exp.pretrain.seeds
+             for n in [0, *exp.finetune.sizes] for subset in (exp.finetune.subsets if n else exp.finetune.subsets[:1])]
+    if mace_unavailable(exp) is None:
+        mace = [Unit("mace", seed, n, subset) for seed in exp.pretrain.seeds for n in exp.finetune.sizes
+                for subset in exp.finetune.subsets]
+        at_md_n = [u for u in mace if exp.md is not None and u.n == exp.md.n]
+        runs = {u: len(range(i, exp.md.runs, len(at_md_n))) for i, u in enumerate(at_md_n)}
+        units += [dataclasses.replace(u, md_runs=runs.get(u, 0)) for u in mace]
+    return units
+
+
+def plan_md_runs(exp: Experiment, units: list[Unit]) -> list[MdRun]:
+    """md.runs runs per mlfound method; run i uses the method's unit i mod (its units at md.n)."""
+    if exp.md is None:
+        return []
+    runs = []
+    for method in ["none", *exp.pretrain.methods]:
+        at_md_n = [u for u in units if u.method == method and u.n == exp.md.n]
+        runs += [MdRun(method, i, at_md_n[i % len(at_md_n)]) for i in range(exp.md.runs)]
+    return runs
+
+
+def mace_unavailable(exp: Experiment) -> str | None:
+    """Why MACE rows are left out, or None when they run."""
+    if not exp.mace.enabled:
+        return "mace.enabled is false"
+    if not MACE_PYTHON.exists():
+        return f"{MACE_PYTHON.relative_to(ROOT)} is missing (bash tools/setup_peer_venvs.sh makes it)"
+    if not MACE_CLI.exists():
+        return f"{MACE_CLI.relative_to(ROOT)} is missing"
+    return None
+
+
+def print_plan(exp: Experiment, units: list[Unit], md_runs: list[MdRun]) -> None:
+    p = exp.pretrain
+    num_probes = int("single" in p.methods and "joint" not in p.methods)  # the single-task choice's joint run
+    probe = f" + {num_probes} joint probe for the single-task choice" if num_probes else ""
+    tuned = [u for u in units if u.method != "mace" and u.n]
+    mace = [u for u in units if u.method == "mace"]
+    num_recipes, num_pretrain = len(exp.finetune.recipes), len(p.methods) * len(p.seeds) + num_probes
+    print(f"plan: {num_pretrain} pretraining runs ({len(p.methods)} methods x {len(p.seeds)} seeds{probe}); "
+          f"{len(tuned)} fine-tune units x {num_recipes} recipes = {len(tuned) * num_recipes} fine-tunes "
+          f"+ {len(units) - len(tuned) - len(mace)} zero-shot; {len(mace)} MACE units; "
+          f"{len(md_runs) + sum(u.md_runs for u in mace)} MD runs", flush=True)
+    if mace_unavailable(exp):
+        print(f"MACE rows are left out: {mace_unavailable(exp)}", flush=True)
+
+
+# -- jobs: resumable, in parallel ----------------------------------------------------------------
+def run_jobs(exp: Experiment, out: Path, split: dict[str, Path], jobs: list, what: str, workers: int) -> list[dict]:
+    """Run the jobs whose result is missing or was made with other inputs; every job's result, in order."""
+    todo = [job for job in jobs if not is_done(exp, out, job)]
+    print(f"{len(jobs)} {what}, {len(todo)} to run", flush=True)
+    with cf.ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(run_job, exp, out, split, job) for job in todo]
+        for i, future in enumerate(cf.as_completed(futures), 1):
+            future.result()
+            if i % 10 == 0 or i == len(todo):
+                print(f"  {i}/{len(todo)} {what} done", flush=True)
+    return [json.loads(result_path(out, job).read_text()) for job in jobs]
+
+
+def result_path(out: Path, job: Unit | MdRun) -> Path:
+    return out / "results" / ("md" if isinstance(job, MdRun) else "") / f"{job.name}.json"
+
+
+def finetuned_model(out: Path, unit: Unit) -> Path:
+    return out / "finetuned" / f"{unit.name}.safetensors"
+
+
+def job_inputs(exp: Experiment, job: Unit | MdRun) -> dict:
+    """What a job's result depends on beyond the models and splits (check_same_models guards those)."""
+    if isinstance(job, MdRun):
+        md = exp.md.model_dump(exclude={"n", "runs"})  # more runs keep the first ones
+        return {"model": job.unit.name, "finetune": job_inputs(exp, job.unit), **md}
+    if job.method == "mace":
+        md = exp.md.model_dump(exclude={"n", "runs"}) if job.md_runs else None
+        return {"max_epochs": exp.mace.max_epochs, "md_runs": job.md_runs, "md": md}
+    return {"max_steps": exp.finetune.max_steps, "recipes": exp.finetune.recipes} if job.n else {"max_steps": 0}
+
+
+def is_done(exp: Experiment, out: Path, job: Unit | MdRun) -> bool:
+    path = result_path(out, job)
+    if not path.exists() or (isinstance(job, Unit) and job.method != "mace" and job.n
+                             and not finetuned_model(out, job).exists()):
+        return False
+    return json.loads(path.read_text()).get("inputs") == json.loads(json.dumps(job_inputs(exp, job)))
+
+
+def run_job(exp: Experiment, out: Path, split: dict[str, Path], job: Unit | MdRun) -> None:
+    from mlfound.data.files import atomic_write_bytes, json_text
+
+    if isinstance(job, MdRun):
+        row = md_run(exp, out, split, job)
+    elif job.method == "mace":
+        row = mace_unit(exp, out, split, job)
+    else:
+        row = finetune_unit(exp, out, split, job)
+    row.update(method=job.method, inputs=job_inputs(exp, job))
+    atomic_write_bytes(result_path(out, job), json_text(row).encode())
 
 
 # -- fine-tuning -------------------------------------------------------------------------------
-def run_units(args, split, units) -> list[dict]:
-    todo = [u for u in units if not result_path(args, *u).exists()]
-    print(f"{len(units)} fine-tune units, {len(todo)} to run", flush=True)
-    with cf.ProcessPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(finetune_unit, args, split, *u) for u in todo]
-        for i, future in enumerate(cf.as_completed(futures), 1):
-            r = future.result()
-            if i % 10 == 0 or i == len(todo):
-                print(f"  {i}/{len(todo)} fine-tunes done", flush=True)
-            del r
-    return [json.loads(result_path(args, *u).read_text()) for u in units]
-
-
-def result_path(args, name: str, _path, n: int, subset: int) -> Path:
-    return args.out / "results" / f"{name}_n{n}_sub{subset}.json"
-
-
-def finetune_unit(args, split, name: str, path: Path, n: int, subset: int) -> dict:
-    """Fine-tune ``name`` on ``n`` pool structures (n = 0: zero-shot, references refitted on 50)."""
-    from mlfound.data.files import atomic_write_bytes, json_text
+def finetune_unit(exp: Experiment, out: Path, split: dict[str, Path], unit: Unit) -> dict:
+    """Fine-tune one start with every recipe; only the recipe validation picks is tested."""
     from mlfound.data.sets import load_records
-    from mlfound.data.sets import subset as draw
-    from mlfound.evaluate import evaluate, scan_report
-    from mlfound.finetune import FinetuneConfig, finetune
-    from mlfound.release import load
+    from mlfound.evaluate import evaluate
+    from mlfound.release import load, save_release
 
-    pool, val, test = (load_records(split[k], HEAD) for k in ("pool", "val", "test"))
-    train = draw(pool, n or 50, seed=100 * subset + 7)
-    cfg = FinetuneConfig(head=HEAD, lr=args.lr, max_steps=args.max_steps if n else 0, eval_every=50, patience=10,
-                         seed=subset)
+    head = exp.target.head
+    pool, val, test = (load_records(split[k], head) for k in ("pool", "val", "test"))
+    train = train_subset(pool, unit.n or ZERO_SHOT_REFERENCE_STRUCTURES, unit.subset)
     tic = time.perf_counter()
-    result = finetune(load(path), train, val, cfg, progress=False)
-    scan_records = load_records(args.scan, HEAD)
-    smoothness, *_ = scan_report(result.release, scan_records, HEAD, args.scan)
-    row = {"model": name, "method": name.rsplit("_s", 1)[0], "seed": int(name.rsplit("_s", 1)[1]), "n": n,
-           "subset": subset, "best_step": result.best_step, "seconds": time.perf_counter() - tic,
-           "init": result.release.metadata["heads"][HEAD]["initialised_from"],
-           "train": evaluate(result.release, train, HEAD), "test": evaluate(result.release, test, HEAD),
-           "scan": smoothness,
-           "references_only": references_only(train, test)}
-    atomic_write_bytes(result_path(args, name, path, n, subset), json_text(row).encode())
-    return row
+    result, recipe, validation_loss = best_recipe(exp, load(start_model(out, unit.method, unit.seed)), train, val, unit)
+    if unit.n:
+        save_release(result.release.model, result.release.metadata, finetuned_model(out, unit))
+    return {"model": f"{unit.method}_s{unit.seed}", "seed": unit.seed, "n": unit.n, "subset": unit.subset,
+            "recipe": recipe, "validation_loss": validation_loss, "best_step": result.best_step,
+            "seconds": time.perf_counter() - tic, "init": result.release.metadata["heads"][head]["initialised_from"],
+            "train": evaluate(result.release, train, head), "test": evaluate(result.release, test, head),
+            "scan": scan_smoothness(exp, result.release), "references_only": references_only(train, test)}
+
+
+def best_recipe(exp: Experiment, base, train: list, val: list, unit: Unit):
+    """(result, recipe name, {recipe: validation loss}) of the recipe whose kept weights have the lowest
+    validation loss (the first on ties); N = 0 is one zero-step fine-tune, no recipe."""
+    from mlfound.finetune import FinetuneConfig, finetune
+
+    if not unit.n:
+        cfg = FinetuneConfig(head=exp.target.head, max_steps=0, seed=unit.subset)
+        return finetune(base, train, val, cfg, progress=False), None, {}
+    best, validation_loss = None, {}
+    for name, recipe in exp.finetune.recipes.items():
+        cfg = FinetuneConfig(**recipe, head=exp.target.head, max_steps=exp.finetune.max_steps, seed=unit.subset)
+        result = finetune(base, train, val, cfg, progress=False)
+        validation_loss[name] = validation_loss_of_kept_weights(result)
+        if best is None or validation_loss[name] < validation_loss[best[0]]:
+            best = (name, result)
+    return best[1], best[0], validation_loss
+
+
+def validation_loss_of_kept_weights(result) -> float:
+    """The fine-tuning validation loss at the step whose weights the fine-tune kept, in one form for every
+    recipe: FinetuneConfig's default loss weights and σ = 1 eV (E RMSE in eV/atom, F RMSE in eV/Å). Recipes
+    that change the loss weights or the source head (and so σ) still compare; for recipes that change neither
+    it ranks recipes as FinetuneResult.history's minimum "loss" does. NaN (a diverged fine-tune) counts as inf."""
+    errors = next(h["errors"] for h in result.history if h["step"] == result.best_step)
+    loss = DEFAULT_ENERGY_WEIGHT * (errors["energy_rmse_mev_atom"] / 1e3) ** 2
+    if errors["forces_rmse_mev_a"] == errors["forces_rmse_mev_a"]:  # not NaN: the split has forces
+        loss += DEFAULT_FORCES_WEIGHT * (errors["forces_rmse_mev_a"] / 1e3) ** 2
+    return loss if np.isfinite(loss) else float("inf")
+
+
+def scan_smoothness(exp: Experiment, release) -> dict | None:
+    from mlfound.data.sets import load_records
+    from mlfound.evaluate import scan_report
+
+    if exp.target.scan is None:
+        return None
+    smoothness, *_ = scan_report(release, load_records(exp.target.scan, exp.target.head), exp.target.head,
+                                 exp.target.scan)
+    return smoothness
 
 
 def references_only(train, test) -> dict:
@@ -213,61 +550,162 @@ def references_only(train, test) -> dict:
             "forces_mae_mev_a": 1e3 * float(np.abs(forces).mean())}
 
 
+# -- MACE and MD -------------------------------------------------------------------------------
+def mace_unit(exp: Experiment, out: Path, split: dict[str, Path], unit: Unit) -> dict:
+    """MACE from scratch on the unit's train subset (tools/peers/mace_cli.py in its own venv)."""
+    from mlfound.data.sets import load_records, write_extxyz
+
+    train = out / "mace" / f"train_n{unit.n}_sub{unit.subset}.extxyz"
+    if not train.exists():
+        write_extxyz(train_subset(load_records(split["pool"], exp.target.head), unit.n, unit.subset), train)
+    cmd = [str(MACE_PYTHON), str(MACE_CLI), "--train", str(train), "--val", str(split["val"]), "--test",
+           str(split["test"]), "--out", str(out / "mace" / unit.name), "--seed", str(unit.seed)]
+    if exp.mace.max_epochs is not None:
+        cmd += ["--max-epochs", str(exp.mace.max_epochs)]
+    if unit.md_runs:
+        cmd += ["--md-structure", str(split["test"]), "--md-runs", str(unit.md_runs), "--md-steps",
+                str(exp.md.steps), "--md-temperature-k", str(exp.md.temperature_k), "--md-timestep-fs",
+                str(exp.md.timestep_fs)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"MACE {unit.name} failed:\n{done.stderr[-3000:]}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"model": f"mace_s{unit.seed}", "seed": unit.seed, "n": unit.n, "subset": unit.subset,
+            "seconds": report["train_seconds"], "params": report["params"], "test": report["test"],
+            "md": report.get("md")}
+
+
+def md_run(exp: Experiment, out: Path, split: dict[str, Path], job: MdRun) -> dict:
+    """Langevin MD until the first unphysical event, from the first test structure."""
+    from ase.io import read
+
+    from mlfound.calculator import MLFoundCalculator
+    from mlfound.md_stability import first_unphysical_event
+
+    calc = MLFoundCalculator(str(finetuned_model(out, job.unit)), head=exp.target.head)
+    run = first_unphysical_event(read(split["test"], index=0), calc, temperature_k=exp.md.temperature_k,
+                                 steps=exp.md.steps, timestep_fs=exp.md.timestep_fs, seed=job.index)
+    return {"run": job.index, "model": job.unit.name, **dataclasses.asdict(run)}
+
+
+def md_summaries(results: list[dict], md_results: list[dict]) -> dict[str, dict]:
+    """stability_summary per method: mlfound methods from their MD runs, MACE from its units' runs."""
+    from mlfound.md_stability import StabilityRun, stability_summary
+
+    fields = [field.name for field in dataclasses.fields(StabilityRun)]
+    runs: dict[str, list] = {}
+    for r in md_results:
+        runs.setdefault(r["method"], []).append(StabilityRun(**{k: r[k] for k in fields}))
+    for r in results:
+        if r["method"] == "mace" and r.get("md"):
+            runs.setdefault("mace", []).extend(StabilityRun(**{k: run[k] for k in fields}) for run in r["md"]["runs"])
+    return {method: stability_summary(method_runs) for method, method_runs in runs.items()}
+
+
 # -- report ------------------------------------------------------------------------------------
-def summarise(results: list[dict], methods: list[str], sizes: list[int]) -> list[dict]:
+METRICS = {"e_mae": ("test", "energy_mae_mev_atom"), "f_mae": ("test", "forces_mae_mev_a"),
+           "f_train": ("train", "forces_mae_mev_a"), "d2": ("scan", "second_difference_rms_error_mev"),
+           "spurious": ("scan", "spurious_extrema"), "ref_e": ("references_only", "energy_mae_mev_atom"),
+           "ref_f": ("references_only", "forces_mae_mev_a")}
+
+
+def summarise(exp: Experiment, results: list[dict]) -> list[dict]:
+    """Mean and std of every metric per (method, N) over seeds x subsets, and how often each recipe won."""
     rows = []
-    for method in ["none", *methods]:
-        for n in [0, *sizes]:
+    for method in ["none", *exp.pretrain.methods, "mace"]:
+        for n in [0, *exp.finetune.sizes]:
             runs = [r for r in results if r["method"] == method and r["n"] == n]
             if not runs:
                 continue
             cell = {"method": method, "n": n, "runs": len(runs)}
-            for key, pick in (("e_mae", lambda r: r["test"]["energy_mae_mev_atom"]),
-                              ("f_mae", lambda r: r["test"]["forces_mae_mev_a"]),
-                              ("f_train", lambda r: r["train"]["forces_mae_mev_a"]),
-                              ("d2", lambda r: r["scan"]["second_difference_rms_error_mev"]),
-                              ("spurious", lambda r: r["scan"]["spurious_extrema"]),
-                              ("ref_e", lambda r: r["references_only"]["energy_mae_mev_atom"]),
-                              ("ref_f", lambda r: r["references_only"]["forces_mae_mev_a"])):
-                values = [pick(r) for r in runs]
-                cell[key] = (float(np.mean(values)), float(np.std(values)))
+            for key, (part, metric) in METRICS.items():
+                values = [r[part][metric] for r in runs if r.get(part) and r[part].get(metric) is not None]
+                cell[key] = (float(np.mean(values)), float(np.std(values))) if values else None
+            chosen = [r.get("recipe") for r in runs]
+            cell["recipes"] = ", ".join(f"{name} {chosen.count(name)}/{len(runs)}" for name in exp.finetune.recipes
+                                        ) if all(chosen) else ""
             rows.append(cell)
     return rows
 
 
-def write_report(args, rows, results, best_single, seconds) -> None:
+def write_report(exp: Experiment, out: Path, title: str, results: list[dict], md_results: list[dict],
+                 best_single: str, seconds: float) -> None:
     from mlfound.data.files import atomic_write_bytes, json_text
     from mlfound.evaluate import plot_learning_curves
 
-    tuned = [r for r in results if r["n"]]
-    at_cap = sum(r["best_step"] == args.max_steps for r in tuned)
-    lines = [f"# {len(results)} fine-tune units, {seconds / 60:.1f} min in all; best single LoT: {best_single}",
-             f"# pretraining: {args.grad_steps} gradient steps per rank; fine-tuning: Adam lr {args.lr:g}, cosine decay"
-             f" over at most {args.max_steps} steps; {at_cap} of {len(tuned)} fine-tunes were best at the last step",
-             "# test errors mean ± std over 2 pretraining seeds x 2 subsets (n = 0: zero-shot, refitted references)",
-             f"{'method':<13}{'N':>4}{'runs':>5}{'E MAE meV/atom':>18}{'F MAE meV/Å':>16}{'train F MAE':>14}"
-             f"{'scan d2 err meV':>18}{'spurious':>11}"]
-    for r in rows:
-        lines.append(f"{r['method']:<13}{r['n']:>4}{r['runs']:>5}{_pm(r['e_mae']):>18}{_pm(r['f_mae'], 0):>16}"
-                     f"{_pm(r['f_train'], 0):>14}{_pm(r['d2']):>18}{_pm(r['spurious']):>11}")
-    lines.append("# references only (no network), fitted on the same N structures")
-    for n in sorted({r["n"] for r in rows if r["n"]}):
-        cell = next(r for r in rows if r["n"] == n)
-        lines.append(f"{'references':<13}{n:>4}{'':>5}{_pm(cell['ref_e']):>18}{_pm(cell['ref_f'], 0):>16}")
-    table = "\n".join(lines)
+    md = md_summaries(results, md_results)
+    lines = [*table_lines(exp, summarise(exp, results), results, best_single, seconds), *md_lines(exp, md)]
+    table = "\n".join(line.rstrip() for line in lines)
     print(table)
-    atomic_write_bytes(args.out / "table.txt", (table + "\n").encode())
-    atomic_write_bytes(args.out / "results.json", json_text(results).encode())
+    atomic_write_bytes(out / "table.txt", (table + "\n").encode())
+    report = {"experiment": exp.model_dump(mode="json"), "best_single": best_single, "units": results,
+              "md_runs": md_results, "md_summary": md}
+    atomic_write_bytes(out / "results.json", json_text(report).encode())
     curves = {}
     for r in results:
         if r["n"]:
             curves.setdefault(r["method"], {}).setdefault(r["n"], []).append(r["test"])
-    plot_learning_curves(curves, args.out / "learning_curve.png", "new LoT (HF/6-31G paracetamol): test error")
-    print(f"wrote {args.out / 'table.txt'}, results.json, learning_curve.png")
+    plot_learning_curves(curves, out / "learning_curve.png",
+                         f"{title}: new head {exp.target.head} ({exp.target.file.name}), test error")
+    print(f"wrote {out / 'table.txt'}, results.json, learning_curve.png")
+
+
+def table_lines(exp: Experiment, rows: list[dict], results: list[dict], best_single: str, seconds: float) -> list:
+    ft, p = exp.finetune, exp.pretrain
+    tuned = [r for r in results if r["n"] and r["method"] != "mace"]
+    at_cap = sum(r["best_step"] == ft.max_steps for r in tuned)
+    recipes = "; ".join(f"{name} {json.dumps(recipe)}" for name, recipe in ft.recipes.items())
+    lines = [f"# {len(results)} units, {seconds / 60:.1f} min in all; best single LoT: {best_single}",
+             f"# pretraining: {p.grad_steps} gradient steps per rank, config {_shown(p.config)} {p.overrides}",
+             f"# fine-tuning recipes, at most {ft.max_steps} steps each: {recipes}",
+             "# each fine-tune keeps the recipe with the lowest validation loss; only that one is tested; "
+             f"{at_cap} of {len(tuned)} kept fine-tunes were best at the last step",
+             f"# test errors mean ± std over {len(p.seeds)} seeds x {len(ft.subsets)} subsets "
+             "(n = 0: zero-shot, refitted references; mace: MACE from scratch, same splits)",
+             f"{'method':<13}{'N':>4}{'runs':>5}{'E MAE meV/atom':>18}{'F MAE meV/Å':>16}{'train F MAE':>14}"
+             f"{'scan d2 err meV':>18}{'spurious':>11}  recipe chosen"]
+    for r in rows:
+        lines.append(f"{r['method']:<13}{r['n']:>4}{r['runs']:>5}{_pm(r['e_mae']):>18}{_pm(r['f_mae'], 0):>16}"
+                     f"{_pm(r['f_train'], 0):>14}{_pm(r['d2']):>18}{_pm(r['spurious']):>11}  {r['recipes']}")
+    lines.append("# references only (no network), fitted on the same N structures")
+    for n in ft.sizes:
+        cell = next((r for r in rows if r["n"] == n and r["ref_e"]), None)
+        if cell:
+            lines.append(f"{'references':<13}{n:>4}{'':>5}{_pm(cell['ref_e']):>18}{_pm(cell['ref_f'], 0):>16}")
+    return lines
+
+
+def md_lines(exp: Experiment, summaries: dict[str, dict]) -> list[str]:
+    """Per method: stable runs / runs, median and shortest time to the first event (stable runs count
+    at their full length), and the kinds of events."""
+    if exp.md is None:
+        return []
+    md = exp.md
+    lines = [f"# MD stability: {md.runs} Langevin runs per method at {md.temperature_k:g} K, {md.steps} steps of "
+             f"{md.timestep_fs:g} fs from the first test structure, models fine-tuned on N = {md.n} "
+             "(run i: seed i, the method's unit i mod its units; mace: the runs split over its units, seeds from 0 "
+             "in each); times to the first unphysical event, a stable run "
+             f"counting at its full length ({md.steps * md.timestep_fs:g} fs)",
+             f"{'method':<13}{'stable':>8}{'median fs':>11}{'min fs':>9}  events"]
+    for method in ["none", *exp.pretrain.methods, "mace"]:
+        s = summaries.get(method)
+        if s:
+            lines.append(f"{method:<13}{s['num_stable']:>4}/{s['num_runs']:<3}{s['median_time_fs']:>11.0f}"
+                         f"{s['min_time_fs']:>9.0f}  {_event_kinds(s['events'])}")
+    return lines
+
+
+def _event_kinds(events: list[str | None]) -> str:
+    kinds = [("close contact" if e.startswith("atoms") else e.split(":")[0].split(" ")[0]) for e in events if e]
+    return ", ".join(f"{kind} {kinds.count(kind)}" for kind in sorted(set(kinds))) or "none"
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _pm(mean_std, digits: int = 1) -> str:
-    return f"{mean_std[0]:.{digits}f} ± {mean_std[1]:.{digits}f}"
+    return f"{mean_std[0]:.{digits}f} ± {mean_std[1]:.{digits}f}" if mean_std else ""
 
 
 if __name__ == "__main__":

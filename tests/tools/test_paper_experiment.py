@@ -1,33 +1,92 @@
-"""tools/paper_experiment.py end to end at toy size: real 2-rank DeepSpeed pretraining, real
-fine-tunes, the table, the plot, and resuming (a rerun trains nothing). The numbers mean nothing at
-this size; what is tested is that the experiment runs, counts its units and resumes."""
+"""tools/paper_experiment.py end to end at toy size: real 2-rank DeepSpeed pretraining, real fine-tunes
+with two recipes chosen on validation, real MD runs, the table, the plot, and resuming (a rerun trains
+nothing). The numbers mean nothing at this size; what is tested is that the experiment runs what its
+YAML says, records its choices, and resumes; and that a mistyped recipe fails before anything runs."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from mlfound.release import read_metadata
+
 ROOT = Path(__file__).resolve().parents[2]
+# "slow" comes first: a tool that always kept the first recipe would keep it, and fail the test below
+RECIPES = {"slow": {"lr": 1.0e-5, "eval_every": 2}, "fast": {"lr": 1.0e-2, "eval_every": 2}}
 
 
-def run(out: Path, shards: Path):
-    args = ["--out", out, "--shards", shards, "--methods", "reptile_k5", "--sizes", "10", "--grad-steps", "5",
-            "--max-steps", "4", "--workers", "2"]
+def toy_experiment(tmp_path: Path, recipes: dict) -> Path:
+    """The demo experiment at toy size, sharded into tmp_path; relative paths are the repository's."""
+    experiment = {
+        "pretrain": {"corpus": "data/demo", "shards": str(tmp_path / "shards"), "config": "configs/demo.yaml",
+                     "overrides": ["model.channels=8"], "grad_steps": 5, "methods": ["reptile_k5"], "seeds": [0, 1]},
+        "target": {"file": "data/demo/hf_631g.extxyz", "head": "hf_631g", "test": 20, "val": 10,
+                   "scan": "data/demo/scans/hf_631g_paracetamol-amide_scan.extxyz"},
+        "finetune": {"sizes": [10, 25], "subsets": [0, 1], "max_steps": 4, "recipes": recipes},
+        "mace": {"enabled": False},
+        "md": {"n": 10, "runs": 2, "steps": 20, "temperature_k": 600.0, "timestep_fs": 0.5},
+    }
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(experiment, sort_keys=False))  # recipe order matters
+    return path
+
+
+def run(experiment: Path, out: Path, *overrides: str):
+    args = ["--experiment", experiment, "--out", out, "--workers", "2", *overrides]
     return subprocess.run([sys.executable, ROOT / "tools" / "paper_experiment.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "MLFOUND_NO_SHM_OP": "1"})
+                          capture_output=True, text=True,
+                          env={**os.environ, "MLFOUND_NO_SHM_OP": "1", "OMP_NUM_THREADS": "1"})
 
 
-def test_toy_run_writes_table_and_plot_and_resumes(tmp_path):
-    out, shards = tmp_path / "paper", tmp_path / "shards"
-    first = run(out, shards)
+def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
+    experiment, out = toy_experiment(tmp_path, RECIPES), tmp_path / "paper"
+    first = run(experiment, out, "finetune.sizes=[10]")  # the command line overrides the YAML's [10, 25]
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "12 fine-tune units, 12 to run" in first.stdout  # (none, reptile_k5) x 2 seeds x (zero-shot, 2 subsets)
-    results = json.loads((out / "results.json").read_text())
-    assert sorted({(r["method"], r["seed"], r["n"], r["subset"]) for r in results}) == sorted(
+    assert "12 units, 12 to run" in first.stdout  # (none, reptile_k5) x 2 seeds x (zero-shot, 2 subsets)
+    assert "4 MD runs, 4 to run" in first.stdout  # 2 per method
+    assert "MACE rows are left out: mace.enabled is false" in first.stdout
+    report = json.loads((out / "results.json").read_text())
+    units = report["units"]
+    assert sorted((r["method"], r["seed"], r["n"], r["subset"]) for r in units) == sorted(
         (m, s, n, sub) for m in ("none", "reptile_k5") for s in (0, 1) for n, sub in ((0, 0), (10, 0), (10, 1)))
+    for method in ("none", "reptile_k5"):  # the pretraining overrides reach scratch and pretrained models alike
+        assert read_metadata(out / "models" / f"{method}_s0.safetensors")["model_config"]["channels"] == 8
+
+    tuned = [r for r in units if r["n"]]
+    for r in tuned:
+        assert set(r["validation_loss"]) == set(RECIPES)
+        assert r["recipe"] == min(r["validation_loss"], key=r["validation_loss"].get)
+    assert any(r["recipe"] != "slow" for r in tuned)  # the choice is not simply the first recipe
+    assert all(r["recipe"] is None and r["validation_loss"] == {} for r in units if not r["n"])
+
     table = (out / "table.txt").read_text()
-    assert all(f"{m:<13}{n:>4}{runs:>5}" in table for m in ("none", "reptile_k5") for n, runs in ((0, 2), (10, 4)))
+    for method in ("none", "reptile_k5"):
+        assert f"{method:<13}{0:>4}{2:>5}" in table
+        chosen = [r["recipe"] for r in tuned if r["method"] == method]
+        row = next(line for line in table.splitlines() if line.startswith(f"{method:<13}{10:>4}{4:>5}"))
+        assert row.endswith(f"slow {chosen.count('slow')}/4, fast {chosen.count('fast')}/4")
+    assert "lowest validation loss" in table and "references" in table
     assert (out / "learning_curve.png").stat().st_size > 0
-    again = run(out, shards)
+
+    assert sorted((r["method"], r["run"], r["model"]) for r in report["md_runs"]) == sorted(
+        (m, i, f"{m}_s0_n10_sub{i}") for m in ("none", "reptile_k5") for i in (0, 1))  # run i: unit i mod 4
+    assert {m: s["num_runs"] for m, s in report["md_summary"].items()} == {"none": 2, "reptile_k5": 2}
+    assert "# MD stability" in table and all(f"{m:<13}" in table.split("# MD stability")[1]
+                                             for m in ("none", "reptile_k5"))
+
+    again = run(experiment, out, "finetune.sizes=[10]")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "0 to run" in again.stdout and "pretrained" not in again.stdout
+    assert "12 units, 0 to run" in again.stdout and "4 MD runs, 0 to run" in again.stdout
+    assert "pretrained" not in again.stdout
+
+
+def test_unknown_recipe_key_fails_before_anything_runs(tmp_path):
+    recipes = {"cosine": {"lr": 1.0e-2}, "low_trunk": {"lr": 1.0e-2, "lr_trunc": 1.0e-3}}
+    out = tmp_path / "paper"
+    done = run(toy_experiment(tmp_path, recipes), out)
+    assert done.returncode == 2
+    assert "finetune.recipes.low_trunk.lr_trunc: Extra inputs are not permitted" in done.stderr
+    assert "lr_trunk" in done.stderr  # the valid keys are listed
+    assert not (tmp_path / "shards").exists() and not out.exists()
