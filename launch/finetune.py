@@ -1,9 +1,10 @@
 """Fine-tune a released model on a small dataset, onto an existing head or a new head for a new LoT.
 
-    python launch/finetune.py --model runs/demo/pretrained.safetensors --head hf_631g \\
+    python launch/finetune.py --model default --head hf_631g \\
         --train runs/demo/split/train.extxyz --num-train 50 --val runs/demo/split/val.extxyz \\
         --out runs/demo/finetuned.safetensors
 
+``--model default`` (the default) is the registry's default release (``mlfound show`` describes it).
 The output is a new release that keeps every old head. ``--max-steps 0`` adds the head without training.
 """
 import argparse
@@ -19,7 +20,8 @@ from mlfound.release import ReleaseError  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="release file or registry name")
+    p.add_argument("--model", default="default",
+                   help="release file or registry name (default: the registry's default release)")
     p.add_argument("--head", required=True, help="existing head, or a new head's name (its LoT)")
     p.add_argument("--train", type=Path, required=True, help="data file (extxyz, db, npz, h5) or shard folder")
     p.add_argument("--val", type=Path, help="validation data for early stopping")

@@ -1,8 +1,8 @@
 """The ``mlfound`` command: export, show, split, evaluate, learning-curve.
 
-    mlfound export RUN_DIR --out model.safetensors [--register NAME]   # training checkpoint -> release
-    mlfound export OLD.safetensors --out new.safetensors  # an older release rewritten in the current format
-    mlfound show MODEL                                   # heads, LoTs, sizes, history
+    mlfound export RUN_DIR --out model.safetensors [--register NAME [--default]] [--card CARD.json]
+    mlfound export OLD.safetensors --out new.safetensors  # an older release rewritten (or given a card)
+    mlfound show MODEL                                   # heads, LoTs, sizes, history, model card
     mlfound split DATA --out DIR --sizes train=200 val=50 test=rest
     mlfound evaluate MODEL DATA --head H [--scan] [--json OUT]
     mlfound learning-curve MODEL... --data TEST --head H --out curve.png
@@ -32,10 +32,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="release file, e.g. model.safetensors")
     p.add_argument("--register", metavar="NAME", help="also list it under NAME in models/registry.json")
     p.add_argument("--description", default="", help="registry description")
+    p.add_argument("--default", action="store_true", help="with --register: make it the release named 'default'")
+    p.add_argument("--card", type=Path, help="model card (JSON, as tools/paper_experiment.py writes them) to attach")
     p.set_defaults(run=cmd_export)
 
-    p = commands.add_parser("show", help="print a release's heads, LoTs, sizes and history")
-    p.add_argument("model", help="release file or registry name")
+    p = commands.add_parser("show", help="print a release's heads, LoTs, sizes, history and model card")
+    p.add_argument("model", nargs="?", default="default",
+                   help="release file or registry name (default: the registry's default release)")
     p.set_defaults(run=cmd_show)
 
     p = commands.add_parser("split", help="split a data file into disjoint random subsets (extxyz)")
@@ -66,11 +69,14 @@ def main(argv=None) -> int:
     p.set_defaults(run=cmd_learning_curve)
 
     args = parser.parse_args(argv)
+    from mlfound.model_card import CardError
     from mlfound.release import ReleaseError
 
+    if getattr(args, "default", False) and not args.register:
+        parser.error("--default needs --register NAME")
     try:
         return args.run(args)
-    except (DataError, ReleaseError, FileNotFoundError) as err:
+    except (DataError, ReleaseError, CardError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -97,27 +103,38 @@ def _records(args, path: Path, task: str):
 
 
 def cmd_export(args) -> int:
-    if args.checkpoint.is_file():
-        from mlfound.release import load, save_release
+    from mlfound.model_card import CARD_KEY, read_card
+    from mlfound.release import load, save_release
 
+    card = read_card(args.card) if args.card else None  # a bad card fails before anything is written
+    if args.checkpoint.is_file():
         release = load(args.checkpoint)
-        path = save_release(release.model, release.metadata, args.out)
+        metadata = release.metadata
     else:
         from mlfound.train.export import export
 
-        path = export(args.checkpoint, args.out)
+        release = load(export(args.checkpoint, args.out))
+        metadata = release.metadata
+    if card is not None:
+        metadata = {**metadata, CARD_KEY: card.model_dump(mode="json")}
+    path = save_release(release.model, metadata, args.out)
     print(f"wrote {path}")
     if args.register:
         from mlfound.release import register
 
-        entry = register(args.register, path, args.description)
-        print(f"registered {args.register!r} (sha256 {entry['sha256'][:12]}...)")
+        entry = register(args.register, path, args.description, default=args.default)
+        print(f"registered {args.register!r}{' as the default release' if args.default else ''} "
+              f"(sha256 {entry['sha256'][:12]}...)")
     return cmd_show(argparse.Namespace(model=str(path)))
 
 
 def cmd_show(args) -> int:
+    from pydantic import ValidationError
+
+    from mlfound.config import describe
     from mlfound.data.readers import lot_label
-    from mlfound.release import load
+    from mlfound.model_card import CARD_KEY, card_lines
+    from mlfound.release import ReleaseError, load
 
     release = load(args.model)  # verifies the content hashes and the references against the weights
     path, meta = release.path, release.metadata
@@ -145,6 +162,12 @@ def cmd_show(args) -> int:
                   f"k = {stage['inner_steps']})")
         else:
             print(f"history: fine-tune head {stage['head']} (best step {stage['best_step']})")
+    if CARD_KEY in meta:
+        try:
+            print("\n".join(card_lines(meta[CARD_KEY])))
+        except ValidationError as err:
+            raise ReleaseError(f"{path}: its model card is malformed ({describe(err)}); attach a valid one with "
+                               f"mlfound export {path} --card CARD.json --out FILE") from None
     return 0
 
 

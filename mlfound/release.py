@@ -12,7 +12,8 @@ shape and bytes) and of every top-level metadata entry, written at export and ve
 and by ``mlfound show``: one flipped bit in a weight, or an edited cutoff, is an error naming what
 changed, never a silently different model.
 
-Releases are found by path or by name through ``models/registry.json`` (name -> file, sha256, LoTs).
+Releases are found by path or by name through ``models/registry.json`` (name -> file, sha256, LoTs);
+the name ``default`` is the entry marked ``"default": true``, the release the README's user path starts from.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ REEXPORT_ADVICE = ("re-export it from its training checkpoint (mlfound export RU
                    "output, or restore the original file")
 REGISTRY_DIR = Path(os.environ.get("MLFOUND_MODELS", Path(__file__).resolve().parents[1] / "models"))
 REGISTRY_NAME = "registry.json"
+DEFAULT_NAME = "default"  # resolves to the registry entry marked "default": true
 
 
 class ReleaseError(ValueError):
@@ -219,16 +221,24 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Release:
 
 
 def resolve(name_or_path: Path | str) -> Path:
-    """A path that exists, or a name from the registry whose file matches its recorded sha256."""
+    """A path that exists, or a name from the registry (``default``: the entry marked default) whose file
+    matches its recorded sha256."""
     path = Path(name_or_path)
     if path.exists():
         return path
     registry_path = REGISTRY_DIR / REGISTRY_NAME
-    registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
-    if str(name_or_path) not in registry:
+    registry = _read_registry()
+    name = str(name_or_path)
+    if name == DEFAULT_NAME:
+        marked = [n for n, entry in registry.items() if entry.get("default")]
+        if not marked:
+            raise ReleaseError(f"no release in {registry_path} is marked default; mark one with "
+                               "mlfound export MODEL --out FILE --register NAME --default")
+        name = marked[0]
+    if name not in registry:
         raise ReleaseError(f"{name_or_path}: no such file, and no model of that name in {registry_path} "
                            f"(known: {sorted(registry)})")
-    entry = registry[str(name_or_path)]
+    entry = registry[name]
     path = REGISTRY_DIR / entry["file"]
     digest = sha256_file(path)
     if digest != entry["sha256"]:
@@ -237,19 +247,32 @@ def resolve(name_or_path: Path | str) -> Path:
     return path
 
 
-def register(name: str, path: Path, description: str = "") -> dict:
-    """Add or replace registry entry ``name`` for the release at ``path`` (which must lie in the registry folder)."""
+def register(name: str, path: Path, description: str = "", default: bool = False) -> dict:
+    """Add or replace registry entry ``name`` for the release at ``path`` (which must lie in the registry folder);
+    ``default`` makes it the one release marked default."""
     path = Path(path).resolve()
+    if name == DEFAULT_NAME:
+        raise ReleaseError(f"{name!r} is reserved for the release marked default; register under another name "
+                           "and pass --default")
     if path.parent != REGISTRY_DIR.resolve():
         raise ReleaseError(f"{path}: a registered release must lie in the registry folder {REGISTRY_DIR}")
     heads = read_metadata(path)["heads"]
     entry = {"file": path.name, "sha256": sha256_file(path), "description": description,
              "lots": {h: lot_label(d.get("lot", {})) for h, d in heads.items()}}
-    registry_path = REGISTRY_DIR / REGISTRY_NAME
-    registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
+    registry = _read_registry()
+    if default:
+        registry = {n: {k: v for k, v in e.items() if k != "default"} for n, e in registry.items()}
+        entry["default"] = True
+    elif registry.get(name, {}).get("default"):
+        entry["default"] = True  # re-registering the default keeps it the default
     registry[name] = entry
-    atomic_write_bytes(registry_path, (json.dumps(registry, indent=1) + "\n").encode())
+    atomic_write_bytes(REGISTRY_DIR / REGISTRY_NAME, (json.dumps(registry, indent=1) + "\n").encode())
     return entry
+
+
+def _read_registry() -> dict:
+    registry_path = REGISTRY_DIR / REGISTRY_NAME
+    return json.loads(registry_path.read_text()) if registry_path.exists() else {}
 
 
 def _check_framing(path: Path) -> None:

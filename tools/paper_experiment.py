@@ -26,7 +26,8 @@ Stages, each skipping what <out> already holds (rerun the command to resume):
             (tools/peers/mace_cli.py in .venv-mace; left out with a note when that venv is missing)
   md        md.runs Langevin runs per method from the first test structure, with models fine-tuned on
             N = md.n; run i has seed i and uses that method's unit i mod (its number of units at md.n)
-Outputs: <out>/table.txt (mean ± std over seeds x subsets), results.json, learning_curve.png.
+Outputs: <out>/table.txt (mean ± std over seeds x subsets), results.json, learning_curve.png, and
+model_cards/<method>_s<seed>.json for every pretrained start (`mlfound export MODEL --card ...` attaches one).
 """
 import argparse
 import concurrent.futures as cf
@@ -34,6 +35,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -647,7 +649,21 @@ def write_report(exp: Experiment, out: Path, title: str, results: list[dict], md
             curves.setdefault(r["method"], {}).setdefault(r["n"], []).append(r["test"])
     plot_learning_curves(curves, out / "learning_curve.png",
                          f"{title}: new head {exp.target.head} ({exp.target.file.name}), test error")
-    print(f"wrote {out / 'table.txt'}, results.json, learning_curve.png")
+    write_model_cards(exp, out, report)
+    print(f"wrote {out / 'table.txt'}, results.json, learning_curve.png, model_cards/")
+
+
+def write_model_cards(exp: Experiment, out: Path, report: dict) -> None:
+    """One model card per pretrained start: its learning curve next to scratch, MACE and references."""
+    from mlfound.data.files import atomic_write_bytes, json_text
+    from mlfound.model_card import card_from_results
+
+    command = shlex.join(["python", _shown(Path(sys.argv[0]).resolve()), *sys.argv[1:]])
+    for method in exp.pretrain.methods:
+        for seed in exp.pretrain.seeds:
+            card = card_from_results(report, method, seed, command, ROOT)
+            atomic_write_bytes(out / "model_cards" / f"{method}_s{seed}.json",
+                               json_text(card.model_dump(mode="json")).encode())
 
 
 def table_lines(exp: Experiment, rows: list[dict], results: list[dict], best_single: str, seconds: float) -> list:

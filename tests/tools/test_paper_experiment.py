@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from mlfound.model_card import read_card
 from mlfound.release import read_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,6 +77,14 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
     assert {m: s["num_runs"] for m, s in report["md_summary"].items()} == {"none": 2, "reptile_k5": 2}
     assert "# MD stability" in table and all(f"{m:<13}" in table.split("# MD stability")[1]
                                              for m in ("none", "reptile_k5"))
+
+    for seed in (0, 1):  # a model card per pretrained start, from this run's numbers, that export accepts
+        card = read_card(out / "model_cards" / f"reptile_k5_s{seed}.json")
+        ours = [u["test"]["forces_mae_mev_a"] for u in units
+                if (u["method"], u["seed"], u["n"]) == ("reptile_k5", seed, 10)]
+        points = card.learning_curve.points
+        assert [(p.start, p.runs) for p in points[:2]] == [("this model", 2), ("mlfound from scratch", 2)]
+        assert points[0].forces_mae_mev_a == pytest.approx(sum(ours) / 2, rel=1e-12)
 
     again = run(experiment, out, "finetune.sizes=[10]")
     assert again.returncode == 0, again.stderr[-3000:]
