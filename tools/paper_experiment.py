@@ -145,6 +145,8 @@ def _check_recipe(name: str, recipe: dict[str, Any]) -> dict[str, Any]:
         if any(e["type"] == "extra_forbidden" for e in err.errors()):
             problems += f" (recipe keys are FinetuneConfig fields: {', '.join(RECIPE_FIELDS)})"
         raise ValueError(problems) from None
+    if cfg.replay is not None:  # like every path in the experiment, relative to the repository root
+        cfg.replay.shard_root = _from_root(cfg.replay.shard_root)
     return {key: value for key, value in cfg.model_dump(mode="json").items() if key in recipe}
 
 

@@ -100,3 +100,16 @@ def test_unknown_recipe_key_fails_before_anything_runs(tmp_path):
     assert "finetune.recipes.low_trunk.lr_trunc: Extra inputs are not permitted" in done.stderr
     assert "lr_trunk" in done.stderr  # the valid keys are listed
     assert not (tmp_path / "shards").exists() and not out.exists()
+
+
+def test_the_shipped_experiments_load_and_replay_reads_shards_from_the_repository_root(monkeypatch, tmp_path):
+    """e1/e2.yaml validate as written; a replay recipe's relative shard_root is the repository's, like every
+    path of the experiment, whatever the working directory."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    monkeypatch.chdir(tmp_path)
+    from paper_experiment import load_experiment
+
+    for name in ("e1", "e2"):
+        exp = load_experiment(ROOT / "configs" / "experiments" / f"{name}.yaml")
+        assert exp.finetune.recipes["replay"]["replay"]["shard_root"] == str(ROOT / "runs" / name / "shards")
+        assert exp.pretrain.shards == ROOT / "runs" / name / "shards"
