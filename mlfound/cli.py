@@ -139,7 +139,8 @@ def cmd_show(args) -> int:
     release = load(args.model)  # verifies the content hashes and the references against the weights
     path, meta = release.path, release.metadata
     cfg = meta["model_config"]
-    print(f"{path}  ({path.stat().st_size / 1024:.0f} KiB, format {meta['format_version']}, "
+    shown = os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else path  # registry files too
+    print(f"{shown}  ({path.stat().st_size / 1024:.0f} KiB, format {meta['format_version']}, "
           f"mlfound {meta['code_version']}, created {meta['created']})")
     print("content: " + ("sha256 of every tensor and metadata entry verified" if release.verified else
                          "NOT verified (written before content hashes; re-export it with mlfound export)"))

@@ -9,7 +9,7 @@ import pytest
 
 from mlfound import release as release_module
 from mlfound.cli import main as mlfound
-from mlfound.model_card import CARD_KEY, card_from_results
+from mlfound.model_card import CARD_KEY, ModelCard, card_from_results
 from mlfound.release import ReleaseError, load, register, release_metadata, save_release
 from tests.model.test_potential import make_potential
 
@@ -104,3 +104,26 @@ def test_default_names_the_one_release_marked_default(tmp_path, monkeypatch):
     assert load("default").path == second
     with pytest.raises(ReleaseError, match="reserved"):
         register("default", first)
+
+
+def test_the_shipped_default_release_carries_a_card_of_the_committed_corpus(demo_dir):
+    """models/registry.json marks one default; its card names the E2 corpus by the committed SHA256SUMS and
+    holds the learning curve next to scratch and MACE at N = 10 and 50."""
+    release = load("default")
+    card = ModelCard.model_validate(release.metadata[CARD_KEY])
+    manifest = demo_dir.parent / "e2" / "SHA256SUMS"
+    assert card.corpus_sha256 == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    starts = {(p.start, p.num_train) for p in card.learning_curve.points}
+    assert {(s, n) for s in ("this model", "mlfound from scratch", "MACE from scratch") for n in (10, 50)} <= starts
+    assert release.model.config.correlation == 3 and release.heads[0] == "gfn2_xtb"
+
+
+def test_finetuning_starts_from_the_default_release_unless_told_otherwise(demo_dir, tmp_path):
+    from tests.test_finetune import run_finetune
+
+    out = tmp_path / "ft.safetensors"
+    done = run_finetune("--head", "hf_631g", "--train", str(demo_dir / "hf_631g.extxyz"), "--num-train", "5",
+                        "--max-steps", "0", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    default = load("default")
+    assert load(out).metadata["heads"]["gfn2_xtb"]["data"] == default.metadata["heads"]["gfn2_xtb"]["data"]
