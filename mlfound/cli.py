@@ -106,18 +106,15 @@ def cmd_export(args) -> int:
     from mlfound.model_card import CARD_KEY, read_card
     from mlfound.release import load, save_release
 
-    card = read_card(args.card) if args.card else None  # a bad card fails before anything is written
+    # a bad card fails before anything is written
+    card = {CARD_KEY: read_card(args.card).model_dump(mode="json")} if args.card else {}
     if args.checkpoint.is_file():
         release = load(args.checkpoint)
-        metadata = release.metadata
     else:
         from mlfound.train.export import export
 
         release = load(export(args.checkpoint, args.out))
-        metadata = release.metadata
-    if card is not None:
-        metadata = {**metadata, CARD_KEY: card.model_dump(mode="json")}
-    path = save_release(release.model, metadata, args.out)
+    path = save_release(release.model, {**release.metadata, **card}, args.out)
     print(f"wrote {path}")
     if args.register:
         from mlfound.release import register
