@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mlfound.data.urls import check_url_template
 from mlfound.model.potential import ModelConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -24,6 +25,14 @@ class DataConfig(_Strict):
     tasks: list[str] = Field(min_length=1)  # pretraining tasks: <shard_root>/<task>/manifest.json
     max_atoms_per_batch: int = Field(128, ge=1)
     max_graphs_per_batch: int | None = Field(None, ge=1)
+    shard_url_template: str | None = None  # stream shards from a mirror of shard_root: mlfound/data/urls.py
+
+    @field_validator("shard_url_template")
+    @classmethod
+    def _url_template(cls, template: str | None) -> str | None:
+        if template is not None:
+            check_url_template(template)
+        return template
 
 
 class SamplingConfig(_Strict):

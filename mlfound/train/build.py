@@ -26,7 +26,8 @@ def build_potential(cfg: RunConfig, manifests: dict[str, dict]) -> Potential:
 
 
 def build_batchers(cfg: RunConfig, rank: int, world_size: int) -> dict[str, AtomBudgetBatcher]:
-    return {task: AtomBudgetBatcher(TaskStream(cfg.data.shard_root / task, cfg.seed, rank, world_size),
+    return {task: AtomBudgetBatcher(TaskStream(cfg.data.shard_root / task, cfg.seed, rank, world_size,
+                                               cfg.data.shard_url_template),
                                     cfg.data.max_atoms_per_batch, cfg.model.cutoff_a, cfg.data.tasks,
                                     cfg.data.max_graphs_per_batch)
             for task in cfg.data.tasks}

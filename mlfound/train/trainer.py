@@ -64,7 +64,7 @@ class Trainer:
         self._window = self._new_window()
         self._validation_batches = validation_batches(  # now: a bad validation shard fails before training
             validation_dirs(cfg), cfg.data.tasks, cfg.model.cutoff_a, cfg.data.max_atoms_per_batch,
-            self.rank, self.world_size)
+            self.rank, self.world_size, cfg.data.shard_url_template)
         self._evaluation: tuple[int | None, dict] = (None, {})  # (step, table) of the latest evaluation
 
     def train(self, resume: str | None = None) -> dict:
