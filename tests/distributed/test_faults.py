@@ -40,11 +40,11 @@ def uninterrupted(shard_root, tmp_path_factory):
     return states
 
 
-def checkpoint_state(run_dir: Path) -> dict[str, object]:
+def checkpoint_state(run_dir: Path, steps: int = STEPS) -> dict[str, object]:
     """Every tensor and number in the latest checkpoint's files, keyed by file and path (strings such as
     folder names are left out): model, optimizer partitions, scheduler, streams, RNG states."""
     tag = checkpoint.latest_tag(run_dir)
-    assert tag == f"step{STEPS:08d}", tag
+    assert tag == f"step{steps:08d}", tag
     state = {}
     for path in sorted((checkpoint.checkpoint_dir(run_dir) / tag).glob("*.pt")):
         _flatten(torch.load(path, weights_only=False, map_location="cpu"), path.name, state)
