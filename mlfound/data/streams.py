@@ -166,12 +166,16 @@ class TaskStream:
         try:
             data = _read_all(location)
         except OSError as err:
-            raise DataError(f"shard {location} (task {self.task!r}): cannot read it ({err}); check "
-                            "data.shard_url_template and that this node reaches the server") from err
+            hint = ("" if self.shard_url_template is None
+                    else "; check data.shard_url_template and that this node reaches the server")
+            raise DataError(f"shard {location} (task {self.task!r}): cannot read it ({err}){hint}") from err
         if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise DataError(f"shard {location}: sha256 does not match {self.task_dir / MANIFEST_NAME}; the file is "
-                            "corrupted or was changed: re-run tools/shard_dataset.py, and copy the shards again "
-                            "to any mirror data.shard_url_template reads")
+            if self.shard_url_template is None:
+                raise DataError(f"shard {location}: sha256 does not match the manifest; the file is corrupted or "
+                                "was changed, re-run tools/shard_dataset.py")
+            raise DataError(f"shard {location}: sha256 does not match {self.task_dir / MANIFEST_NAME}; the remote "
+                            "copy is corrupted or not the shard the manifest describes: copy the shard root there "
+                            "again (after re-running tools/shard_dataset.py if the local shards changed)")
         return data
 
     def _read_shard(self, shard: int) -> list[Record]:
