@@ -99,17 +99,22 @@ def _group_records(spec: SourceSpec, group, layout: Hdf5Layout, first_index: int
                             f"(has {sorted(group)}); give the right key, or --skip-bad to reject its records")
         return num
     provenance = {"group": group.name, **{key: _text(spec, group, key) for key in layout.provenance_keys}}
-    numbers = group[layout.numbers_key][()]
-    energies, forces = group[spec.energy_key], group[spec.forces_key] if spec.forces_key else None
+    numbers, energies = group[layout.numbers_key], group[spec.energy_key]
+    forces = group[spec.forces_key] if spec.forces_key else None
+    shared_numbers = numbers[()] if numbers.ndim == 1 else None  # else (M, N): a row per conformer
     for start in range(0, num, CHUNK_CONFORMERS):
         rows = slice(start, min(num, start + CHUNK_CONFORMERS))
-        arrays = {"positions": positions[()][None] if single else positions[rows],
-                  "energies": np.reshape(energies[()], -1) if single else energies[rows],
-                  "forces": None if forces is None else forces[()][None] if single else forces[rows],
-                  "numbers": numbers if numbers.ndim == 1 else numbers[rows]}
-        where = f"{spec.path}: group {group.name!r}"
-        yield from conformer_records(spec, where, **arrays, first_index=first_index + start, provenance=provenance)
+        yield from conformer_records(
+            spec, f"{spec.path}: group {group.name!r}", first_index=first_index + start, provenance=provenance,
+            numbers=_rows(numbers, rows, single) if shared_numbers is None else shared_numbers,
+            positions=_rows(positions, rows, single), energies=_rows(energies, rows, single),
+            forces=None if forces is None else _rows(forces, rows, single))
     return num
+
+
+def _rows(dataset, rows: slice, single: bool) -> np.ndarray:
+    """Rows of a per-conformer dataset; the dataset of a group holding one conformer is that conformer's row."""
+    return dataset[()][None] if single else dataset[rows]
 
 
 def _text(spec: SourceSpec, group, key: str) -> str:

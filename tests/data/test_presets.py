@@ -3,10 +3,7 @@
 one file yields several LoT tasks, and a missing key is an error naming file, group and key."""
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -18,22 +15,36 @@ from mlfound.data.presets import PRESETS, preset_sources, reading_options
 from mlfound.data.readers import BadRecord, Record, SourceSpec, Unlabelled, lot_metadata, read_entries, read_source
 from mlfound.data.shards import load_manifest
 from mlfound.data.streams import TaskStream
-from tests.data.public_layouts import (MPTRJ_CORRECTION_EV_ATOM, SPICE_SUBSET, T1X_FORCES, demo_molecules,
-                                       emt_crystals, write_ani1x, write_ani2x, write_aselmdb, write_mptrj,
-                                       write_qm7x, write_rmd17, write_sgdml, write_spice2, write_transition1x)
+from tests.data.public_layouts import (
+    MPTRJ_CORRECTION_EV_ATOM,
+    SPICE_SUBSET,
+    T1X_FORCES,
+    demo_molecules,
+    emt_crystals,
+    write_ani1x,
+    write_ani2x,
+    write_aselmdb,
+    write_mptrj,
+    write_qm7x,
+    write_rmd17,
+    write_sgdml,
+    write_spice2,
+    write_transition1x,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTS = {"methanol": 3, "water": 2}
 
 
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+def load_module(path: Path):
+    """A command-line script as a module, to call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-shard_dataset = load_tool("shard_dataset")
+shard_dataset = load_module(ROOT / "tools" / "shard_dataset.py")
 
 
 @pytest.fixture
@@ -312,19 +323,28 @@ def test_shard_dataset_ani1x_kept_rejected_and_unlabelled_add_up(demo_dir, tmp_p
     assert "sets --energy-key" in capsys.readouterr().err
 
 
-def test_finetune_reads_one_task_of_a_preset(tiny_release_path, demo_dir, tmp_path):
-    path = write_spice2(tmp_path / "SPICE-2.0.1.hdf5", demo_molecules(demo_dir, "pbe0_631gs", {"methanol": 12}))
-    out = tmp_path / "ft.safetensors"
-
-    def finetune(*args):
-        return subprocess.run([sys.executable, str(ROOT / "launch" / "finetune.py"), "--model", str(tiny_release_path),
-                               "--max-steps", "0", "--out", str(out), *args], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-    done = finetune("--head", "spice2", "--train", str(path), "--preset", "spice2")
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_finetune_reads_one_task_of_a_preset(tiny_release_path, demo_dir, tmp_path, capsys):
     from mlfound.release import read_metadata
 
+    finetune = load_module(ROOT / "launch" / "finetune.py")
+    path = write_spice2(tmp_path / "SPICE-2.0.1.hdf5", demo_molecules(demo_dir, "pbe0_631gs", {"methanol": 12}))
+    out = tmp_path / "ft.safetensors"
+    common = ["--model", str(tiny_release_path), "--max-steps", "0", "--out", str(out), "--train", str(path)]
+    assert finetune.main([*common, "--head", "spice2", "--preset", "spice2"]) == 0
     assert read_metadata(out)["heads"]["spice2"]["lot"]["lot_method"] == "wB97M-D3(BJ)"
-    done = finetune("--head", "x", "--train", str(path), "--preset", "ani1x")
-    assert done.returncode == 2 and "pick one with --preset-task" in done.stderr
+    assert finetune.main([*common, "--head", "x", "--preset", "ani1x"]) == 2
+    assert "pick one with --preset-task" in capsys.readouterr().err
+
+
+def test_mlfound_split_reads_a_preset_and_writes_its_lot(pbe0, tmp_path):
+    from ase.io import read
+
+    from mlfound.cli import main as mlfound
+
+    path = write_spice2(tmp_path / "SPICE-2.0.1.hdf5", pbe0)
+    assert mlfound(["split", str(path), "--out", str(tmp_path / "split"), "--sizes", "a=2", "b=rest",
+                    "--preset", "spice2"]) == 0
+    frames = read(tmp_path / "split" / "b.extxyz", index=":")
+    assert len(frames) == 3 and frames[0].info["lot_method"] == "wB97M-D3(BJ)"
+    written = [rec for name in "ab" for rec in read_source(SourceSpec(tmp_path / "split" / f"{name}.extxyz", "t"))]
+    assert_same_structures(written, flat(pbe0))
