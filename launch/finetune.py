@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--forces-key", help="default: forces; 'none' for energy-only data")
     p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the preset's, else the file's "
                    "energy_unit info key, else eV)")
-    p.add_argument("--length-unit", help="Ang or bohr (default: the file's length_unit info key, else Ang)")
+    p.add_argument("--length-unit", help="Ang or bohr (default: the preset's, else the file's length_unit info key, "
+                   "else Ang)")
     p.add_argument("--no-unit-check", action="store_true",
                    help="train even on data whose energies look like another unit than eV (Hartree, kcal/mol)")
     p.add_argument("--seed", type=int, default=0)

@@ -89,7 +89,7 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forces-key", help="default: forces; 'none' for energy-only data")
     p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the preset's, else the file's "
                    "energy_unit, else eV)")
-    p.add_argument("--length-unit", help="Ang or bohr (default: the file's length_unit, else Ang)")
+    p.add_argument("--length-unit", help="Ang or bohr (default: the preset's, else the file's length_unit, else Ang)")
     p.add_argument("--no-unit-check", action="store_true",
                    help="accept data whose energies look like another unit than eV (Hartree, kcal/mol)")
 

@@ -29,7 +29,8 @@ from mlfound.data.shards import REJECTS_NAME, ShardOptions, shard_task
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, epilog="presets:\n" + describe_presets(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sources", nargs="+", type=Path, help="extxyz/ASE db/any ASE format, .npz (rMD17), .h5 (ANI-1x)")
+    p.add_argument("sources", nargs="+", type=Path, help="extxyz/ASE db/any ASE format, .npz (rMD17), .h5 (ANI-1x), "
+                   "or a public dataset's files with --preset")
     p.add_argument("--out", type=Path, required=True, help="shard root; each task gets <out>/<task>/")
     p.add_argument("--preset", help="a public dataset's layout (listed below): sets format, keys, units, tasks")
     p.add_argument("--preset-task", nargs="+", help="read only these of the preset's tasks")
@@ -37,9 +38,10 @@ def parse_args(argv):
     p.add_argument("--format", choices=["auto", *READERS], help="default: auto (by suffix)")
     p.add_argument("--energy-key", help="default: energy")
     p.add_argument("--forces-key", help="default: forces; 'none' for energy-only data")
-    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the file's energy_unit info key, "
-                   "else eV; an explicit unit that contradicts the file's is an error)")
-    p.add_argument("--length-unit", help="Ang or bohr (default: the file's length_unit info key, else Ang)")
+    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the preset's, else the file's "
+                   "energy_unit info key, else eV; an explicit unit that contradicts the file's is an error)")
+    p.add_argument("--length-unit", help="Ang or bohr (default: the preset's, else the file's length_unit info key, "
+                   "else Ang)")
     p.add_argument("--records-per-shard", type=int, default=1000)
     p.add_argument("--min-distance", type=float, default=DEFAULT_MIN_DISTANCE_A,
                    help="closer atom pairs are rejected as overlapping (Å)")

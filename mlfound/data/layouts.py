@@ -185,9 +185,7 @@ def conformer_records(spec: SourceSpec, where: str, numbers, positions, energies
     if energies.ndim != 1 or any(count != num for count in counts.values()):
         raise DataError(f"{where}: {num} conformations but shapes {energies.shape} of energies and "
                         f"{', '.join(f'{count} {name}' for name, count in counts.items())}")
-    e_factor = energy_factor(spec.energy_unit or DEFAULT_ENERGY_UNIT)
-    l_factor = length_factor(spec.length_unit or DEFAULT_LENGTH_UNIT)
-    f_factor = (-1.0 if spec.forces_are_gradient else 1.0) * e_factor / l_factor
+    e_factor, l_factor, f_factor = _factors(spec)
     for i in range(num):
         energy = float(energies[i])
         if spec.nan_is_unlabelled and math.isnan(energy):
@@ -198,6 +196,13 @@ def conformer_records(spec: SourceSpec, where: str, numbers, positions, energies
             pos_a=np.asarray(positions[i], np.float64) * l_factor, energy_ev=energy * e_factor,
             forces_ev_a=None if forces is None else np.asarray(forces[i], np.float64) * f_factor,
             task=spec.task, source=str(spec.path), index=first_index + i, provenance=provenance or {})
+
+
+def _factors(spec: SourceSpec) -> tuple[float, float, float]:
+    """Energy, length and forces factors to eV, Å and eV/Å; the forces' sign flips for a gradient."""
+    e_factor = energy_factor(spec.energy_unit or DEFAULT_ENERGY_UNIT)
+    l_factor = length_factor(spec.length_unit or DEFAULT_LENGTH_UNIT)
+    return e_factor, l_factor, (-1.0 if spec.forces_are_gradient else 1.0) * e_factor / l_factor
 
 
 def read_mptrj(spec: SourceSpec) -> Iterator[Record | BadRecord]:
@@ -212,14 +217,16 @@ def read_mptrj(spec: SourceSpec) -> Iterator[Record | BadRecord]:
                     raise DataError(f"{spec.path}: {mp_id!r} holds {type(frames).__name__}, not a dict of frames; "
                                     "is this file in the MPtrj layout?")
                 for frame_id, frame in frames.items():
-                    yield _mptrj_record(spec, structure_type, frame, index, f"{mp_id}/{frame_id}")
+                    yield _mptrj_record(spec, structure_type, frame, index, mp_id, frame_id)
                     index += 1
         except ijson.JSONError as err:
             raise DataError(f"{spec.path}: not valid JSON after record {index} ({err}); "
                             "the file is truncated or malformed") from err
 
 
-def _mptrj_record(spec: SourceSpec, structure_type, frame: dict, index: int, name: str) -> Record | BadRecord:
+def _mptrj_record(spec: SourceSpec, structure_type, frame: dict, index: int, mp_id: str,
+                  frame_id: str) -> Record | BadRecord:
+    name = f"{mp_id}/{frame_id}"
     missing = [key for key in ("structure", spec.energy_key, spec.forces_key) if key is not None and key not in frame]
     if missing:
         return BadRecord(spec.path, index, f"frame {name} lacks {missing[0]!r} (has {sorted(frame)})")
@@ -230,14 +237,15 @@ def _mptrj_record(spec: SourceSpec, structure_type, frame: dict, index: int, nam
     if not structure.is_ordered:
         return BadRecord(spec.path, index, f"frame {name}: a disordered structure (partial occupancies) has no "
                          "single element per site")
-    e_factor = energy_factor(spec.energy_unit or DEFAULT_ENERGY_UNIT)
-    l_factor = length_factor(spec.length_unit or DEFAULT_LENGTH_UNIT)
-    forces = None if spec.forces_key is None else np.asarray(frame[spec.forces_key], np.float64)
-    mp_id, _, frame_id = name.partition("/")
+    try:
+        energy = float(frame[spec.energy_key])
+        forces = None if spec.forces_key is None else np.asarray(frame[spec.forces_key], np.float64)
+    except (TypeError, ValueError) as err:  # null, text or ragged lists
+        return BadRecord(spec.path, index, f"frame {name}: its labels are not numbers ({err})")
+    e_factor, l_factor, f_factor = _factors(spec)
     return Record(
         z=np.asarray(structure.atomic_numbers, np.int64), pos_a=np.asarray(structure.cart_coords) * l_factor,
-        energy_ev=float(frame[spec.energy_key]) * e_factor,
-        forces_ev_a=None if forces is None else forces * e_factor / l_factor,
+        energy_ev=energy * e_factor, forces_ev_a=None if forces is None else forces * f_factor,
         cell_a=np.asarray(structure.lattice.matrix, np.float64) * l_factor,
         pbc=np.asarray(structure.lattice.pbc, bool), task=spec.task, source=str(spec.path), index=index,
         provenance={"mp_id": mp_id, "frame": frame_id})

@@ -141,7 +141,7 @@ def refuse_fixed_options(name: str, **given) -> None:
 
 def describe_presets() -> str:
     """One line per preset, for --help."""
-    return "\n".join(f"  {name:<13}{', '.join(p.tasks)}: {p.source}" for name, p in PRESETS.items())
+    return "\n".join(f"  {name:<13}tasks {', '.join(p.tasks)}; {p.source}" for name, p in PRESETS.items())
 
 
 def reading_options(preset: str | None = None, preset_task: str | None = None, format: str | None = None,

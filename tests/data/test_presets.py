@@ -200,17 +200,19 @@ def test_mptrj_periodic_records_with_the_corrected_energy(tmp_path):
 
 
 def test_mptrj_frames_that_cannot_be_read_are_bad_records_naming_the_frame(tmp_path):
-    path = write_mptrj(tmp_path / "mptrj.json", emt_crystals({"Cu": 3}))
+    path = write_mptrj(tmp_path / "mptrj.json", emt_crystals({"Cu": 4}))
     data = json.loads(path.read_text())
     frames = data["mp-101"]
     del frames["mp-101-1-0"]["force"]
     frames["mp-101-2-0"]["structure"]["sites"][0]["species"] = [{"element": "Cu", "occu": 0.5},
                                                                  {"element": "Au", "occu": 0.5}]
+    frames["mp-101-3-0"]["corrected_total_energy"] = None
     path.write_text(json.dumps(data))
     entries = read_preset("mptrj", path)
     assert isinstance(entries[0], Record)
     assert isinstance(entries[1], BadRecord) and "frame mp-101/mp-101-1-0 lacks 'force'" in str(entries[1])
     assert isinstance(entries[2], BadRecord) and "disordered" in str(entries[2])
+    assert isinstance(entries[3], BadRecord) and "mp-101-3-0: its labels are not numbers" in str(entries[3])
     path.write_text(path.read_text()[:-200])
     with pytest.raises(DataError, match="truncated or malformed"):
         read_preset("mptrj", path)
