@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mlfound.data import shard_format
 from mlfound.data.files import atomic_write_bytes, sha256_file
 from mlfound.data.plausibility import check_units
-from mlfound.data.readers import BadRecord, SourceSpec, lot_metadata, read_entries
+from mlfound.data.readers import BadRecord, SourceSpec, Unlabelled, lot_metadata, read_entries
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, validate_record
 from mlfound.data.references import ReferenceFit, reference_energy
 
@@ -69,9 +69,10 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
     if options.val_fraction > 0:
         splits["val"] = _Split(task_dir / VALIDATION_DIR, task, options.records_per_shard)
     rejects: list[dict] = []
+    unlabelled: collections.Counter = collections.Counter()  # per source: structures without a label at this LoT
     unit_sample: list[Record] = []  # the first records, bounded: enough to tell Hartree from eV
     try:
-        for rec in tqdm(_valid_records(sources, options, rejects), desc=f"shard {task}", unit="rec",
+        for rec in tqdm(_valid_records(sources, options, rejects, unlabelled), desc=f"shard {task}", unit="rec",
                         disable=not progress):
             splits["val" if is_validation(rec, options.val_fraction) else "train"].add(rec)
             if len(unit_sample) < UNIT_CHECK_RECORDS:
@@ -83,13 +84,14 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
     _write_rejects(task_dir, rejects)
     if splits["train"].stats.num_records == 0:
         listed = f"; {len(rejects)} rejected, listed in {task_dir / REJECTS_NAME}" if rejects else ""
+        listed += f"; {unlabelled.total()} without a label at this LoT" if unlabelled else ""
         raise DataError(f"task {task!r}: no valid training records in {[str(s.path) for s in sources]}{listed}")
     if options.check_units:  # before any manifest: shards without one are never read
         check_units(unit_sample, f"task {task!r} ({', '.join(str(s.path) for s in sources)})")
     common = {"format_version": MANIFEST_VERSION, "tool": TOOL_VERSION, "task": task,
               "lot": {**_lot_from_sources(sources), **(lot or {})}, "fingerprint": fingerprint,
               "sources": described, "options": dataclasses.asdict(options),
-              "num_rejected": len(rejects)}
+              "num_rejected": len(rejects), "num_unlabelled": unlabelled.total()}
     if "val" in splits:
         splits["val"].finish({**common, "split": "val"})
     elif (task_dir / VALIDATION_DIR).exists():
@@ -139,11 +141,16 @@ def load_manifest(task_dir: Path) -> dict:
     return manifest
 
 
-def _valid_records(sources: list[SourceSpec], options: ShardOptions, rejects: list[dict]) -> Iterable[Record]:
+def _valid_records(sources: list[SourceSpec], options: ShardOptions, rejects: list[dict],
+                   unlabelled: collections.Counter) -> Iterable[Record]:
     """Every record that reads and validates. A bad one raises, or with ``skip_bad`` goes to ``rejects`` under its
-    index in its file, so that the records read are exactly those kept plus those rejected."""
+    index in its file; a structure without a label at the task's LoT is counted in ``unlabelled``; so the
+    structures read are exactly those kept plus those rejected plus those unlabelled."""
     for spec in sources:
         for entry in _read_to_end(spec):
+            if isinstance(entry, Unlabelled):
+                unlabelled[str(spec.path)] += 1
+                continue
             error = entry if isinstance(entry, BadRecord) else _validation_error(entry, options.min_distance_a)
             if error is None:
                 yield entry
@@ -153,7 +160,7 @@ def _valid_records(sources: list[SourceSpec], options: ShardOptions, rejects: li
                 raise DataError(f"{error} (pass --skip-bad to reject such records to a list instead)") from None
 
 
-def _read_to_end(spec: SourceSpec) -> Iterable[Record | BadRecord]:
+def _read_to_end(spec: SourceSpec) -> Iterable[Record | BadRecord | Unlabelled]:
     """A source's records; a reader that cannot read on (a file broken mid-way in a format without frame
     boundaries) ends with one BadRecord standing for the rest of the file, whose records cannot be counted."""
     entries = read_entries(spec)
@@ -288,9 +295,9 @@ def _fingerprint(described_sources: list[dict], options: ShardOptions, lot: dict
 
 
 def _describe_source(spec: SourceSpec) -> dict:
-    return {"path": str(spec.path), "sha256": sha256_file(Path(spec.path)), "format": spec.format,
-            "energy_key": spec.energy_key, "forces_key": spec.forces_key,
-            "energy_unit": spec.energy_unit, "length_unit": spec.length_unit}
+    """The file's hash and every way of reading it (format, keys, units, signs), so that changing any re-shards."""
+    how = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("path", "task")}
+    return {"path": str(spec.path), "sha256": sha256_file(Path(spec.path)), **how}
 
 
 def _lot_from_sources(sources: list[SourceSpec]) -> dict:
