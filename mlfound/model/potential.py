@@ -29,6 +29,8 @@ class ModelConfig(BaseModel):
     avg_num_neighbors: float = Field(10.0, gt=0)
     scalar_last_layer: bool = True  # the last layer outputs only the invariants the heads read (release format 2)
     correlation: int = Field(1, ge=1, le=4)  # body order - 1 of each layer's features: 1 two-body, 3 as MACE
+    # with correlation > 1: messages keep every l <= l_max, so the last layer's products see vectors (format 4)
+    product_messages_all_l: bool = True
 
 
 class Potential(nn.Module):
@@ -48,7 +50,7 @@ class Potential(nn.Module):
         self.register_buffer("scales_ev", torch.tensor([scales_ev[t] for t in task_names], dtype=torch.float64))
         self.trunk = Trunk(len(self.elements), config.channels, config.l_max, config.num_layers, config.cutoff_a,
                            config.num_basis, config.radial_hidden, config.radial_layers, config.avg_num_neighbors,
-                           config.scalar_last_layer, config.correlation)
+                           config.scalar_last_layer, config.correlation, config.product_messages_all_l)
         self.heads = TaskHeads(task_names, config.channels, config.head_hidden)
 
     def _apply(self, fn, recurse=True):
