@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -24,6 +25,17 @@ class DataConfig(_Strict):
     tasks: list[str] = Field(min_length=1)  # pretraining tasks: <shard_root>/<task>/manifest.json
     max_atoms_per_batch: int = Field(128, ge=1)
     max_graphs_per_batch: int | None = Field(None, ge=1)
+    loader_workers: int = Field(0, ge=0, description="background processes building batches ahead, each "
+                                "owning whole tasks; 0 builds them in the training process")
+    loader_prefetch: int = Field(8, ge=1, description="batches each loader worker keeps ready")
+    neighbours_on_device: bool = Field(False, description="build neighbour lists with vesin-torch on the "
+                                       "training device after the copy (for GPUs), not in the loader")
+
+    @model_validator(mode="after")
+    def _warn_idle(self):
+        if self.loader_workers == 0 and "loader_prefetch" in self.model_fields_set:
+            warnings.warn("data.loader_prefetch does nothing with data.loader_workers=0", stacklevel=2)
+        return self
 
 
 class SamplingConfig(_Strict):
