@@ -20,6 +20,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+LOADER_PREFETCH = 8
+
+
 class DataConfig(_Strict):
     shard_root: Path
     tasks: list[str] = Field(min_length=1)  # pretraining tasks: <shard_root>/<task>/manifest.json
@@ -27,13 +30,13 @@ class DataConfig(_Strict):
     max_graphs_per_batch: int | None = Field(None, ge=1)
     loader_workers: int = Field(0, ge=0, description="background processes building batches ahead, each "
                                 "owning whole tasks; 0 builds them in the training process")
-    loader_prefetch: int = Field(8, ge=1, description="batches each loader worker keeps ready")
+    loader_prefetch: int = Field(LOADER_PREFETCH, ge=1, description="batches each loader worker keeps ready")
     neighbours_on_device: bool = Field(False, description="build neighbour lists with vesin-torch on the "
                                        "training device after the copy (for GPUs), not in the loader")
 
     @model_validator(mode="after")
     def _warn_idle(self):
-        if self.loader_workers == 0 and "loader_prefetch" in self.model_fields_set:
+        if self.loader_workers == 0 and self.loader_prefetch != LOADER_PREFETCH:  # reloaded configs set every field
             warnings.warn("data.loader_prefetch does nothing with data.loader_workers=0", stacklevel=2)
         return self
 
