@@ -20,7 +20,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-LOADER_PREFETCH = 8
+LOADER_PREFETCH = 2
 
 
 class DataConfig(_Strict):
@@ -28,9 +28,10 @@ class DataConfig(_Strict):
     tasks: list[str] = Field(min_length=1)  # pretraining tasks: <shard_root>/<task>/manifest.json
     max_atoms_per_batch: int = Field(128, ge=1)
     max_graphs_per_batch: int | None = Field(None, ge=1)
-    loader_workers: int = Field(0, ge=0, description="background processes building batches ahead, each "
-                                "owning whole tasks; 0 builds them in the training process")
-    loader_prefetch: int = Field(LOADER_PREFETCH, ge=1, description="batches each loader worker keeps ready")
+    loader_workers: int = Field(1, ge=0, description="background processes building batches ahead, each "
+                                "owning whole tasks; 0 builds them in the training process (docs/benchmarks.md §4)")
+    loader_prefetch: int = Field(LOADER_PREFETCH, ge=1,
+                                 description="steps (k batches in reptile, else 1) each loader worker keeps ready")
     neighbours_on_device: bool = Field(False, description="build neighbour lists with vesin-torch on the "
                                        "training device after the copy (for GPUs), not in the loader")
 

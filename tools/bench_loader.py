@@ -5,17 +5,21 @@
 1. Rank 0's loader (of 2 ranks) on the config's schedule (k batches of one task per Reptile step) feeding a
    consumer that takes 0 ms (the loader alone), 5 ms or 20 ms per batch, sleeping as a host does while an
    accelerator computes: batches/s and the consumer's data-wait fraction. Pace = loader alone / 200 batches/s,
-   the demand of the 5 ms consumer (the goal is >= 3).
+   the demand of the 5 ms consumer (the goal is >= 3). With the loader alone, the CPU time per batch spent
+   in the training process and in the workers: what a batch costs however busy the machine is.
 2. The config's pretraining itself (torchrun, 2 ranks, --train-steps steps): s/step and data-wait fraction,
    averaged over both ranks' log windows after the first (start-up).
 Workers 0 and --workers alternate row by row, so a change in the machine's load hits both columns.
 """
 import argparse
+import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,17 +30,28 @@ from mlfound.train.build import build_loader, build_sampler, load_manifests
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSUMERS_MS = (0.0, 5.0, 20.0)
+WARMUP_STEPS = 2
 
 
 def pace(config: str, overrides: list[str], workers: int, consumer_ms: float, num_batches: int) -> dict:
+    """loader_pace, plus the CPU seconds per batch spent in this (the training) process and in the workers:
+    what a batch costs whatever else runs on the machine (workers' time counts from start to exit)."""
     cfg = load_config(config, [*overrides, f"data.loader_workers={workers}"])
     sampler = build_sampler(cfg, load_manifests(cfg))
     loader = build_loader(cfg, 0, 2, sampler, torch.device("cpu"))
+    children, own = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
+    num_steps = max(num_batches // loader.batches_per_step, 1)
     try:
-        return loader_pace(loader, lambda step: sampler.draw(step, 0), loader.batches_per_step, consumer_ms / 1e3,
-                           max(num_batches // loader.batches_per_step, 1))
+        result = loader_pace(loader, lambda step: sampler.draw(step, 0), loader.batches_per_step,
+                             consumer_ms / 1e3, num_steps, WARMUP_STEPS)
     finally:
+        own = time.process_time() - own
         loader.close()
+        gc.collect()  # the DataLoader iterators shut their workers down when collected
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    batches = (num_steps + WARMUP_STEPS) * loader.batches_per_step
+    workers_s = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    return {**result, "own_ms": 1e3 * own / batches, "workers_ms": 1e3 * workers_s / batches}
 
 
 def pretrain(config: str, overrides: list[str], workers: int, steps: int) -> dict:
@@ -75,6 +90,8 @@ def main(argv=None) -> int:
             rows.append((f"{name}: data wait %", *(100 * r["data_wait"] for r in results), "{:.1f}"))
         else:
             rows.append(("pace vs the 5 ms consumer", *(r["batches_per_s"] / 200 for r in results), "{:.2f}"))
+            rows.append(("CPU ms/batch, training process", *(r["own_ms"] for r in results), "{:.2f}"))
+            rows.append(("CPU ms/batch, loader workers", *(r["workers_ms"] for r in results), "{:.2f}"))
     runs = [pretrain(args.config, args.overrides, w, args.train_steps) for w in (0, args.workers)]
     rows.append(("pretraining, 2 ranks: s/step", *(r["s_per_step"] for r in runs), "{:.3f}"))
     rows.append(("pretraining, 2 ranks: data wait %", *(100 * r["data_wait"] for r in runs), "{:.1f}"))

@@ -7,14 +7,15 @@ travels with its task stream's state after it, and ``state_dict`` holds the stat
 run that saved it), and the checkpoint keeps the per-task stream states it always held.
 
 Workers are torch DataLoader processes, each owning whole tasks (a "lane"): a lane builds only its tasks'
-batches (read, decode, batch, neighbour lists), in step order, ``prefetch`` ahead, so no record is read twice.
-Tasks go to lanes by expected load (their sampling probability). torchdata's StatefulDataLoader also resumes
+steps (read, decode, batch, neighbour lists), in step order, ``prefetch`` steps ahead, so no record is read
+twice. Tasks go to lanes by expected load (their sampling probability). torchdata's StatefulDataLoader also resumes
 exactly (checked: 1-3 workers), but its workers take turns (batch i from worker i mod W); a task's batch
 boundaries depend on the batch before, so every one of its workers would read and batch every record, and its
 saved state fits one worker count only.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import warnings
@@ -28,42 +29,49 @@ from mlfound.data.batching import AtomBudgetBatcher, GraphBatch, device_neighbou
 
 
 @dataclasses.dataclass
-class ScheduledBatch:
+class ScheduledStep:
+    """One step's batches of one task, each with the task stream's state after it. A step, not a batch, is
+    what a worker hands over: one transfer per step keeps the training process's share small."""
     step: int
     task: str
-    batch: GraphBatch
-    stream_state: dict  # the task stream's state after this batch
+    batches: list[GraphBatch]
+    stream_states: list[dict]
 
-    def pin_memory(self) -> "ScheduledBatch":  # called by the DataLoader's pin-memory thread
-        return dataclasses.replace(self, batch=self.batch.pin_memory())
+    def pin_memory(self) -> "ScheduledStep":  # called by the DataLoader's pin-memory thread
+        return dataclasses.replace(self, batches=[b.pin_memory() for b in self.batches])
 
     def __getstate__(self) -> dict:
         """From a worker as numpy arrays, by value: for batches this small, torch's shared-memory tensor
         passing (a file descriptor per tensor) cost the training process more than building the batch."""
-        batch = {f.name: v.numpy() if isinstance(v := getattr(self.batch, f.name), torch.Tensor) else v
-                 for f in dataclasses.fields(self.batch)}
-        return {**self.__dict__, "batch": batch}
+        batches = [{f.name: v.numpy() if isinstance(v := getattr(b, f.name), torch.Tensor) else v
+                    for f in dataclasses.fields(b)} for b in self.batches]
+        return {**self.__dict__, "batches": batches}
 
     def __setstate__(self, state: dict) -> None:
-        batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state["batch"].items()}
-        self.__dict__.update({**state, "batch": GraphBatch(**batch)})
+        batches = [GraphBatch(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in b.items()})
+                   for b in state["batches"]]
+        self.__dict__.update({**state, "batches": batches})
 
 
-class ScheduledBatches(IterableDataset):
-    """The batches of ``batchers``' tasks in the loop's order from ``start_step``: for every step whose task
-    is one of them, ``batches_per_step`` batches of that task. Other tasks' steps are skipped."""
+class ScheduledSteps(IterableDataset):
+    """The steps of ``batchers``' tasks in the loop's order from ``start_step``, each with
+    ``batches_per_step`` batches; steps of other tasks are skipped."""
 
     def __init__(self, batchers: dict[str, AtomBudgetBatcher], task_of_step: Callable[[int], str],
                  batches_per_step: int, start_step: int):
         self.batchers, self.task_of_step = batchers, task_of_step
         self.batches_per_step, self.start_step = batches_per_step, start_step
 
-    def __iter__(self) -> Iterator[ScheduledBatch]:
+    def __iter__(self) -> Iterator[ScheduledStep]:
         for step in itertools.count(self.start_step):
             task = self.task_of_step(step)
             batcher = self.batchers.get(task)
-            for _ in range(self.batches_per_step if batcher is not None else 0):
-                yield ScheduledBatch(step, task, next(batcher), batcher.state_dict())
+            if batcher is not None:
+                batches, states = [], []
+                for _ in range(self.batches_per_step):
+                    batches.append(next(batcher))
+                    states.append(batcher.state_dict())
+                yield ScheduledStep(step, task, batches, states)
 
 
 def assign_lanes(task_weights: dict[str, float], num_lanes: int) -> list[list[str]]:
@@ -99,22 +107,29 @@ class StepLoader:
                           f"on this rank: a worker builds whole tasks, so {len(self.lanes)} start", stacklevel=2)
         self.lane_of = {task: lane for lane, tasks in enumerate(self.lanes) for task in tasks}
         self._states = {task: b.state_dict() for task, b in batchers.items()}
-        self._iterators: list[Iterator[ScheduledBatch]] | None = None  # started by the first next_batch
+        self._iterators: list[Iterator[ScheduledStep]] | None = None  # started by the first next_batch
+        self._pending: collections.deque[tuple[GraphBatch, dict]] = collections.deque()  # this step's rest
+        self._pending_step: tuple[int, str] | None = None
 
     def next_batch(self, step: int, task: str) -> GraphBatch:
         if self._iterators is None:
             self._start(step)
-        item = next(self._iterators[self.lane_of[task]])
-        assert (item.step, item.task) == (step, task), \
-            f"the loop asked for step {step} task {task!r}; the schedule gives step {item.step} task {item.task!r}"
-        self._states[task] = item.stream_state
-        batch = item.batch.to(self.device, non_blocking=True)
+        if not self._pending:
+            item = next(self._iterators[self.lane_of[task]])
+            self._pending_step = (item.step, item.task)
+            self._pending.extend(zip(item.batches, item.stream_states))
+        assert self._pending_step == (step, task), \
+            f"the loop asked for step {step} task {task!r}; the schedule gives step and task {self._pending_step}"
+        host, self._states[task] = self._pending.popleft()
+        batch = host.to(self.device, non_blocking=True)
         if self.neighbours_on_device:
-            batch = device_neighbour_lists(batch, item.batch.num_atoms.tolist(), self.batchers[task].cutoff_a)
+            batch = device_neighbour_lists(batch, host.num_atoms.tolist(), self.batchers[task].cutoff_a)
         return batch
 
     def state_dict(self) -> dict[str, dict]:
-        """Per task, the stream state after the last batch the loop took (prefetched ones do not count)."""
+        """Per task, the stream state after the last batch the loop took (prefetched ones do not count).
+        Taken between steps: a step's remaining batches would be built again from it."""
+        assert not self._pending, f"state_dict inside step {self._pending_step[0]}: save between steps"
         return dict(self._states)
 
     def load_state_dict(self, states: dict[str, dict]) -> None:
@@ -124,12 +139,12 @@ class StepLoader:
 
     def close(self) -> None:
         """Stop the workers (the iterators' shutdown joins them); a later next_batch starts afresh."""
-        self._iterators = None
+        self._iterators, self._pending = None, collections.deque()
 
     def _start(self, step: int) -> None:
         for task, batcher in self.batchers.items():
             batcher.load_state_dict(self._states[task])
-        datasets = [ScheduledBatches({t: self.batchers[t] for t in tasks}, self.task_of_step,
+        datasets = [ScheduledSteps({t: self.batchers[t] for t in tasks}, self.task_of_step,
                                      self.batches_per_step, step) for tasks in self.lanes]
         if self.num_workers == 0:
             self._iterators = [iter(d) for d in datasets]

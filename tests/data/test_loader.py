@@ -89,8 +89,10 @@ def test_resume_mid_epoch_equals_the_uninterrupted_batches(shard_root, reference
 def test_the_loop_and_the_schedule_must_agree(shard_root):
     step_loader = loader(shard_root, 0)
     step_loader.next_batch(0, SAMPLER.draw(0, RANK))
+    with pytest.raises(AssertionError, match="state_dict inside step 0: save between steps"):
+        step_loader.state_dict()  # resuming from it would build the step's remaining batches again
     other = next(t for t in TASKS if t != SAMPLER.draw(0, RANK))
-    with pytest.raises(AssertionError, match="the schedule gives step 0"):
+    with pytest.raises(AssertionError, match=r"the schedule gives step and task \(0, "):
         step_loader.next_batch(0, other)
 
 
