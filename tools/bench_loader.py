@@ -1,6 +1,6 @@
 """Loader benchmark: data wait and pace without and with background workers, side by side in one run.
 
-    python tools/bench_loader.py --config configs/demo.yaml --workers 2
+    python tools/bench_loader.py --config configs/demo.yaml --workers 1 2
 
 1. Rank 0's loader (of 2 ranks) on the config's schedule (k batches of one task per Reptile step) feeding a
    consumer that takes 0 ms (the loader alone), 5 ms or 20 ms per batch, sleeping as a host does while an
@@ -9,7 +9,7 @@
    in the training process and in the workers: what a batch costs however busy the machine is.
 2. The config's pretraining itself (torchrun, 2 ranks, --train-steps steps): s/step and data-wait fraction,
    averaged over both ranks' log windows after the first (start-up).
-Workers 0 and --workers alternate row by row, so a change in the machine's load hits both columns.
+Worker counts alternate measurement by measurement, so a change in the machine's load hits every column.
 """
 import argparse
 import gc
@@ -74,35 +74,36 @@ def pretrain(config: str, overrides: list[str], workers: int, steps: int) -> dic
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("--workers", type=int, default=2, help="data.loader_workers to compare with 0")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="data.loader_workers to compare with 0")
     p.add_argument("--batches", type=int, default=300, help="timed batches per loader measurement")
     p.add_argument("--train-steps", type=int, default=100, help="outer steps of each pretraining run")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.shard_root=runs/demo/shards")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = []
+    counts, rows = [0, *args.workers], []
     for ms in CONSUMERS_MS:
         results = [pace(args.config, args.overrides, w, ms, args.batches if ms < 20 else args.batches // 3)
-                   for w in (0, args.workers)]
+                   for w in counts]
         name = "loader alone" if ms == 0 else f"consumer {ms:.0f} ms/batch"
-        rows.append((f"{name}: batches/s", *(r["batches_per_s"] for r in results), "{:.0f}"))
+        rows.append((f"{name}: batches/s", [r["batches_per_s"] for r in results], "{:.0f}"))
         if ms:
-            rows.append((f"{name}: data wait %", *(100 * r["data_wait"] for r in results), "{:.1f}"))
+            rows.append((f"{name}: data wait %", [100 * r["data_wait"] for r in results], "{:.1f}"))
         else:
-            rows.append(("pace vs the 5 ms consumer", *(r["batches_per_s"] / 200 for r in results), "{:.2f}"))
-            rows.append(("CPU ms/batch, training process", *(r["own_ms"] for r in results), "{:.2f}"))
-            rows.append(("CPU ms/batch, loader workers", *(r["workers_ms"] for r in results), "{:.2f}"))
-    runs = [pretrain(args.config, args.overrides, w, args.train_steps) for w in (0, args.workers)]
-    rows.append(("pretraining, 2 ranks: s/step", *(r["s_per_step"] for r in runs), "{:.3f}"))
-    rows.append(("pretraining, 2 ranks: data wait %", *(100 * r["data_wait"] for r in runs), "{:.1f}"))
+            rows.append(("pace vs the 5 ms consumer", [r["batches_per_s"] / 200 for r in results], "{:.2f}"))
+            rows.append(("CPU ms/batch, training process", [r["own_ms"] for r in results], "{:.2f}"))
+            rows.append(("CPU ms/batch, loader workers", [r["workers_ms"] for r in results], "{:.2f}"))
+    runs = [pretrain(args.config, args.overrides, w, args.train_steps) for w in counts]
+    rows.append(("pretraining, 2 ranks: s/step", [r["s_per_step"] for r in runs], "{:.3f}"))
+    rows.append(("pretraining, 2 ranks: data wait %", [100 * r["data_wait"] for r in runs], "{:.1f}"))
     cfg = load_config(args.config, args.overrides)
     print(f"# {args.config}: {cfg.meta.mode} k={cfg.meta.inner_steps}, "
           f"max {cfg.data.max_atoms_per_batch} atoms/batch, prefetch {cfg.data.loader_prefetch}; "
           f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{'measurement':<38}{'workers 0':>10}{f'workers {args.workers}':>11}{'ratio':>8}")
-    for name, before, after, fmt in rows:
-        ratio = after / before if before else float("nan")
-        print(f"{name:<38}{fmt.format(before):>10}{fmt.format(after):>11}{ratio:>8.2f}")
+    print(f"{'measurement':<36}{'workers 0':>10}" + "".join(f"{f'workers {w}':>11}{'x w0':>7}" for w in args.workers))
+    for name, values, fmt in rows:
+        cells = "".join(f"{fmt.format(v):>11}" + (f"{v / values[0]:>7.2f}" if values[0] else f"{'-':>7}")
+                        for v in values[1:])
+        print(f"{name:<36}{fmt.format(values[0]):>10}{cells}")
     return 0
 
 
