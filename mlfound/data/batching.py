@@ -109,8 +109,8 @@ def device_neighbour_lists(batch: GraphBatch, atoms_per_graph: Sequence[int], cu
     try:
         from vesin_torch import NeighborList
     except ImportError as err:
-        raise ImportError("data.neighbours_on_device needs vesin-torch: pip install 'mlfound[device-neighbours]'"
-                          ) from err
+        hint = "data.neighbours_on_device needs vesin-torch: pip install 'mlfound[device-neighbours]'"
+        raise ImportError(hint) from err
     calculator = NeighborList(cutoff=cutoff_a, full_list=True)
     edges, shifts, start = [], [], 0
     for graph, num_atoms in enumerate(atoms_per_graph):

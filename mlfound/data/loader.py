@@ -138,17 +138,20 @@ class StepLoader:
         self._states = {**self._states, **states}
 
     def close(self) -> None:
-        """Stop the workers (the iterators' shutdown joins them); a later next_batch starts afresh."""
+        """Stop the workers (a DataLoader iterator shuts its worker down when dropped); a later next_batch
+        starts afresh from the consumed state."""
         self._iterators, self._pending = None, collections.deque()
 
     def _start(self, step: int) -> None:
         for task, batcher in self.batchers.items():
             batcher.load_state_dict(self._states[task])
         datasets = [ScheduledSteps({t: self.batchers[t] for t in tasks}, self.task_of_step,
-                                     self.batches_per_step, step) for tasks in self.lanes]
+                                   self.batches_per_step, step) for tasks in self.lanes]
         if self.num_workers == 0:
             self._iterators = [iter(d) for d in datasets]
             return
+        # each DataLoader gets its own generator: by default it draws its workers' seed from the global torch
+        # RNG, which the checkpoint holds, and the training would then depend on the worker count
         pin = self.device.type == "cuda"
         self._iterators = [iter(DataLoader(d, batch_size=None, num_workers=1, prefetch_factor=self.prefetch,
-                                           pin_memory=pin)) for d in datasets]
+                                           pin_memory=pin, generator=torch.Generator())) for d in datasets]

@@ -64,9 +64,11 @@ def assert_same_batches(got, expected):
 def test_batches_are_the_loops_order_with_and_without_workers(shard_root, reference, num_workers):
     batches, final_states = reference
     assert len({SAMPLER.draw(s, RANK) for s in range(STEPS)}) == 3, "the seed must draw every task"
+    rng = torch.get_rng_state()
     step_loader = loader(shard_root, num_workers, prefetch=4)
     assert_same_batches(consume(step_loader, range(STEPS)), batches)
     assert step_loader.state_dict() == final_states  # consumed, not prefetched
+    assert torch.equal(torch.get_rng_state(), rng), "the loader drew from the global torch RNG (checkpointed)"
     step_loader.close()
 
 
