@@ -68,11 +68,21 @@ class Potential(nn.Module):
         return sorted(int(z) for z in set(elements) if int(z) in self.elements
                       and torch.isnan(refs[self.elements.index(int(z))]).item())
 
-    def species(self, z_N: torch.Tensor) -> torch.Tensor:
-        species_N = self.species_of_z[z_N]
-        if (species_N < 0).any():
-            unknown = sorted(set(z_N[species_N < 0].tolist()))
+    def check_elements(self, elements) -> None:
+        """A ValueError naming the elements among ``elements`` this model has no species for."""
+        unknown = sorted({int(z) for z in elements} - set(self.elements))
+        if unknown:
             raise ValueError(f"elements {unknown} are unknown to this model; it knows {self.elements}")
+
+    def species(self, z_N: torch.Tensor) -> torch.Tensor:
+        """Species indices. On an accelerator the unknown-element check is a device-side assert, since reading
+        it on the host would stall every training step: callers check on the host first (``predict``,
+        fine-tuning; in pretraining the model's elements are those of the shards)."""
+        species_N = self.species_of_z[z_N]
+        if z_N.device.type != "cpu":
+            torch._assert_async((species_N >= 0).all(), f"an element unknown to this model; it knows {self.elements}")
+        elif (species_N < 0).any():
+            self.check_elements(z_N.tolist())
         return species_N
 
     def energy(self, batch, pos_N3: torch.Tensor) -> torch.Tensor:
