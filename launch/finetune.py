@@ -15,6 +15,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from mlfound.data import DataError  # noqa: E402
+from mlfound.data.presets import add_reading_arguments  # noqa: E402
 from mlfound.release import ReleaseError  # noqa: E402
 
 
@@ -49,17 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--replay-shards", type=Path, help="pretraining shard root, to replay its tasks")
     p.add_argument("--replay-tasks", nargs="+", default=[], help="pretraining tasks to replay")
     p.add_argument("--replay-every", type=int, default=4)
-    p.add_argument("--preset", help="a public dataset's layout (docs/datasets.md): sets format, keys and units")
-    p.add_argument("--preset-task", help="the preset's task (LoT) to read, for a preset with several")
-    p.add_argument("--format", help="reader (default: by file suffix); see tools/shard_dataset.py --help")
-    p.add_argument("--energy-key", help="default: energy")
-    p.add_argument("--forces-key", help="default: forces; 'none' for energy-only data")
-    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the preset's, else the file's "
-                   "energy_unit info key, else eV)")
-    p.add_argument("--length-unit", help="Ang or bohr (default: the preset's, else the file's length_unit info key, "
-                   "else Ang)")
-    p.add_argument("--no-unit-check", action="store_true",
-                   help="train even on data whose energies look like another unit than eV (Hartree, kcal/mol)")
+    add_reading_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)

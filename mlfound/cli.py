@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mlfound.data.files import atomic_write_bytes, json_text
+from mlfound.data.presets import add_reading_arguments
 from mlfound.data.record import DataError
 
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for <name>.extxyz")
     p.add_argument("--sizes", nargs="+", required=True, help="name=count or name=rest, e.g. train=200 test=rest")
     p.add_argument("--seed", type=int, default=0)
-    _data_options(p)
+    add_reading_arguments(p)
     p.set_defaults(run=cmd_split)
 
     p = commands.add_parser("evaluate", help="energy/force errors of one head; --scan for a torsion scan")
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--scan", action="store_true", help="DATA is a scan in order: report smoothness and plot it")
     p.add_argument("--plot", type=Path, help="scan plot (PNG); default <data stem>.<head>.png")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
-    _data_options(p)
+    add_reading_arguments(p)
     p.set_defaults(run=cmd_evaluate)
 
     p = commands.add_parser("learning-curve", help="test errors of several fine-tunes against their training size")
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--head", required=True)
     p.add_argument("--out", type=Path, required=True, help="PNG")
     p.add_argument("--json", type=Path)
-    _data_options(p)
+    add_reading_arguments(p)
     p.set_defaults(run=cmd_learning_curve)
 
     args = parser.parse_args(argv)
@@ -79,19 +80,6 @@ def main(argv=None) -> int:
     except (DataError, ReleaseError, CardError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-def _data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="a public dataset's layout (docs/datasets.md): sets format, keys and units")
-    p.add_argument("--preset-task", help="the preset's task (LoT) to read, for a preset with several")
-    p.add_argument("--format", help="reader (default: by file suffix); see tools/shard_dataset.py --help")
-    p.add_argument("--energy-key", help="default: energy")
-    p.add_argument("--forces-key", help="default: forces; 'none' for energy-only data")
-    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the preset's, else the file's "
-                   "energy_unit, else eV)")
-    p.add_argument("--length-unit", help="Ang or bohr (default: the preset's, else the file's length_unit, else Ang)")
-    p.add_argument("--no-unit-check", action="store_true",
-                   help="accept data whose energies look like another unit than eV (Hartree, kcal/mol)")
 
 
 def _reading(args) -> tuple[dict, dict]:

@@ -144,6 +144,20 @@ def describe_presets() -> str:
     return "\n".join(f"  {name:<13}tasks {', '.join(p.tasks)}; {p.source}" for name, p in PRESETS.items())
 
 
+def add_reading_arguments(p) -> None:
+    """The command-line options that ``reading_options`` takes, for every command that reads one task of a file."""
+    p.add_argument("--preset", help="a public dataset's layout (docs/datasets.md): sets format, keys and units")
+    p.add_argument("--preset-task", help="the preset's task (LoT) to read, for a preset with several")
+    p.add_argument("--format", help="reader (default: by file suffix); see tools/shard_dataset.py --help")
+    p.add_argument("--energy-key", help="default: energy")
+    p.add_argument("--forces-key", help="default: forces; 'none' for energy-only data")
+    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the preset's, else the file's "
+                   "energy_unit, else eV)")
+    p.add_argument("--length-unit", help="Ang or bohr (default: the preset's, else the file's length_unit, else Ang)")
+    p.add_argument("--no-unit-check", action="store_true",
+                   help="accept data whose energies look like another unit than eV (Hartree, kcal/mol)")
+
+
 def reading_options(preset: str | None = None, preset_task: str | None = None, format: str | None = None,
                     energy_key: str | None = None, forces_key: str | None = None, energy_unit: str | None = None,
                     length_unit: str | None = None) -> tuple[dict, dict]:
