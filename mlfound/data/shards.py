@@ -85,9 +85,10 @@ def shard_tasks(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, opt
     """Shard several tasks at once, their files read in parallel by ``workers`` processes; yields each task's
     training manifest in the order given, as it is written. A bad record (without ``skip_bad``) or a failed
     unit check stops the run before any shard is written. ``shuffle_buffer_mb`` bounds the records held in
-    memory while shuffling; it changes neither the output nor the fingerprint."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    memory while shuffling; it changes neither the output nor the fingerprint. With ``workers > 1`` call
+    this under ``if __name__ == "__main__":``, as for any multiprocessing: workers import the main module."""
+    if workers < 1 or shuffle_buffer_mb <= 0:
+        raise ValueError(f"workers must be >= 1 and shuffle_buffer_mb > 0, got {workers} and {shuffle_buffer_mb}")
     for spec in (s for specs in sources_by_task.values() for s in specs):
         if not Path(spec.path).is_file():
             raise DataError(f"{spec.path}: no such file")
@@ -393,12 +394,15 @@ def _remove_stale_shards(task_dir: Path, keep: set[str]) -> None:
 
 @contextlib.contextmanager
 def _worker_pool(workers: int):
-    """None for one worker (every job runs in this process), else a pool of fresh processes (spawned: no
-    state copied from a parent that may hold threads)."""
+    """None for one worker (every job runs in this process), else a pool of processes forked from a fresh
+    server process that imported this module and ASE's readers once: no state copied from a parent that may
+    hold threads, and no import per worker."""
     if workers == 1:
         yield None
         return
-    pool = multiprocessing.get_context("spawn").Pool(workers)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "ase.io"])
+    pool = context.Pool(workers)
     try:
         yield pool
     finally:
