@@ -89,18 +89,21 @@ def shard_tasks(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, opt
     this under ``if __name__ == "__main__":``, as for any multiprocessing: workers import the main module."""
     if workers < 1 or shuffle_buffer_mb <= 0:
         raise ValueError(f"workers must be >= 1 and shuffle_buffer_mb > 0, got {workers} and {shuffle_buffer_mb}")
-    for spec in (s for specs in sources_by_task.values() for s in specs):
-        if not Path(spec.path).is_file():
-            raise DataError(f"{spec.path}: no such file")
-    budget_bytes = int(shuffle_buffer_mb * 2**20)
+    for task, specs in sources_by_task.items():
+        if not specs:
+            raise DataError(f"task {task!r}: no source files given")
+        for spec in specs:
+            if not Path(spec.path).is_file():
+                raise DataError(f"{spec.path}: no such file")
     todo: list[_Plan] = []
     try:
         with _worker_pool(workers) as pool:  # stopped before the temporaries it writes to are removed
-            plans = _plan(sources_by_task, Path(out_dir), options, lot, budget_bytes, pool)
+            run = _Execution(pool, workers, int(shuffle_buffer_mb * 2**20), progress)
+            plans = _plan(sources_by_task, Path(out_dir), options, lot, run)
             todo = [plan for plan in plans if plan.done is None]
-            _read_pass(todo, options, pool, progress)
+            _read_pass(todo, options, run)
             for plan in plans:
-                yield plan.task, plan.done or _write_pass(plan, options, budget_bytes, pool, workers, progress)
+                yield plan.task, plan.done or _write_pass(plan, options, run)
     finally:
         for plan in todo:
             shutil.rmtree(plan.tmp_dir, ignore_errors=True)
@@ -125,6 +128,15 @@ def load_manifest(task_dir: Path) -> dict:
 
 # -- planning --------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class _Execution:
+    """How the work runs; nothing here changes the output."""
+    pool: object  # a multiprocessing pool, or None: every job runs in this process
+    workers: int
+    budget_bytes: int  # records held in memory while shuffling
+    progress: bool
+
+
 @dataclasses.dataclass
 class _Plan:
     """One task: where it goes, what is known before reading, and what the read pass found."""
@@ -140,8 +152,8 @@ class _Plan:
 
 
 def _plan(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, options: ShardOptions, lot: dict | None,
-          budget_bytes: int, pool) -> list[_Plan]:
-    surveys = iter(_ordered_map(pool, _survey, [s for specs in sources_by_task.values() for s in specs]))
+          run: _Execution) -> list[_Plan]:
+    surveys = iter(_ordered_map(run.pool, _survey, [s for specs in sources_by_task.values() for s in specs]))
     plans = []
     for task, specs in sources_by_task.items():
         described, lots = zip(*[next(surveys) for _ in specs])
@@ -153,7 +165,7 @@ def _plan(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, options: 
         source_bytes = sum(Path(s.path).stat().st_size for s in specs)
         plans.append(_Plan(task, specs, task_dir, header, _up_to_date(task_dir, fingerprint),
                            task_dir / f"{TMP_PREFIX}{os.getpid()}",
-                           num_buckets=min(MAX_PARTS, max(1, -(-source_bytes // budget_bytes)))))
+                           num_buckets=min(MAX_PARTS, max(1, -(-source_bytes // run.budget_bytes)))))
     for plan in plans:
         if plan.done is None:
             for leftover in plan.task_dir.glob(f"{TMP_PREFIX}*"):  # of a killed run: one sharder per folder
@@ -177,15 +189,15 @@ def _up_to_date(task_dir: Path, fingerprint: str) -> dict | None:
 
 # -- pass 1: read, validate, fit references, scatter to buckets -----------------------------
 
-def _read_pass(plans: list[_Plan], options: ShardOptions, pool, progress: bool) -> None:
+def _read_pass(plans: list[_Plan], options: ShardOptions, run: _Execution) -> None:
     """Unit checks first (a task in the wrong unit fails in seconds), then every source file; results in this
     order, so the error raised is the first in task and file order, whatever the number of workers."""
     jobs: list = [_UnitCheck(p.task, p.sources, options.min_distance_a) for p in plans if options.check_units]
     jobs += [_ReadSource(p.task, ordinal, spec, p.tmp_dir, p.num_buckets, options)
              for p in plans for ordinal, spec in enumerate(p.sources)]
     by_task = {plan.task: plan for plan in plans}
-    for result in tqdm(_ordered_map(pool, _run, jobs), total=len(jobs), desc="read", unit="file",
-                       disable=not progress or not jobs):
+    for result in tqdm(_ordered_map(run.pool, _run, jobs), total=len(jobs), desc="read", unit="file",
+                       disable=not run.progress or not jobs):
         if result is not None:
             plan = by_task[result.task]
             for split, fit in result.fits.items():
@@ -297,7 +309,7 @@ def _rejects_part(tmp_dir: Path, ordinal: int) -> Path:
 
 # -- pass 2: shuffled shards, statistics, manifests -------------------------------------------
 
-def _write_pass(plan: _Plan, options: ShardOptions, budget_bytes: int, pool, workers: int, progress: bool) -> dict:
+def _write_pass(plan: _Plan, options: ShardOptions, run: _Execution) -> dict:
     _write_rejects(plan)
     if plan.fits["train"].num_structures == 0:
         listed = f"; {plan.num_rejected} rejected, listed in {plan.task_dir / REJECTS_NAME}"
@@ -305,30 +317,28 @@ def _write_pass(plan: _Plan, options: ShardOptions, budget_bytes: int, pool, wor
                         f"{listed if plan.num_rejected else ''}")
     if options.val_fraction > 0 and plan.fits["val"].num_structures == 0:
         raise DataError(f"task {plan.task!r}: the val split is empty; lower or raise --val-fraction")
-    write = dict(plan=plan, options=options, budget_bytes=budget_bytes, pool=pool, workers=workers, progress=progress)
     common = {**plan.header, "num_rejected": plan.num_rejected}
     if options.val_fraction > 0:
-        _write_split(split="val", header={**common, "split": "val"}, **write)
+        _write_split(plan, "val", {**common, "split": "val"}, options, run)
     elif (plan.task_dir / VALIDATION_DIR).exists():
         shutil.rmtree(plan.task_dir / VALIDATION_DIR)
     header = {**common, "split": "train", "num_validation_records": plan.fits["val"].num_structures}
-    return _write_split(split="train", header=header, **write)
+    return _write_split(plan, "train", header, options, run)
 
 
-def _write_split(plan: _Plan, split: str, header: dict, options: ShardOptions, budget_bytes: int, pool,
-                 workers: int, progress: bool) -> dict:
+def _write_split(plan: _Plan, split: str, header: dict, options: ShardOptions, run: _Execution) -> dict:
     split_dir = plan.task_dir / VALIDATION_DIR if split == "val" else plan.task_dir
     split_dir.mkdir(parents=True, exist_ok=True)
     fit = plan.fits[split]
     refs_ev, notes = fit.solve()
-    payloads = sorted_payloads(plan.tmp_dir, split, plan.num_buckets, budget_bytes)
+    payloads = sorted_payloads(plan.tmp_dir, split, plan.num_buckets, run.budget_bytes)
     jobs = (_WriteShard(plan.task, split, split_dir, plan.tmp_dir, number, number * options.records_per_shard, batch,
                         refs_ev)
             for number, batch in enumerate(_batched(payloads, options.records_per_shard)))
     shards, stats = [], SplitStats()
-    for entry, shard_stats in tqdm(_ordered_map(pool, _run, jobs, window=2 * workers), desc=f"write {plan.task}",
-                                   total=-(-fit.num_structures // options.records_per_shard), unit="shard",
-                                   disable=not progress):
+    results = _ordered_map(run.pool, _run, jobs, window=2 * run.workers)
+    for entry, shard_stats in tqdm(results, desc=f"write {plan.task}", unit="shard", disable=not run.progress,
+                                   total=-(-fit.num_structures // options.records_per_shard)):
         shards.append(entry)
         stats.merge(shard_stats)
     assert stats.num_records == fit.num_structures, "every record read is written once"
