@@ -93,9 +93,11 @@ def run_sharder(sources: list[Path], out: Path, workers: int) -> tuple[float, fl
     """Seconds, peak RSS of the process tree (MB, sampled) and of its largest process (MB, wait4)."""
     command = [sys.executable, str(ROOT / "tools" / "shard_dataset.py"), *map(str, sources), "--task", "bench",
                "--out", str(out), "--workers", str(workers)]
+    log = out.with_suffix(".log")  # a file, not a pipe: the progress bars would fill a pipe and block the run
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     root, tree_peak = psutil.Process(proc.pid), 0
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -106,7 +108,8 @@ def run_sharder(sources: list[Path], out: Path, workers: int) -> tuple[float, fl
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr.read().decode()[-3000:]}")
+        raise RuntimeError(f"{' '.join(command)} failed:\n{log.read_text()[-3000:]}")
+    log.unlink()
     return seconds, tree_peak / 2**20, usage.ru_maxrss / 2**10  # ru_maxrss is in kB on Linux
 
 

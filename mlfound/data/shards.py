@@ -365,7 +365,7 @@ class _WriteShard:
         tmp = self.tmp_dir / f"{self.split}-{name}"
         stats = SplitStats()
         with open(tmp, "wb") as file:
-            tar = wds.TarWriter(file, user="mlfound", group="mlfound", mtime=0.0)
+            tar = wds.TarWriter(file, user="mlfound", group="mlfound", mtime=0)  # an int: no PAX header per member
             for offset, payload in enumerate(self.payloads):
                 key = f"{self.task}-{self.first_record + offset:09d}"
                 tar.write({"__key__": key, shard_format.MEMBER_EXT: payload})
