@@ -49,11 +49,15 @@ def main(argv=None) -> int:
     p.add_argument("--replay-shards", type=Path, help="pretraining shard root, to replay its tasks")
     p.add_argument("--replay-tasks", nargs="+", default=[], help="pretraining tasks to replay")
     p.add_argument("--replay-every", type=int, default=4)
-    p.add_argument("--energy-key", default="energy")
-    p.add_argument("--forces-key", default="forces")
-    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the file's energy_unit "
-                   "info key, else eV)")
-    p.add_argument("--length-unit", help="Ang or bohr (default: the file's length_unit info key, else Ang)")
+    p.add_argument("--preset", help="a public dataset's layout (docs/datasets.md): sets format, keys and units")
+    p.add_argument("--preset-task", help="the preset's task (LoT) to read, for a preset with several")
+    p.add_argument("--format", help="reader (default: by file suffix); see tools/shard_dataset.py --help")
+    p.add_argument("--energy-key", help="default: energy")
+    p.add_argument("--forces-key", help="default: forces; 'none' for energy-only data")
+    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the preset's, else the file's "
+                   "energy_unit info key, else eV)")
+    p.add_argument("--length-unit", help="Ang or bohr (default: the preset's, else the file's length_unit info key, "
+                   "else Ang)")
     p.add_argument("--no-unit-check", action="store_true",
                    help="train even on data whose energies look like another unit than eV (Hartree, kcal/mol)")
     p.add_argument("--seed", type=int, default=0)
@@ -64,9 +68,7 @@ def main(argv=None) -> int:
     from mlfound.release import load, save_release
 
     try:
-        keys = {"energy_key": args.energy_key, "forces_key": args.forces_key,
-                "energy_unit": args.energy_unit, "length_unit": args.length_unit}
-        train, val, lot = read_data(args, keys)
+        train, val, lot = read_data(args)
         replay = (ReplayConfig(shard_root=args.replay_shards, tasks=args.replay_tasks, every=args.replay_every)
                   if args.replay_shards else None)
         cfg = FinetuneConfig(head=args.head, init=args.init, lot=lot, freeze=args.freeze, lr=args.lr,
@@ -94,16 +96,19 @@ def default(field: str):
     return FinetuneConfig.model_fields[field].default
 
 
-def read_data(args, keys: dict):
+def read_data(args):
+    from mlfound.data.presets import reading_options
     from mlfound.data.readers import SourceSpec, lot_metadata
     from mlfound.data.sets import load_records, subset
 
-    train = load_records(args.train, args.head, **keys)
+    how, preset_lot = reading_options(args.preset, args.preset_task, args.format, args.energy_key, args.forces_key,
+                                      args.energy_unit, args.length_unit)
+    train = load_records(args.train, args.head, **how)
     if args.num_train is not None:
         train = subset(train, args.num_train, args.subset_seed)
-    val = load_records(args.val, args.head, **keys) if args.val else None
-    lot = {} if args.train.is_dir() else lot_metadata(SourceSpec(path=args.train, task=args.head))
-    return train, val, lot
+    val = load_records(args.val, args.head, **how) if args.val else None
+    lot = {} if args.train.is_dir() else lot_metadata(SourceSpec(path=args.train, task=args.head, **how))
+    return train, val, {**lot, **preset_lot}
 
 
 def print_summary(result) -> None:

@@ -82,12 +82,24 @@ def main(argv=None) -> int:
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--energy-key", default="energy")
-    p.add_argument("--forces-key", default="forces")
-    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the file's energy_unit, else eV)")
-    p.add_argument("--length-unit", help="Ang or bohr (default: the file's length_unit, else Ang)")
+    p.add_argument("--preset", help="a public dataset's layout (docs/datasets.md): sets format, keys and units")
+    p.add_argument("--preset-task", help="the preset's task (LoT) to read, for a preset with several")
+    p.add_argument("--format", help="reader (default: by file suffix); see tools/shard_dataset.py --help")
+    p.add_argument("--energy-key", help="default: energy")
+    p.add_argument("--forces-key", help="default: forces; 'none' for energy-only data")
+    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the preset's, else the file's "
+                   "energy_unit, else eV)")
+    p.add_argument("--length-unit", help="Ang or bohr (default: the preset's, else the file's length_unit, else Ang)")
     p.add_argument("--no-unit-check", action="store_true",
                    help="accept data whose energies look like another unit than eV (Hartree, kcal/mol)")
+
+
+def _reading(args) -> tuple[dict, dict]:
+    """SourceSpec fields for the data options, and the LoT metadata of the preset (if any)."""
+    from mlfound.data.presets import reading_options
+
+    return reading_options(args.preset, args.preset_task, args.format, args.energy_key, args.forces_key,
+                           args.energy_unit, args.length_unit)
 
 
 def _records(args, path: Path, task: str):
@@ -95,8 +107,7 @@ def _records(args, path: Path, task: str):
     from mlfound.data.plausibility import check_units
     from mlfound.data.sets import load_records
 
-    records = load_records(path, task, energy_key=args.energy_key, forces_key=args.forces_key,
-                           energy_unit=args.energy_unit, length_unit=args.length_unit)
+    records = load_records(path, task, **_reading(args)[0])
     if not args.no_unit_check:
         check_units(records, str(path))
     return records
@@ -181,7 +192,9 @@ def cmd_split(args) -> int:
             raise DataError(f"--sizes item {item!r}: expected name=count or name=rest")
         sizes[name] = None if count == "rest" else int(count)
     records = _records(args, args.data, task=args.data.stem)
-    lot = lot_metadata(SourceSpec(path=args.data, task=args.data.stem)) if args.data.is_file() else {}
+    how, preset_lot = _reading(args)
+    file_lot = lot_metadata(SourceSpec(path=args.data, task=args.data.stem, **how)) if args.data.is_file() else {}
+    lot = {**file_lot, **preset_lot} if args.data.is_file() else {}
     for name, subset in split_records(records, sizes, args.seed).items():
         path = write_extxyz(subset, args.out / f"{name}.extxyz", info=lot)
         print(f"{name:<8}{len(subset):>6} structures  {path}")

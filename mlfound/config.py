@@ -4,12 +4,14 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mlfound.data.urls import check_url_template
 from mlfound.model.potential import ModelConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -19,11 +21,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+LOADER_PREFETCH = 2
+
+
 class DataConfig(_Strict):
     shard_root: Path
     tasks: list[str] = Field(min_length=1)  # pretraining tasks: <shard_root>/<task>/manifest.json
     max_atoms_per_batch: int = Field(128, ge=1)
     max_graphs_per_batch: int | None = Field(None, ge=1)
+    shard_url_template: str | None = None  # stream shards from a mirror of shard_root: mlfound/data/urls.py
+
+    @field_validator("shard_url_template")
+    @classmethod
+    def _url_template(cls, template: str | None) -> str | None:
+        if template is not None:
+            check_url_template(template)
+        return template
+    loader_workers: int = Field(1, ge=0, description="background processes building batches ahead, each "
+                                "owning whole tasks; 0 builds them in the training process (docs/benchmarks.md §4)")
+    loader_prefetch: int = Field(LOADER_PREFETCH, ge=1,
+                                 description="steps (k batches in reptile, else 1) each loader worker keeps ready")
+    neighbours_on_device: bool = Field(False, description="build neighbour lists with vesin-torch on the "
+                                       "training device after the copy (for GPUs), not in the loader")
+
+    @model_validator(mode="after")
+    def _warn_idle(self):
+        if self.loader_workers == 0 and self.loader_prefetch != LOADER_PREFETCH:  # reloaded configs set every field
+            warnings.warn("data.loader_prefetch does nothing with data.loader_workers=0", stacklevel=2)
+        return self
 
 
 class SamplingConfig(_Strict):

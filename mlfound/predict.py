@@ -29,6 +29,7 @@ def predict(model, records: list[Record], head: str, compute_forces: bool = True
             max_atoms: int = DEFAULT_MAX_ATOMS) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """Total energies (G,) float64 eV and, if asked, per-structure forces (N_i, 3) eV/Å."""
     elements = {int(z) for rec in records for z in rec.z}
+    model.check_elements(elements)  # here on the host: on an accelerator the model can only assert
     missing = model.missing_references(head, elements) if head in model.task_names else []
     if missing:
         raise ValueError(f"head {head!r} has no reference energy for elements {missing}: its training data contained "

@@ -36,7 +36,7 @@ from mlfound.data.files import atomic_write_bytes, json_text, sha256_file
 from mlfound.data.readers import lot_label
 from mlfound.model import ModelConfig, Potential
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # How to read older formats: each step fills in what its successor added, with the old behaviour.
 MIGRATIONS = {
     # format 2: last layer scalars-only and one radial hidden layer became the defaults (2.5-4x faster)
@@ -44,6 +44,9 @@ MIGRATIONS = {
                      "model_config": {"scalar_last_layer": False, "radial_layers": 2, **meta["model_config"]}},
     # format 3: content hashes in the header (nothing in the metadata changed)
     2: lambda meta: {**meta, "format_version": 3},
+    # format 4: with the product basis, the last layer's messages keep every l (its products see vectors)
+    3: lambda meta: {**meta, "format_version": 4,
+                     "model_config": {"product_messages_all_l": False, **meta["model_config"]}},
 }
 FIRST_HASHED_FORMAT = 3
 METADATA_KEY = "mlfound"

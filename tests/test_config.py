@@ -51,3 +51,25 @@ def test_invalid_yaml_override_names_override_and_column(override, where):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override], base=BASE)
     assert str(err.value).startswith(where)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("http://host/{task}", "data.shard_url_template: shard URL template 'http://host/{task}' must contain {name}"),
+    ("http://host/{task}/{split}/{name}", "data.shard_url_template: shard URL template "
+                                          "'http://host/{task}/{split}/{name}' has {split}; only {task} and {name}"),
+])
+def test_shard_url_template_is_checked_when_the_config_loads(template, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"data.shard_url_template='{template}'"], base=BASE)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    good = "pipe:aws s3 cp s3://bucket/corpus/{task}/{name} -"
+    assert load_config(None, [f"data.shard_url_template='{good}'"], base=BASE).data.shard_url_template == good
+
+def test_loader_settings(recwarn):
+    cfg = load_config(None, ["data.loader_workers=2", "data.loader_prefetch=4"], base=BASE)
+    assert (cfg.data.loader_workers, cfg.data.loader_prefetch, cfg.data.neighbours_on_device) == (2, 4, False)
+    assert not recwarn.list
+    with pytest.raises(ConfigError, match="data.loader_workers: Input should be greater than or equal to 0"):
+        load_config(None, ["data.loader_workers=-1"], base=BASE)
+    with pytest.warns(UserWarning, match="data.loader_prefetch does nothing with data.loader_workers=0"):
+        load_config(None, ["data.loader_workers=0", "data.loader_prefetch=4"], base=BASE)

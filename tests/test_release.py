@@ -201,10 +201,21 @@ def test_a_format_1_release_still_loads_and_predicts_the_same(tmp_path, records)
     with pytest.warns(UserWarning, match="format 1 has no content hashes"):
         loaded = load(tmp_path / "v1.safetensors")
     assert not loaded.verified
-    assert loaded.metadata["format_version"] == 3 and not loaded.model.config.scalar_last_layer
+    assert loaded.metadata["format_version"] == release_module.FORMAT_VERSION
+    assert not loaded.model.config.scalar_last_layer
     assert (predict(loaded.model, records, "gfn2_xtb")[0] == predict(old, records, "gfn2_xtb")[0]).all()
     with pytest.warns(UserWarning, match="format 1 has no content hashes"):
         assert mlfound(["export", str(tmp_path / "v1.safetensors"), "--out", str(tmp_path / "v3.safetensors")]) == 0
     rewritten = load(tmp_path / "v3.safetensors")  # no warning: hashed now
     assert rewritten.verified
     assert (predict(rewritten.model, records, "gfn2_xtb")[0] == predict(old, records, "gfn2_xtb")[0]).all()
+
+
+def test_a_format_3_release_with_the_product_basis_loads_as_the_trunk_it_was():
+    """Format 3 predates product_messages_all_l: its product-basis trunk's last layer had messages of scalars
+    only. The shipped default release is such a file; a strict load checks every tensor's shape."""
+    path = release_module.REGISTRY_DIR / "e2-reptile-k5.safetensors"
+    assert json.loads(_header(path))["format_version"] == 3
+    loaded = load(path)
+    assert loaded.verified and loaded.metadata["format_version"] == release_module.FORMAT_VERSION
+    assert loaded.model.config.correlation == 3 and not loaded.model.config.product_messages_all_l

@@ -3,10 +3,13 @@
     python tools/shard_dataset.py data/demo/*.extxyz --out runs/demo/shards --workers 2
     python tools/shard_dataset.py rmd17_aspirin.npz --task rmd17 --energy-key energies \\
         --energy-unit kcal/mol --out shards
-    python tools/shard_dataset.py ani1x.h5 --task ani1x --energy-key wb97x_dz.energy \\
-        --forces-key wb97x_dz.forces --energy-unit hartree --out shards --skip-bad
+    python tools/shard_dataset.py SPICE-2.0.1.hdf5 --preset spice2 --out shards
+    python tools/shard_dataset.py ani1x-release.h5 --preset ani1x --out shards   # three LoT tasks
 
-Each file's task is its file name stem unless --task is given (files of one task are merged).
+Each file's task is its file name stem unless --task is given (files of one task are merged). A preset
+(docs/datasets.md) sets the format, keys, units and sign conventions of a public dataset and names its tasks,
+one per level of theory; --preset-task reads some of them, --task renames the one read, --energy-unit and
+--length-unit replace the preset's units.
 Re-running with unchanged sources and options does nothing. A bad record stops the run with an
 error naming file and index, or with --skip-bad is listed in <out>/<task>/rejects.jsonl (each malformed
 extxyz frame on its own; reading goes on at the next frame). Units: --energy-unit/--length-unit, else
@@ -21,22 +24,28 @@ import sys
 from pathlib import Path
 
 from mlfound.data import DataError
-from mlfound.data.readers import SourceSpec, lot_label
+from mlfound.data.presets import describe_presets, preset_sources, reading_options, refuse_fixed_options
+from mlfound.data.readers import READERS, SourceSpec, lot_label
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A
 from mlfound.data.shards import DEFAULT_SHUFFLE_BUFFER_MB, REJECTS_NAME, ShardOptions, shard_tasks
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sources", nargs="+", type=Path, help="extxyz/ASE db/any ASE format, .npz (rMD17), .h5 (ANI-1x)")
+    p = argparse.ArgumentParser(description=__doc__, epilog="presets:\n" + describe_presets(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", type=Path, help="extxyz/ASE db/any ASE format, .npz (rMD17), .h5 (ANI-1x), "
+                   "or a public dataset's files with --preset")
     p.add_argument("--out", type=Path, required=True, help="shard root; each task gets <out>/<task>/")
+    p.add_argument("--preset", help="a public dataset's layout (listed below): sets format, keys, units, tasks")
+    p.add_argument("--preset-task", nargs="+", help="read only these of the preset's tasks")
     p.add_argument("--task", help="task (level-of-theory) name for all sources; default: each file's stem")
-    p.add_argument("--format", default="auto", choices=["auto", "ase", "extxyz", "npz", "hdf5"])
-    p.add_argument("--energy-key", default="energy")
-    p.add_argument("--forces-key", default="forces")
-    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the file's energy_unit info key, "
-                   "else eV; an explicit unit that contradicts the file's is an error)")
-    p.add_argument("--length-unit", help="Ang or bohr (default: the file's length_unit info key, else Ang)")
+    p.add_argument("--format", choices=["auto", *READERS], help="default: auto (by suffix)")
+    p.add_argument("--energy-key", help="default: energy")
+    p.add_argument("--forces-key", help="default: forces; 'none' for energy-only data")
+    p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the preset's, else the file's "
+                   "energy_unit info key, else eV; an explicit unit that contradicts the file's is an error)")
+    p.add_argument("--length-unit", help="Ang or bohr (default: the preset's, else the file's length_unit info key, "
+                   "else Ang)")
     p.add_argument("--records-per-shard", type=int, default=1000)
     p.add_argument("--min-distance", type=float, default=DEFAULT_MIN_DISTANCE_A,
                    help="closer atom pairs are rejected as overlapping (Å)")
@@ -59,22 +68,19 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    by_task: dict[str, list[SourceSpec]] = {}
-    for path in args.sources:
-        task = args.task or path.stem
-        by_task.setdefault(task, []).append(SourceSpec(
-            path=path, task=task, format=args.format, energy_key=args.energy_key, forces_key=args.forces_key,
-            energy_unit=args.energy_unit, length_unit=args.length_unit))
     options = ShardOptions(args.records_per_shard, args.min_distance, args.skip_bad, args.val_fraction,
                            check_units=not args.no_unit_check)
-    lot = {f"lot_{k}": v for k, v in (("method", args.method), ("basis", args.basis), ("code", args.code)) if v}
-    print(f"{'task':<14}{'records':>8}{'val':>6}{'rejected':>9}{'shards':>7}{'atoms':>8}{'forces':>7}"
-          f"{'ref RMS eV':>11}  LoT")
+    given_lot = {f"lot_{k}": v for k, v in (("method", args.method), ("basis", args.basis), ("code", args.code)) if v}
     try:
-        for task, m in shard_tasks(by_task, args.out, options, lot=lot, workers=args.workers,
-                                   shuffle_buffer_mb=args.shuffle_buffer_mb):
-            print(f"{task:<14}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}"
-                  f"{len(m['shards']):>7}{m['num_atoms_total']:>8}{m['num_with_forces']:>7}"
+        by_task = sources_by_task(args)
+        width = max(14, *(len(task) + 2 for task in by_task))
+        print(f"{'task':<{width}}{'records':>8}{'val':>6}{'rejected':>9}{'unlabelled':>11}{'shards':>7}{'atoms':>8}"
+              f"{'forces':>7}{'ref RMS eV':>11}  LoT")
+        lots = {task: {**lot, **given_lot} for task, (_, lot) in by_task.items()}
+        for task, m in shard_tasks({task: specs for task, (specs, _) in by_task.items()}, args.out, options, lots,
+                                   workers=args.workers, shuffle_buffer_mb=args.shuffle_buffer_mb):
+            print(f"{task:<{width}}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}"
+                  f"{m['num_unlabelled']:>11}{len(m['shards']):>7}{m['num_atoms_total']:>8}{m['num_with_forces']:>7}"
                   f"{m['stats']['residual_rms_ev']:>11.4f}  {lot_label(m['lot'])}")
             for note in m["reference_notes"]:
                 print(f"  warning ({task}): {note}")
@@ -84,6 +90,23 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def sources_by_task(args) -> dict[str, tuple[list[SourceSpec], dict]]:
+    """Per task: its source files, and the LoT metadata the preset knows (else none)."""
+    if args.preset:
+        refuse_fixed_options(args.preset, format=args.format, energy_key=args.energy_key, forces_key=args.forces_key)
+        return preset_sources(args.preset, args.sources, args.preset_task, args.task, args.energy_unit,
+                              args.length_unit)
+    if args.preset_task:
+        raise DataError("--preset-task picks tasks of a preset; give --preset too")
+    how, _ = reading_options(None, None, args.format, args.energy_key, args.forces_key, args.energy_unit,
+                             args.length_unit)
+    by_task: dict[str, tuple[list[SourceSpec], dict]] = {}
+    for path in args.sources:
+        task = args.task or path.stem
+        by_task.setdefault(task, ([], {}))[0].append(SourceSpec(path=path, task=task, **how))
+    return by_task
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 A batch holds as many whole structures as fit in ``max_atoms`` (fairchem-style), so cost per step
 is steady whatever the molecule sizes. A structure larger than the budget gets a batch of its own
-rather than being dropped. Batch keys and shapes (N atoms, E edges, G graphs):
+rather than being dropped. Neighbour lists are built here on the host (vesin), or left to the batch's
+device (``with_neighbours=False``, then ``device_neighbour_lists`` with vesin-torch after the copy).
+Batch keys and shapes (N atoms, E edges, G graphs):
 """
 from __future__ import annotations
 
@@ -29,13 +31,24 @@ class GraphBatch:
     has_forces: torch.Tensor  # (G,) bool
     task_index: torch.Tensor  # (G,) int64 position of the graph's task in the task list
     num_atoms: torch.Tensor  # (G,) int64
+    num_force_atoms: int  # atoms of graphs with forces, known on the host: the loss needs no device sync
+    cell_a: torch.Tensor | None = None  # (G, 3, 3) float64 Å; only while the neighbour lists are still to build
+    pbc: torch.Tensor | None = None  # (G, 3) bool; likewise
 
     @property
     def num_graphs(self) -> int:
         return len(self.energy_ev)
 
-    def to(self, device) -> "GraphBatch":
-        return GraphBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+    def to(self, device, non_blocking: bool = False) -> "GraphBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "GraphBatch":
+        """Page-locked copies, so ``to(cuda, non_blocking=True)`` overlaps the copy with compute."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> "GraphBatch":
+        return GraphBatch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                             for f in dataclasses.fields(self)})
 
 
 def neighbour_list(rec: Record, cutoff_a: float) -> tuple[np.ndarray, np.ndarray]:
@@ -47,11 +60,13 @@ def neighbour_list(rec: Record, cutoff_a: float) -> tuple[np.ndarray, np.ndarray
     return np.stack([i, j]).astype(np.int64), shifts.astype(np.float64) @ box
 
 
-def collate(records: Sequence[Record], cutoff_a: float, task_names: Sequence[str]) -> GraphBatch:
-    """One GraphBatch from records; tasks are indexed by their position in ``task_names``."""
+def collate(records: Sequence[Record], cutoff_a: float, task_names: Sequence[str],
+            with_neighbours: bool = True) -> GraphBatch:
+    """One GraphBatch from records; tasks are indexed by their position in ``task_names``. Without
+    neighbours the edges are empty and the batch carries cells and pbc for ``device_neighbour_lists``."""
     task_position = {name: i for i, name in enumerate(task_names)}
-    edges, shifts, atom_offset = [], [], 0
-    for rec in records:
+    edges, shifts, atom_offset = [np.zeros((2, 0), np.int64)], [np.zeros((0, 3))], 0
+    for rec in records if with_neighbours else ():
         edge_index, shift_a = neighbour_list(rec, cutoff_a)
         edges.append(edge_index + atom_offset)
         shifts.append(shift_a)
@@ -73,7 +88,40 @@ def collate(records: Sequence[Record], cutoff_a: float, task_names: Sequence[str
         has_forces=torch.tensor([r.forces_ev_a is not None for r in records]),
         task_index=torch.tensor(task_index, dtype=torch.int64),
         num_atoms=torch.from_numpy(num_atoms).long(),
+        num_force_atoms=sum(r.num_atoms for r in records if r.forces_ev_a is not None),
+        cell_a=None if with_neighbours else torch.from_numpy(np.stack([_box(r) for r in records])),
+        pbc=None if with_neighbours else torch.from_numpy(np.stack([_periodic(r) for r in records])),
     )
+
+
+def _box(rec: Record) -> np.ndarray:
+    return rec.cell_a.astype(np.float64) if rec.cell_a is not None else np.zeros((3, 3))
+
+
+def _periodic(rec: Record) -> np.ndarray:
+    return rec.pbc.astype(bool) if rec.pbc is not None else np.zeros(3, bool)
+
+
+def device_neighbour_lists(batch: GraphBatch, atoms_per_graph: Sequence[int], cutoff_a: float) -> GraphBatch:
+    """``batch`` (from ``collate(..., with_neighbours=False)``) with the full neighbour lists built by
+    vesin-torch on the batch's own device. ``atoms_per_graph`` comes from the host copy of ``num_atoms``, so
+    slicing the graphs needs no device sync; vesin-torch itself syncs once per graph to size its output."""
+    try:
+        from vesin_torch import NeighborList
+    except ImportError as err:
+        hint = "data.neighbours_on_device needs vesin-torch: pip install 'mlfound[device-neighbours]'"
+        raise ImportError(hint) from err
+    calculator = NeighborList(cutoff=cutoff_a, full_list=True)
+    edges, shifts, start = [], [], 0
+    for graph, num_atoms in enumerate(atoms_per_graph):
+        box = batch.cell_a[graph]
+        i, j, shift = calculator.compute(points=batch.pos_a[start:start + num_atoms], box=box,
+                                         periodic=batch.pbc[graph], quantities="ijS")
+        edges.append(torch.stack([i, j]).long() + start)
+        shifts.append(shift.to(box.dtype) @ box)
+        start += num_atoms
+    return dataclasses.replace(batch, edge_index=torch.cat(edges, dim=1), edge_shift_a=torch.cat(shifts),
+                               cell_a=None, pbc=None)
 
 
 def admits(batch: list[Record], batch_atoms: int, upcoming: Record, max_atoms: int,
@@ -102,17 +150,17 @@ class AtomBudgetBatcher:
     """Infinite GraphBatches from one TaskStream; its state is the stream's state."""
 
     def __init__(self, stream: TaskStream, max_atoms: int, cutoff_a: float, task_names: Sequence[str],
-                 max_graphs: int | None = None):
+                 max_graphs: int | None = None, with_neighbours: bool = True):
         if max_atoms < 1:
             raise ValueError(f"max_atoms must be >= 1, got {max_atoms}")
         self.stream, self.max_atoms, self.cutoff_a = stream, max_atoms, cutoff_a
-        self.task_names, self.max_graphs = list(task_names), max_graphs
+        self.task_names, self.max_graphs, self.with_neighbours = list(task_names), max_graphs, with_neighbours
 
     def __iter__(self):
         return self
 
     def __next__(self) -> GraphBatch:
-        return collate(self.next_records(), self.cutoff_a, self.task_names)
+        return collate(self.next_records(), self.cutoff_a, self.task_names, self.with_neighbours)
 
     def next_records(self) -> list[Record]:
         """Records are taken only once admitted (peek first), so the stream state stays exact for resume."""

@@ -1,9 +1,10 @@
 """Readers: source files -> Records in eV/Å, each naming its file and index.
 
-Formats: anything ASE reads (extxyz, ASE db, ...), rMD17-style npz, ANI-1x-style HDF5.
-Readers convert units and fill fields; they do not judge records (``validate_record`` does),
-so a bad record reaches the caller, who raises or, with ``--skip-bad``, rejects it. A record that cannot
-be read at all (a malformed extxyz frame) comes as a ``BadRecord`` in its place, so the count stays true.
+Formats: anything ASE reads (extxyz, ASE db, ASE LMDB, ...) here; the public array layouts (ANI-1x, ANI-2x, SPICE,
+QM7-X and Transition1x HDF5, rMD17 and sGDML npz, MPtrj JSON) in layouts.py. Readers convert units and fill fields;
+they do not judge records (``validate_record`` does), so a bad record reaches the caller, who raises or, with
+``--skip-bad``, rejects it. A record that cannot be read at all (a malformed extxyz frame) comes as a ``BadRecord``
+in its place, and a structure without a label at the task's LoT as an ``Unlabelled``, so the count stays true.
 """
 from __future__ import annotations
 
@@ -16,49 +17,37 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
+from mlfound.data import layouts
 from mlfound.data.record import DataError, Record
-from mlfound.data.units import energy_factor, length_factor
+from mlfound.data.source import BadRecord, SourceSpec, Unlabelled
+from mlfound.data.units import DEFAULT_ENERGY_UNIT, DEFAULT_LENGTH_UNIT, energy_factor, length_factor, pick_unit
 
-DEFAULT_ENERGY_UNIT = "eV"
-DEFAULT_LENGTH_UNIT = "Ang"
 RECORD_UNITS = {"energy_unit": "eV", "forces_unit": "eV/Ang"}  # what every reader returns
 XYZ_SUFFIXES = (".xyz", ".extxyz")
+LMDB_SUFFIX = ".aselmdb"  # ASE's LMDB database (OMat24, OMol25), read through ase-db-backends
 
-
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    """Where one source file is and how to read its labels."""
-    path: Path
-    task: str
-    format: str = "auto"  # "ase", "extxyz", "npz", "hdf5" or "auto" (by suffix)
-    energy_key: str = "energy"
-    forces_key: str = "forces"
-    energy_unit: str | None = None  # None: each frame's energy_unit info key (extxyz), else eV
-    length_unit: str | None = None  # None: each frame's length_unit info key (extxyz), else Å
-
-
-class BadRecord(DataError):
-    """A record that cannot be read, yielded in its place so that reading goes on with the next one."""
-
-    def __init__(self, source, index: int, reason: str):
-        super().__init__(f"{source} record {index}: {reason}")
-        self.index = index
+__all__ = ["BadRecord", "SourceSpec", "Unlabelled", "read_source", "read_entries", "READERS"]
 
 
 def read_source(spec: SourceSpec) -> Iterator[Record]:
     """Yield every record of one source file; the first that cannot be read raises DataError naming file and
-    index. Unreadable files raise DataError naming the file."""
+    index. Unreadable files raise DataError naming the file. Structures without a label at the task's LoT are
+    not records of it and are left out; ``read_entries`` yields them, for callers that count them."""
     return _raise_bad(read_entries(spec))
 
 
-def read_entries(spec: SourceSpec) -> Iterator[Record | BadRecord]:
-    """Every record of one source file in order, with a BadRecord in the place of each that cannot be read, so
-    that a caller skipping bad records accounts for every index. A file that cannot be read on (a broken npz
-    or HDF5 layout, a binary ASE format broken mid-file) still raises DataError."""
+def read_entries(spec: SourceSpec) -> Iterator[Record | BadRecord | Unlabelled]:
+    """Every record of one source file in order, with a BadRecord in the place of each that cannot be read and an
+    Unlabelled in the place of each without a label at the task's LoT, so that a caller accounts for every index.
+    A file that cannot be read on (a broken npz or HDF5 layout, a binary ASE format broken mid-file) still raises
+    DataError."""
     if not Path(spec.path).exists():
         raise DataError(f"{spec.path}: no such file")
     _check_given_units(spec)
-    return READERS[_format(spec)](spec)
+    fmt = _format(spec)
+    if fmt not in READERS:
+        raise DataError(f"{spec.path}: unknown format {fmt!r}; known: {sorted(READERS)}")
+    return READERS[fmt](spec)
 
 
 def _check_given_units(spec: SourceSpec) -> None:
@@ -73,8 +62,11 @@ def _check_given_units(spec: SourceSpec) -> None:
 
 
 def lot_metadata(spec: SourceSpec) -> dict:
-    """LoT metadata stored in the source (extxyz ``lot_*`` info keys of the first frame that can be read) with
-    the units of the records the readers return (the source's were converted), else empty."""
+    """LoT metadata stored in the source (extxyz ``lot_*`` info keys of the first frame that can be read, an sGDML
+    file's ``theory``) with the units of the records the readers return (the source's were converted), else empty."""
+    if _format(spec) in layouts.READERS:
+        lot = layouts.file_lot(spec, _format(spec))
+        return {**lot, **RECORD_UNITS} if lot else {}
     first = _first_readable_atoms(spec)
     if first is None:
         return {}
@@ -99,11 +91,12 @@ def lot_label(lot: dict) -> str:
     return "/".join(v for v in (lot.get("lot_method"), lot.get("lot_basis")) if v) or "?"
 
 
-def _raise_bad(entries: Iterator[Record | BadRecord]) -> Iterator[Record]:
+def _raise_bad(entries: Iterator[Record | BadRecord | Unlabelled]) -> Iterator[Record]:
     for entry in entries:
         if isinstance(entry, BadRecord):
             raise entry
-        yield entry
+        if isinstance(entry, Record):
+            yield entry
 
 
 def _format(spec: SourceSpec) -> str:
@@ -117,7 +110,7 @@ def _format_from_suffix(path: Path) -> str:
         return "npz"
     if suffix in (".h5", ".hdf5"):
         return "hdf5"
-    return "ase"
+    return "ase"  # ASE's own formats, .aselmdb included
 
 
 def read_extxyz(spec: SourceSpec) -> Iterator[Record | BadRecord]:
@@ -152,7 +145,15 @@ def _xyz_atoms(spec: SourceSpec) -> Iterator[tuple[int, Atoms | BadRecord]]:
 def _iread_atoms(spec: SourceSpec) -> Iterator[tuple[int, Atoms]]:
     from ase.io import iread
 
-    frames = iread(spec.path, index=":")
+    options = {}
+    if Path(spec.path).suffix.lower() == LMDB_SUFFIX:
+        try:
+            import ase_db_backends  # noqa: F401 - ASE opens .aselmdb through it
+        except ImportError as err:
+            raise ImportError(f"{spec.path}: reading ASE LMDB needs ase-db-backends: pip install 'mlfound[lmdb]'"
+                              ) from err
+        options = {"readonly": True}  # no write transaction or lock file on (possibly read-only) shared storage
+    frames = iread(spec.path, index=":", **options)
     index = 0
     while True:
         try:
@@ -175,7 +176,7 @@ def _atoms_record(spec: SourceSpec, atoms: Atoms, index: int) -> Record | BadRec
         return BadRecord(spec.path, index, str(err))
     results = atoms.calc.results if atoms.calc is not None else {}
     energy = results.get(spec.energy_key, atoms.info.get(spec.energy_key))
-    forces = results.get(spec.forces_key, atoms.arrays.get(spec.forces_key))
+    forces = None if spec.forces_key is None else results.get(spec.forces_key, atoms.arrays.get(spec.forces_key))
     periodic = bool(atoms.pbc.any())
     return Record(
         z=atoms.numbers.astype(np.int64), pos_a=atoms.positions * l_factor,
@@ -190,23 +191,10 @@ def _frame_units(spec: SourceSpec, info: dict) -> tuple[float, float]:
     """(energy, length) factors to eV and Å: the spec's units, else the frame's ``energy_unit``/``length_unit``
     info keys, else eV and Å. A spec unit that contradicts the frame's is an error, since picking one would
     silently scale the labels; so is a ``forces_unit`` that is not energy unit / length unit."""
-    energy_unit = _pick_unit("energy", spec.energy_unit, info.get("energy_unit"), energy_factor) or DEFAULT_ENERGY_UNIT
-    length_unit = _pick_unit("length", spec.length_unit, info.get("length_unit"), length_factor) or DEFAULT_LENGTH_UNIT
+    energy_unit = pick_unit("energy", spec.energy_unit, info.get("energy_unit"), energy_factor) or DEFAULT_ENERGY_UNIT
+    length_unit = pick_unit("length", spec.length_unit, info.get("length_unit"), length_factor) or DEFAULT_LENGTH_UNIT
     _check_forces_unit(info.get("forces_unit"), energy_unit, length_unit)
     return energy_factor(energy_unit), length_factor(length_unit)
-
-
-def _pick_unit(what: str, given: str | None, declared, factor) -> str | None:
-    if declared is None:
-        return given
-    try:
-        declared_factor = factor(str(declared))
-    except ValueError as err:
-        raise DataError(f"info key {what}_unit: {err}") from None
-    if given is not None and not math.isclose(factor(given), declared_factor):
-        raise DataError(f"the {what} unit was given as {given!r} but the file says {what}_unit={declared}; "
-                        f"leave the {what} unit unset to use the file's, or correct the file")
-    return str(declared)
 
 
 def _check_forces_unit(forces_unit, energy_unit: str, length_unit: str) -> None:
@@ -306,58 +294,4 @@ class _Lines:
         return taken
 
 
-def read_npz(spec: SourceSpec) -> Iterator[Record]:
-    """rMD17 layout: ``nuclear_charges`` (N,), ``coords`` (M, N, 3), ``energies`` (M,), ``forces`` (M, N, 3)."""
-    try:
-        data = np.load(spec.path)
-    except Exception as err:
-        raise DataError(f"{spec.path}: cannot open as npz ({err})") from err
-    keys = {"nuclear_charges", "coords"}
-    missing = keys - set(data.files)
-    if missing:
-        raise DataError(f"{spec.path}: npz lacks keys {sorted(missing)} (has {data.files})")
-    energy_key = spec.energy_key if spec.energy_key in data.files else "energies"
-    if energy_key not in data.files:
-        raise DataError(f"{spec.path}: npz has no energy key {spec.energy_key!r} (has {data.files})")
-    forces = data[spec.forces_key] if spec.forces_key in data.files else None
-    yield from _records_from_arrays(spec, data["nuclear_charges"], data["coords"], data[energy_key], forces, 0)
-
-
-def read_hdf5(spec: SourceSpec) -> Iterator[Record]:
-    """ANI-1x layout: one group per formula with ``atomic_numbers`` (N,), ``coordinates`` (M, N, 3),
-    and label datasets named by the keys (e.g. ``wb97x_dz.energy``, ``wb97x_dz.forces``)."""
-    try:
-        import h5py
-    except ImportError as err:
-        raise ImportError("reading HDF5 needs h5py: pip install 'mlfound[hdf5]'") from err
-    try:
-        handle = h5py.File(spec.path, "r")
-    except OSError as err:
-        raise DataError(f"{spec.path}: cannot open as HDF5 ({err})") from err
-    with handle:
-        first_index = 0
-        for name, group in handle.items():
-            for key in ("atomic_numbers", "coordinates", spec.energy_key):
-                if key not in group:
-                    raise DataError(f"{spec.path}: group {name!r} lacks dataset {key!r} (has {list(group)})")
-            forces = group[spec.forces_key][()] if spec.forces_key in group else None
-            yield from _records_from_arrays(spec, group["atomic_numbers"][()], group["coordinates"][()],
-                                            group[spec.energy_key][()], forces, first_index)
-            first_index += len(group["coordinates"])
-
-
-def _records_from_arrays(spec, z, coords, energies, forces, first_index) -> Iterator[Record]:
-    e_factor = energy_factor(spec.energy_unit or DEFAULT_ENERGY_UNIT)
-    l_factor = length_factor(spec.length_unit or DEFAULT_LENGTH_UNIT)
-    if len(energies) != len(coords) or (forces is not None and len(forces) != len(coords)):
-        raise DataError(f"{spec.path}: {len(coords)} coordinate sets but {len(energies)} energies"
-                        + ("" if forces is None else f" and {len(forces)} force sets"))
-    for i in range(len(coords)):
-        yield Record(
-            z=np.asarray(z, np.int64), pos_a=np.asarray(coords[i], np.float64) * l_factor,
-            energy_ev=float(energies[i]) * e_factor,
-            forces_ev_a=None if forces is None else np.asarray(forces[i], np.float64) * e_factor / l_factor,
-            task=spec.task, source=str(spec.path), index=first_index + i)
-
-
-READERS = {"extxyz": read_extxyz, "ase": read_ase, "npz": read_npz, "hdf5": read_hdf5}
+READERS = {"extxyz": read_extxyz, "ase": read_ase, **layouts.READERS}

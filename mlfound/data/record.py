@@ -24,6 +24,8 @@ class Record:
     task: str = ""  # level-of-theory task name
     source: str = ""  # file the record came from
     index: int = -1  # index of the record in that file
+    provenance: dict[str, str] = dataclasses.field(default_factory=dict)  # where in the file (HDF5 group, MPtrj
+    # id) and what the file says of the structure (SPICE's smiles and subset); kept in the shards
 
     @property
     def num_atoms(self) -> int:

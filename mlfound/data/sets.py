@@ -6,12 +6,13 @@ record is an error naming its file and index: a fine-tuning set of 50 structures
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from mlfound.data.files import atomic_write_bytes
-from mlfound.data.readers import SourceSpec, read_source
+from mlfound.data.readers import BadRecord, SourceSpec, Unlabelled, read_entries
 from mlfound.data.record import DataError, Record, validate_record
 from mlfound.data.shards import MANIFEST_NAME
 from mlfound.data.streams import TaskStream
@@ -19,14 +20,24 @@ from mlfound.data.streams import TaskStream
 
 def load_records(path: Path | str, task: str, **source_options) -> list[Record]:
     """Every record of a source file (any reader; ``source_options`` are SourceSpec fields such as
-    ``energy_key``) or of a shard folder, validated, with ``task`` set to the head it is for."""
+    ``energy_key``) or of a shard folder, validated, with ``task`` set to the head it is for. Structures the
+    file has no label for at this LoT (NaN energies of an ANI-1x LoT) are not records of it: a warning counts them."""
     path = Path(path)
     if path.is_dir():
         if not (path / MANIFEST_NAME).exists():
             raise DataError(f"{path}: a folder without {MANIFEST_NAME}; give a data file or a task's shard folder")
         records = TaskStream(path, seed=0).rest_of_epoch()
     else:
-        records = list(read_source(SourceSpec(path=path, task=task, **source_options)))
+        records, num_unlabelled = [], 0
+        for entry in read_entries(SourceSpec(path=path, task=task, **source_options)):
+            if isinstance(entry, BadRecord):
+                raise entry
+            num_unlabelled += isinstance(entry, Unlabelled)
+            if isinstance(entry, Record):
+                records.append(entry)
+        if num_unlabelled:
+            warnings.warn(f"{path}: {num_unlabelled} structures have no label at the LoT read for {task!r} "
+                          f"(NaN energy) and are not part of it; {len(records)} records are", stacklevel=2)
     for rec in records:
         validate_record(rec)
         rec.task = task

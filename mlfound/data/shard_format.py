@@ -22,6 +22,8 @@ def encode(rec: Record) -> bytes:
     if rec.cell_a is not None:
         fields["cell"] = _pack(rec.cell_a, "<f8")
         fields["pbc"] = [bool(p) for p in rec.pbc]
+    if rec.provenance:
+        fields["provenance"] = rec.provenance
     return msgpack.packb(fields)
 
 
@@ -34,7 +36,7 @@ def decode(data: bytes, task: str) -> Record:
         forces_ev_a=_unpack(fields["forces"], (n, 3)) if "forces" in fields else None,
         cell_a=_unpack(fields["cell"], (3, 3)) if "cell" in fields else None,
         pbc=np.array(fields["pbc"], bool) if "pbc" in fields else None,
-        task=task, source=fields["source"], index=fields["index"])
+        task=task, source=fields["source"], index=fields["index"], provenance=fields.get("provenance", {}))
 
 
 def _pack(array: np.ndarray, dtype: str) -> bytes:

@@ -7,7 +7,8 @@ validation fraction, the held-out records get the same layout in ``<out>/<task>/
 Two passes, with the work spread over ``workers`` processes:
   1. read: the source files of all tasks are read and validated, one file per job; each job fits its
      part of the references and appends every record to a bucket file by its shuffle key
-     (``mlfound.data.shuffle``, a hash of source file name and index);
+     (``mlfound.data.shuffle``, a hash of source file name and index), and counts the rejected and the
+     unlabelled (no label at the task's LoT) structures;
   2. write: bucket by bucket in key order, consecutive records form the shards; each shard is written and
      summarised by one job (``mlfound.data.shard_stats``).
 So every shard is a random sample of its task (not a run of consecutive MD frames or one formula), memory
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from mlfound.data import shard_format
 from mlfound.data.files import atomic_write, atomic_write_bytes, sha256_file
 from mlfound.data.plausibility import check_units
-from mlfound.data.readers import BadRecord, SourceSpec, lot_metadata, read_entries
+from mlfound.data.readers import BadRecord, SourceSpec, Unlabelled, lot_metadata, read_entries
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, validate_record
 from mlfound.data.references import ReferenceFit
 from mlfound.data.shard_stats import SplitStats
@@ -76,14 +77,16 @@ def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: Sha
                shuffle_buffer_mb: float = DEFAULT_SHUFFLE_BUFFER_MB) -> dict:
     """Shard every record of ``sources`` into ``out_dir/task`` (and the held-out validation records
     into ``out_dir/task/val``); return the training manifest."""
-    return dict(shard_tasks({task: sources}, out_dir, options, lot, progress, workers, shuffle_buffer_mb))[task]
+    return dict(shard_tasks({task: sources}, out_dir, options, {task: lot or {}}, progress, workers,
+                            shuffle_buffer_mb))[task]
 
 
 def shard_tasks(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, options: ShardOptions,
-                lot: dict | None = None, progress: bool = True, workers: int = 1,
+                lots_by_task: dict[str, dict] | None = None, progress: bool = True, workers: int = 1,
                 shuffle_buffer_mb: float = DEFAULT_SHUFFLE_BUFFER_MB) -> Iterator[tuple[str, dict]]:
     """Shard several tasks at once, their files read in parallel by ``workers`` processes; yields each task's
-    training manifest in the order given, as it is written. A bad record (without ``skip_bad``) or a failed
+    training manifest in the order given, as it is written. ``lots_by_task`` gives a task's LoT metadata (a
+    preset's, the user's), over what its sources say. A bad record (without ``skip_bad``) or a failed
     unit check stops the run before any shard is written. ``shuffle_buffer_mb`` bounds the records held in
     memory while shuffling; it changes neither the output nor the fingerprint. With ``workers > 1`` call
     this under ``if __name__ == "__main__":``, as for any multiprocessing: workers import the main module."""
@@ -99,7 +102,7 @@ def shard_tasks(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, opt
     try:
         with _worker_pool(workers) as pool:  # stopped before the temporaries it writes to are removed
             run = _Execution(pool, workers, int(shuffle_buffer_mb * 2**20), progress)
-            plans = _plan(sources_by_task, Path(out_dir), options, lot, run)
+            plans = _plan(sources_by_task, Path(out_dir), options, lots_by_task or {}, run)
             todo = [plan for plan in plans if plan.done is None]
             _read_pass(todo, options, run)
             for plan in plans:
@@ -149,18 +152,20 @@ class _Plan:
     num_buckets: int
     fits: dict[str, ReferenceFit] = dataclasses.field(default_factory=lambda: {s: ReferenceFit() for s in SPLITS})
     num_rejected: int = 0
+    num_unlabelled: int = 0  # structures without a label at the task's LoT: neither kept nor rejected
 
 
-def _plan(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, options: ShardOptions, lot: dict | None,
-          run: _Execution) -> list[_Plan]:
+def _plan(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, options: ShardOptions,
+          lots_by_task: dict[str, dict], run: _Execution) -> list[_Plan]:
     surveys = iter(_ordered_map(run.pool, _survey, [s for specs in sources_by_task.values() for s in specs]))
     plans = []
     for task, specs in sources_by_task.items():
         described, lots = zip(*[next(surveys) for _ in specs])
+        lot = lots_by_task.get(task, {})
         fingerprint = _fingerprint(described, options, lot)
         task_dir = out_dir / task
         header = {"format_version": MANIFEST_VERSION, "tool": TOOL_VERSION, "task": task,
-                  "lot": {**_common_lot(lots), **(lot or {})}, "fingerprint": fingerprint,
+                  "lot": {**_common_lot(lots), **lot}, "fingerprint": fingerprint,
                   "sources": list(described), "options": dataclasses.asdict(options), "record_order": RECORD_ORDER}
         source_bytes = sum(Path(s.path).stat().st_size for s in specs)
         plans.append(_Plan(task, specs, task_dir, header, _up_to_date(task_dir, fingerprint),
@@ -203,6 +208,7 @@ def _read_pass(plans: list[_Plan], options: ShardOptions, run: _Execution) -> No
             for split, fit in result.fits.items():
                 plan.fits[split].merge(fit)
             plan.num_rejected += result.num_rejected
+            plan.num_unlabelled += result.num_unlabelled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +220,7 @@ class _UnitCheck:
 
     def run(self) -> None:
         valid = (e for spec in self.sources for e in _read_to_end(spec)
-                 if not isinstance(e, BadRecord) and _validation_error(e, self.min_distance_a) is None)
+                 if isinstance(e, Record) and _validation_error(e, self.min_distance_a) is None)
         sample = list(itertools.islice(valid, UNIT_CHECK_RECORDS))
         check_units(sample, f"task {self.task!r} ({', '.join(str(s.path) for s in self.sources)})")
 
@@ -224,13 +230,15 @@ class _ReadResult:
     task: str
     fits: dict[str, ReferenceFit]
     num_rejected: int
+    num_unlabelled: int
 
 
 @dataclasses.dataclass(frozen=True)
 class _ReadSource:
     """One source file: every record that reads and validates goes to the buckets of its split; a bad one
-    raises, or with ``skip_bad`` is listed under its index in its file, so that the records read are exactly
-    those kept plus those rejected."""
+    raises, or with ``skip_bad`` is listed under its index in its file; a structure without a label at the
+    task's LoT is counted; so the structures read are exactly those kept plus those rejected plus those
+    unlabelled."""
     task: str
     ordinal: int  # the file's place among its task's sources
     spec: SourceSpec
@@ -240,10 +248,13 @@ class _ReadSource:
 
     def run(self) -> _ReadResult:
         fits = {split: ReferenceFit() for split in SPLITS}
-        name, num_rejected = Path(self.spec.path).name, 0
+        name, num_rejected, num_unlabelled = Path(self.spec.path).name, 0, 0
         with BucketFiles(self.tmp_dir, self.num_buckets) as buckets, \
                 _LazyFile(_rejects_part(self.tmp_dir, self.ordinal)) as rejects:
             for entry in _read_to_end(self.spec):
+                if isinstance(entry, Unlabelled):
+                    num_unlabelled += 1
+                    continue
                 error = entry if isinstance(entry, BadRecord) else _validation_error(entry, self.options.min_distance_a)
                 if error is None:
                     split = "val" if is_validation(entry, self.options.val_fraction) else "train"
@@ -256,10 +267,10 @@ class _ReadSource:
                     num_rejected += 1
                 else:
                     raise DataError(f"{error} (pass --skip-bad to reject such records to a list instead)") from None
-        return _ReadResult(self.task, fits, num_rejected)
+        return _ReadResult(self.task, fits, num_rejected, num_unlabelled)
 
 
-def _read_to_end(spec: SourceSpec) -> Iterable[Record | BadRecord]:
+def _read_to_end(spec: SourceSpec) -> Iterable[Record | BadRecord | Unlabelled]:
     """A source's records; a reader that cannot read on (a file broken mid-way in a format without frame
     boundaries) ends with one BadRecord standing for the rest of the file, whose records cannot be counted."""
     entries = read_entries(spec)
@@ -312,12 +323,13 @@ def _rejects_part(tmp_dir: Path, ordinal: int) -> Path:
 def _write_pass(plan: _Plan, options: ShardOptions, run: _Execution) -> dict:
     _write_rejects(plan)
     if plan.fits["train"].num_structures == 0:
-        listed = f"; {plan.num_rejected} rejected, listed in {plan.task_dir / REJECTS_NAME}"
+        rejected = f"; {plan.num_rejected} rejected, listed in {plan.task_dir / REJECTS_NAME}"
+        unlabelled = f"; {plan.num_unlabelled} without a label at this LoT"
         raise DataError(f"task {plan.task!r}: no valid training records in {[str(s.path) for s in plan.sources]}"
-                        f"{listed if plan.num_rejected else ''}")
+                        f"{rejected if plan.num_rejected else ''}{unlabelled if plan.num_unlabelled else ''}")
     if options.val_fraction > 0 and plan.fits["val"].num_structures == 0:
         raise DataError(f"task {plan.task!r}: the val split is empty; lower or raise --val-fraction")
-    common = {**plan.header, "num_rejected": plan.num_rejected}
+    common = {**plan.header, "num_rejected": plan.num_rejected, "num_unlabelled": plan.num_unlabelled}
     if options.val_fraction > 0:
         _write_split(plan, "val", {**common, "split": "val"}, options, run)
     elif (plan.task_dir / VALIDATION_DIR).exists():
@@ -451,9 +463,9 @@ def _fingerprint(described_sources: Iterable[dict], options: ShardOptions, lot: 
 
 
 def _describe_source(spec: SourceSpec) -> dict:
-    return {"path": str(spec.path), "sha256": sha256_file(Path(spec.path)), "format": spec.format,
-            "energy_key": spec.energy_key, "forces_key": spec.forces_key,
-            "energy_unit": spec.energy_unit, "length_unit": spec.length_unit}
+    """The file's hash and every way of reading it (format, keys, units, signs), so that changing any re-shards."""
+    how = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("path", "task")}
+    return {"path": str(spec.path), "sha256": sha256_file(Path(spec.path)), **how}
 
 
 def _common_lot(metas: Iterable[dict]) -> dict:

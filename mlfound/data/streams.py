@@ -18,6 +18,8 @@ ranks; e.g. a task of 1 record on 2 ranks) work on any world size:
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import tarfile
 import warnings
 import zlib
@@ -28,9 +30,9 @@ import numpy as np
 import webdataset as wds
 
 from mlfound.data import shard_format
-from mlfound.data.files import sha256_file
 from mlfound.data.record import DataError, Record
-from mlfound.data.shards import load_manifest
+from mlfound.data.shards import MANIFEST_NAME, VALIDATION_DIR, load_manifest
+from mlfound.data.urls import check_url_template, describe_exit, shard_url
 
 
 class TaskStream:
@@ -38,12 +40,15 @@ class TaskStream:
 
     def __init__(self, task_dir: Path, seed: int, rank: int = 0, world_size: int = 1,
                  shard_url_template: str | None = None, disjoint: bool = False):
-        """``shard_url_template`` (e.g. ``"pipe:curl -s https://host/{task}/{name}"``) streams shards from
-        remote storage instead of ``task_dir``; the manifest is always read from ``task_dir``.
+        """``shard_url_template`` (e.g. ``"http://host/corpus/{task}/{name}"``, see mlfound/data/urls.py)
+        streams shards from a mirror of the shard root instead of ``task_dir``; the manifest is always
+        read from ``task_dir``, and every shard, local or remote, must match its sha256.
         ``disjoint`` keeps ranks disjoint even for a task too small to give every rank a record
         (validation); otherwise such a task is read whole by every rank (training), see the module doc."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if shard_url_template is not None:
+            check_url_template(shard_url_template)
         self.task_dir = Path(task_dir)
         self.manifest = load_manifest(self.task_dir)
         self.task = self.manifest["task"]
@@ -58,7 +63,6 @@ class TaskStream:
         self.epoch, self.cursor, self.offset = 0, 0, 0
         self._parts: list[tuple[int, int]] | None = None  # (shard index, record stride) of this epoch
         self._buffer: list[Record] | None = None
-        self._verified: set[int] = set()
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self):
@@ -141,36 +145,61 @@ class TaskStream:
         return [records[i] for i in permutation]
 
     def verify(self) -> None:
-        """Check every local shard of the task against the manifest now, not when first read: all ranks
-        reach the same verdict before training (validation splits are small enough for this)."""
-        if self.shard_url_template is None:
-            for shard in range(len(self.manifest["shards"])):
-                self._verify(shard)
+        """Check every shard of the task against the manifest now, not when first read: all ranks reach
+        the same verdict before training (validation splits are small enough to fetch twice)."""
+        for shard in range(len(self.manifest["shards"])):
+            self._fetch(shard)
 
-    def _verify(self, shard: int) -> None:
-        if shard in self._verified:
-            return
-        local = self.task_dir / self.manifest["shards"][shard]["name"]
-        if not local.exists():
-            raise DataError(f"shard {local} listed in the manifest is missing")
-        if sha256_file(local) != self.manifest["shards"][shard]["sha256"]:
-            raise DataError(f"shard {local}: sha256 does not match the manifest; the file is "
-                            "corrupted or was changed, re-run tools/shard_dataset.py")
-        self._verified.add(shard)
+    def _location(self, shard: int) -> str:
+        """The shard's local path, or its URL under ``shard_url_template``."""
+        name = self.manifest["shards"][shard]["name"]
+        if self.shard_url_template is None:
+            return str(self.task_dir / name)
+        in_task_dir = f"{VALIDATION_DIR}/{name}" if self.manifest["split"] == "val" else name
+        return shard_url(self.shard_url_template, self.task, in_task_dir)
+
+    def _fetch(self, shard: int) -> bytes:
+        """The shard's bytes, checked against the manifest's sha256 before any record of it is used."""
+        info, location = self.manifest["shards"][shard], self._location(shard)
+        if self.shard_url_template is None and not Path(location).exists():
+            raise DataError(f"shard {location} listed in the manifest is missing")
+        try:
+            data = _read_all(location)
+        except OSError as err:
+            hint = ("" if self.shard_url_template is None
+                    else "; check data.shard_url_template and that this node reaches the server")
+            raise DataError(f"shard {location} (task {self.task!r}): cannot read it ({err}){hint}") from err
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            if self.shard_url_template is None:
+                raise DataError(f"shard {location}: sha256 does not match the manifest; the file is corrupted or "
+                                "was changed, re-run tools/shard_dataset.py")
+            raise DataError(f"shard {location}: sha256 does not match {self.task_dir / MANIFEST_NAME}; the remote "
+                            "copy is corrupted or not the shard the manifest describes: copy the shard root there "
+                            "again (after re-running tools/shard_dataset.py if the local shards changed)")
+        return data
 
     def _read_shard(self, shard: int) -> list[Record]:
-        info = self.manifest["shards"][shard]
-        if self.shard_url_template is None:
-            self._verify(shard)
-            url = str(self.task_dir / info["name"])
-        else:
-            url = self.shard_url_template.format(task=self.task, name=info["name"])
-        pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+        info, location = self.manifest["shards"][shard], self._location(shard)
+        opened = [{"url": location, "stream": io.BytesIO(self._fetch(shard))}]
         try:
-            records = [shard_format.decode(sample[shard_format.MEMBER_EXT], self.task) for sample in pipeline]
+            records = [shard_format.decode(sample[shard_format.MEMBER_EXT], self.task)
+                       for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(opened))]
         except (tarfile.TarError, OSError, ValueError, KeyError, msgpack.exceptions.UnpackException) as err:
-            raise DataError(f"shard {url}: cannot read ({type(err).__name__}: {err})") from err
+            raise DataError(f"shard {location}: cannot read ({type(err).__name__}: {err})") from err
         if len(records) != info["num_records"]:
-            raise DataError(f"shard {url}: {len(records)} records, manifest says {info['num_records']}; "
+            raise DataError(f"shard {location}: {len(records)} records, manifest says {info['num_records']}; "
                             "the shard is truncated or was changed")
         return records
+
+
+def _read_all(location: str) -> bytes:
+    """Every byte at a path or webdataset URL; a failed ``pipe:`` or curl command is an OSError saying why."""
+    stream = wds.gopen(location)
+    try:
+        with stream:
+            return stream.read()
+    except OSError as err:
+        status = getattr(stream, "status", None)  # a webdataset Pipe (curl or a pipe: command) that failed
+        if status is None:
+            raise
+        raise OSError(describe_exit(location, status)) from err

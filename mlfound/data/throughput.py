@@ -52,3 +52,25 @@ def format_table(rows: list[tuple[str, int, dict[str, dict]]]) -> str:
             lines.append(f"{task:<12}{rank:>5}  {stage:<17}{r['records_per_s']:>10.0f}{r['atoms_per_s']:>10.0f}"
                          f"{r['records_per_s'] / base:>8.2f}{per_batch:>12}{edges:>12}")
     return "\n".join(lines)
+
+
+def loader_pace(loader, task_of_step, batches_per_step: int, consumer_s: float, num_steps: int,
+                warmup_steps: int = 2) -> dict[str, float]:
+    """Batches/s a StepLoader delivers to a consumer that spends ``consumer_s`` per batch (sleeping, as a host
+    does while an accelerator runs the step; 0 measures the loader alone) and the fraction of the time the
+    consumer waited for data. The first steps (workers starting, first shard reads) are not timed."""
+    def take(step: int) -> float:
+        task, waited = task_of_step(step), 0.0
+        for _ in range(batches_per_step):
+            start = time.perf_counter()
+            loader.next_batch(step, task)
+            waited += time.perf_counter() - start
+            time.sleep(consumer_s)
+        return waited
+
+    for step in range(warmup_steps):
+        take(step)
+    start = time.perf_counter()
+    waited = sum(take(step) for step in range(warmup_steps, warmup_steps + num_steps))
+    seconds = time.perf_counter() - start
+    return {"batches_per_s": num_steps * batches_per_step / seconds, "data_wait": waited / seconds}

@@ -17,19 +17,22 @@ class LossWeights:
     forces: float = 1.0
 
 
-def potential_loss(model, batch, weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted MSE of energy per atom and forces, in σ units; also the unweighted parts for logging."""
-    energy_G, forces_N3 = model(batch, compute_forces=weights.forces > 0, training=True)
+def potential_loss(model, batch, weights: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted MSE of energy per atom and forces, in σ units; also the unweighted parts for logging, as
+    detached tensors on the batch's device (reading them is a host sync: do it on log steps only). Whether
+    forces count is known on the host (``batch.num_force_atoms``), so no step waits for the device."""
+    with_forces = weights.forces > 0 and batch.num_force_atoms > 0
+    energy_G, forces_N3 = model(batch, compute_forces=with_forces, training=True)
     scale_G = model.scales_ev[batch.task_index]
     energy_error_G = (energy_G - batch.energy_ev) / batch.num_atoms / scale_G
     energy_mse = (energy_error_G**2).mean()
     loss = weights.energy * energy_mse.float()
-    parts = {"energy_mse": energy_mse.item()}
-    atom_has_forces_N = batch.has_forces[batch.graph_index]
-    if weights.forces > 0 and atom_has_forces_N.any():
+    parts = {"energy_mse": energy_mse.detach()}
+    if with_forces:
         scale_N = scale_G[batch.graph_index].unsqueeze(-1).float()
         force_error_N3 = (forces_N3 - batch.forces_ev_a) / scale_N
-        force_mse = (force_error_N3[atom_has_forces_N] ** 2).mean()
+        has_forces_N1 = batch.has_forces[batch.graph_index].unsqueeze(-1)
+        force_mse = (force_error_N3**2 * has_forces_N1).sum() / (3 * batch.num_force_atoms)
         loss = loss + weights.forces * force_mse
-        parts["forces_mse"] = force_mse.item()
+        parts["forces_mse"] = force_mse.detach()
     return loss, parts

@@ -29,6 +29,8 @@ class ModelConfig(BaseModel):
     avg_num_neighbors: float = Field(10.0, gt=0)
     scalar_last_layer: bool = True  # the last layer outputs only the invariants the heads read (release format 2)
     correlation: int = Field(1, ge=1, le=4)  # body order - 1 of each layer's features: 1 two-body, 3 as MACE
+    # with correlation > 1: messages keep every l <= l_max, so the last layer's products see vectors (format 4)
+    product_messages_all_l: bool = True
 
 
 class Potential(nn.Module):
@@ -48,7 +50,7 @@ class Potential(nn.Module):
         self.register_buffer("scales_ev", torch.tensor([scales_ev[t] for t in task_names], dtype=torch.float64))
         self.trunk = Trunk(len(self.elements), config.channels, config.l_max, config.num_layers, config.cutoff_a,
                            config.num_basis, config.radial_hidden, config.radial_layers, config.avg_num_neighbors,
-                           config.scalar_last_layer, config.correlation)
+                           config.scalar_last_layer, config.correlation, config.product_messages_all_l)
         self.heads = TaskHeads(task_names, config.channels, config.head_hidden)
 
     def _apply(self, fn, recurse=True):
@@ -66,11 +68,21 @@ class Potential(nn.Module):
         return sorted(int(z) for z in set(elements) if int(z) in self.elements
                       and torch.isnan(refs[self.elements.index(int(z))]).item())
 
-    def species(self, z_N: torch.Tensor) -> torch.Tensor:
-        species_N = self.species_of_z[z_N]
-        if (species_N < 0).any():
-            unknown = sorted(set(z_N[species_N < 0].tolist()))
+    def check_elements(self, elements) -> None:
+        """A ValueError naming the elements among ``elements`` this model has no species for."""
+        unknown = sorted({int(z) for z in elements} - set(self.elements))
+        if unknown:
             raise ValueError(f"elements {unknown} are unknown to this model; it knows {self.elements}")
+
+    def species(self, z_N: torch.Tensor) -> torch.Tensor:
+        """Species indices. On an accelerator the unknown-element check is a device-side assert, since reading
+        it on the host would stall every training step: callers check on the host first (``predict``,
+        fine-tuning; in pretraining the model's elements are those of the shards)."""
+        species_N = self.species_of_z[z_N]
+        if z_N.device.type != "cpu":
+            torch._assert_async((species_N >= 0).all(), f"an element unknown to this model; it knows {self.elements}")
+        elif (species_N < 0).any():
+            self.check_elements(z_N.tolist())
         return species_N
 
     def energy(self, batch, pos_N3: torch.Tensor) -> torch.Tensor:

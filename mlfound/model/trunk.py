@@ -63,13 +63,16 @@ class Interaction(nn.Module):
 
     def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, irreps_sh: o3.Irreps,
                  num_basis: int, radial_hidden: int, radial_layers: int, avg_num_neighbors: float,
-                 correlation: int = 1, irreps_product: o3.Irreps | None = None, num_species: int = 0):
+                 correlation: int = 1, irreps_product: o3.Irreps | None = None, num_species: int = 0,
+                 irreps_message: o3.Irreps | None = None):
+        """``irreps_message``: the irreps the messages keep (default ``irreps_out``)."""
         super().__init__()
+        irreps_message = irreps_message or irreps_out
         irreps_mid, instructions = [], []
         for i, (mul, ir_in) in enumerate(irreps_in):
             for j, (_, ir_sh) in enumerate(irreps_sh):
                 for ir in ir_in * ir_sh:
-                    if ir in irreps_out:
+                    if ir in irreps_message:
                         instructions.append((i, j, len(irreps_mid), "uvu", True))
                         irreps_mid.append((mul, ir))
         irreps_mid = o3.Irreps(irreps_mid)
@@ -115,7 +118,7 @@ class Trunk(nn.Module):
 
     def __init__(self, num_species: int, channels: int, l_max: int, num_layers: int, cutoff_a: float,
                  num_basis: int, radial_hidden: int, radial_layers: int, avg_num_neighbors: float,
-                 scalar_last_layer: bool, correlation: int = 1):
+                 scalar_last_layer: bool, correlation: int = 1, product_messages_all_l: bool = True):
         super().__init__()
         self.embedding = nn.Embedding(num_species, channels)
         self.irreps_sh = o3.Irreps.spherical_harmonics(l_max)
@@ -126,9 +129,13 @@ class Trunk(nn.Module):
         for index in range(num_layers):
             # only scalars leave the trunk, so the last layer need not compute l > 0 outputs (NequIP does the same)
             last = index == num_layers - 1 and scalar_last_layer
-            layer = Interaction(irreps, hidden_irreps(channels, 0 if last else l_max), self.irreps_sh, num_basis,
-                                radial_hidden, radial_layers, avg_num_neighbors, correlation,
-                                hidden_irreps(channels, l_max), num_species)
+            irreps_out, irreps_product = hidden_irreps(channels, 0 if last else l_max), hidden_irreps(channels, l_max)
+            # the product basis contracts vectors into invariants only if the messages carry them, even where the
+            # layer outputs scalars alone (as MACE's last layer); without, its products were of scalars only
+            all_l = correlation > 1 and product_messages_all_l
+            layer = Interaction(irreps, irreps_out, self.irreps_sh, num_basis, radial_hidden, radial_layers,
+                                avg_num_neighbors, correlation, irreps_product, num_species,
+                                irreps_product if all_l else irreps_out)
             self.layers.append(layer)
             irreps = layer.irreps_out
         self.readout = o3.Linear(irreps, o3.Irreps(f"{channels}x0e"))

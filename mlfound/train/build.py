@@ -1,10 +1,16 @@
 """Build the model and the data streams of a run from its config and the shard manifests."""
 from __future__ import annotations
 
+import functools
+
+import torch
+
 from mlfound.config import RunConfig
 from mlfound.data.batching import AtomBudgetBatcher
+from mlfound.data.loader import StepLoader
 from mlfound.data.shards import VALIDATION_DIR, load_manifest
 from mlfound.data.streams import TaskStream
+from mlfound.meta.sampling import TaskSampler
 from mlfound.model import Potential
 
 
@@ -25,11 +31,30 @@ def build_potential(cfg: RunConfig, manifests: dict[str, dict]) -> Potential:
                      {t: task_scale_ev(m) for t, m in manifests.items()})
 
 
-def build_batchers(cfg: RunConfig, rank: int, world_size: int) -> dict[str, AtomBudgetBatcher]:
-    return {task: AtomBudgetBatcher(TaskStream(cfg.data.shard_root / task, cfg.seed, rank, world_size),
+def build_batchers(cfg: RunConfig, rank: int, world_size: int,
+                   with_neighbours: bool = True) -> dict[str, AtomBudgetBatcher]:
+    return {task: AtomBudgetBatcher(TaskStream(cfg.data.shard_root / task, cfg.seed, rank, world_size,
+                                               cfg.data.shard_url_template),
                                     cfg.data.max_atoms_per_batch, cfg.model.cutoff_a, cfg.data.tasks,
-                                    cfg.data.max_graphs_per_batch)
+                                    cfg.data.max_graphs_per_batch, with_neighbours)
             for task in cfg.data.tasks}
+
+
+def build_sampler(cfg: RunConfig, manifests: dict[str, dict]) -> TaskSampler:
+    """Which task each rank trains at each step; in mode single, always ``meta.single_task``."""
+    sizes = {t: m["num_records"] for t, m in manifests.items()
+             if cfg.meta.mode != "single" or t == cfg.meta.single_task}
+    return TaskSampler(sizes, cfg.meta.sampling.strategy, cfg.meta.sampling.temperature, cfg.seed)
+
+
+def build_loader(cfg: RunConfig, rank: int, world_size: int, sampler: TaskSampler,
+                 device: torch.device) -> StepLoader:
+    """This rank's batches in the order the loop takes them: k per step in reptile, one in joint/single."""
+    batchers = build_batchers(cfg, rank, world_size, with_neighbours=not cfg.data.neighbours_on_device)
+    return StepLoader(batchers, dict(zip(sampler.task_names, sampler.probabilities.tolist())),
+                      functools.partial(sampler.draw, rank=rank),
+                      cfg.meta.inner_steps if cfg.meta.mode == "reptile" else 1, device,
+                      cfg.data.loader_workers, cfg.data.loader_prefetch, cfg.data.neighbours_on_device)
 
 
 def validation_dirs(cfg: RunConfig) -> dict:

@@ -12,12 +12,19 @@ import torch
 
 from mlfound.config import RunConfig
 from mlfound.data.files import atomic_write_bytes
+from mlfound.data.loader import StepLoader
 from mlfound.meta.loss import LossWeights, potential_loss
 from mlfound.meta.reptile import inner_loop, scale_task_heads, surrogate_loss
-from mlfound.meta.sampling import TaskSampler
 from mlfound.metrics import error_table, format_error_table
 from mlfound.train import checkpoint
-from mlfound.train.build import build_batchers, build_potential, load_manifests, manifest_provenance, validation_dirs
+from mlfound.train.build import (
+    build_loader,
+    build_potential,
+    build_sampler,
+    load_manifests,
+    manifest_provenance,
+    validation_dirs,
+)
 from mlfound.train.engine import build_engine, init_distributed
 from mlfound.train.validation import validation_batches
 
@@ -26,17 +33,17 @@ VALIDATION_LOG = "validation.jsonl"
 
 
 class _TimedBatches:
-    """Iterator over a batcher that counts atoms and the seconds spent waiting for data."""
+    """One step's batches from the loader, counting atoms and the seconds spent waiting for data."""
 
-    def __init__(self, batcher, clock: dict, device: torch.device):
-        self.batcher, self.clock, self.device = batcher, clock, device
+    def __init__(self, loader: StepLoader, step: int, task: str, clock: dict):
+        self.loader, self.step, self.task, self.clock = loader, step, task, clock
 
     def __iter__(self):
         return self
 
     def __next__(self):
         start = time.perf_counter()
-        batch = next(self.batcher).to(self.device)
+        batch = self.loader.next_batch(self.step, self.task)
         self.clock["data_s"] += time.perf_counter() - start
         self.clock["atoms"] += len(batch.z)
         return batch
@@ -54,9 +61,8 @@ class Trainer:
         self.device = self.engine.device  # CPU, or this rank's GPU
         self.work.to(self.device)
         self.param_names = [n for n, _ in self.engine.module.named_parameters()]
-        self.batchers = build_batchers(cfg, self.rank, self.world_size)
-        self.sampler = TaskSampler({t: m["num_records"] for t, m in self.manifests.items()},
-                                   cfg.meta.sampling.strategy, cfg.meta.sampling.temperature, cfg.seed)
+        self.sampler = build_sampler(cfg, self.manifests)
+        self.loader = build_loader(cfg, self.rank, self.world_size, self.sampler, self.device)
         self.weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight)
         self.step = 0
         self.run_dir = Path(cfg.run_dir)
@@ -64,7 +70,7 @@ class Trainer:
         self._window = self._new_window()
         self._validation_batches = validation_batches(  # now: a bad validation shard fails before training
             validation_dirs(cfg), cfg.data.tasks, cfg.model.cutoff_a, cfg.data.max_atoms_per_batch,
-            self.rank, self.world_size)
+            self.rank, self.world_size, cfg.data.shard_url_template)
         self._evaluation: tuple[int | None, dict] = (None, {})  # (step, table) of the latest evaluation
 
     def train(self, resume: str | None = None) -> dict:
@@ -75,16 +81,19 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=1))
         last_step = min(self.cfg.train.outer_steps, self.cfg.train.stop_after_steps or self.cfg.train.outer_steps)
-        while self.step < last_step:
-            tasks = self.tasks_of_step(self.step)
-            self.outer_step(tasks)
-            self.step += 1
-            if self.step % self.cfg.train.log_every == 0:
-                self.log()
-            if self.step % self.cfg.train.save_every == 0:
-                self.save()
-            if self.step % self.cfg.train.eval_every == 0:
-                self.evaluate()
+        try:
+            while self.step < last_step:
+                tasks = self.tasks_of_step(self.step)
+                self.outer_step(tasks)
+                self.step += 1
+                if self.step % self.cfg.train.log_every == 0:
+                    self.log()
+                if self.step % self.cfg.train.save_every == 0:
+                    self.save()
+                if self.step % self.cfg.train.eval_every == 0:
+                    self.evaluate()
+        finally:
+            self.loader.close()  # stops the loader's workers, also when a step fails
         if self.step % self.cfg.train.save_every != 0:
             self.save()  # the final state is always checkpointed
         results = self.evaluate()
@@ -94,13 +103,11 @@ class Trainer:
 
     def tasks_of_step(self, step: int) -> list[str]:
         """Every rank's task at ``step``: a pure function of (seed, step, rank), so no communication."""
-        if self.cfg.meta.mode == "single":
-            return [self.cfg.meta.single_task] * self.world_size
         return [self.sampler.draw(step, r) for r in range(self.world_size)]
 
     def outer_step(self, tasks: list[str]) -> None:
         task = tasks[self.rank]
-        batches = _TimedBatches(self.batchers[task], self._window, self.device)
+        batches = _TimedBatches(self.loader, self.step, task, self._window)
         parts: list[dict] = []
 
         def loss_fn(model, batch):
@@ -119,14 +126,15 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         self._window["tasks"].extend(tasks)  # every rank's task: known here without communication
-        position = self.cfg.data.tasks.index(task)
-        self._window["loss_sum_count"][position] += torch.tensor(
-            [sum(p["energy_mse"] + p.get("forces_mse", 0.0) for p in parts), len(parts)], dtype=torch.float64)
+        position = self.cfg.data.tasks.index(task)  # losses stay on the device until a log step: no sync here
+        self._window["loss_sum"][position] += sum(p["energy_mse"] + p.get("forces_mse", 0.0) for p in parts)
+        self._window["loss_count"][position] += len(parts)
 
     # -- logging, evaluation, checkpoints ---------------------------------------------------------
     def _new_window(self) -> dict:
-        return {"start": time.perf_counter(), "data_s": 0.0, "atoms": 0, "tasks": [],
-                "loss_sum_count": torch.zeros(len(self.cfg.data.tasks), 2, dtype=torch.float64)}
+        num_tasks = len(self.cfg.data.tasks)
+        return {"start": time.perf_counter(), "data_s": 0.0, "atoms": 0, "tasks": [], "loss_count": [0] * num_tasks,
+                "loss_sum": torch.zeros(num_tasks, dtype=torch.float64, device=self.device)}
 
     def take_window(self) -> dict:
         """The counters since the last call (time, data wait, atoms, tasks, losses), restarting them."""
@@ -138,7 +146,8 @@ class Trainer:
         all ranks, and this rank's speed and data-wait fraction."""
         w = self.take_window()
         seconds = time.perf_counter() - w["start"]
-        loss_sum_count = w["loss_sum_count"].to(self.device)  # nccl reduces GPU tensors only
+        count = torch.tensor(w["loss_count"], dtype=torch.float64, device=self.device)
+        loss_sum_count = torch.stack([w["loss_sum"], count], dim=1)  # on the device: nccl reduces GPU tensors only
         torch.distributed.all_reduce(loss_sum_count)
         loss_sum_count = loss_sum_count.cpu()
         num_steps = len(w["tasks"]) // self.world_size
@@ -175,7 +184,7 @@ class Trainer:
     def save(self) -> Path:
         client_state = {"step": self.step, "config": self.cfg.model_dump(mode="json"),
                         "manifest_fingerprints": {t: m["fingerprint"] for t, m in self.manifests.items()}}
-        rank_state = {"streams": {t: b.state_dict() for t, b in self.batchers.items()},
+        rank_state = {"streams": self.loader.state_dict(),  # of the batches consumed, not prefetched
                       "torch_rng": torch.get_rng_state()}
         return checkpoint.save(self.engine, self.run_dir, self.step, client_state, rank_state, self.rank,
                                self.model_info())
@@ -201,8 +210,7 @@ class Trainer:
             raise ValueError(f"the shards of tasks {changed} changed since checkpoint {tag}; exact resume is "
                              "impossible. Re-shard the original sources or start a new run_dir")
         self.step = client_state["step"]
-        for task, state in rank_state["streams"].items():
-            self.batchers[task].load_state_dict(state)
+        self.loader.load_state_dict(rank_state["streams"])
         torch.set_rng_state(rank_state["torch_rng"])
         self._forget_logs_after_step()
         if self.rank == 0:

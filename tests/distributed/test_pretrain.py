@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -202,8 +203,9 @@ def test_a_step_is_saved_before_it_is_evaluated(tmp_path):
     trainer.outer_step = lambda tasks: calls.append("step")
     trainer.save = lambda: calls.append(f"save {trainer.step}")
     trainer.evaluate = lambda: calls.append(f"evaluate {trainer.step}") or {}
+    trainer.loader = types.SimpleNamespace(close=lambda: calls.append("close loader"))
     trainer.train()
-    assert calls[:6] == ["step", "save 1", "evaluate 1", "step", "save 2", "evaluate 2"]
+    assert calls[:7] == ["step", "save 1", "evaluate 1", "step", "save 2", "evaluate 2", "close loader"]
 
 
 @pytest.mark.parametrize("override, message", [

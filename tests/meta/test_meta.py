@@ -1,5 +1,6 @@
 """Task sampling and the Reptile update rule, checked by hand in one process (no DeepSpeed)."""
 import copy
+import dataclasses
 import itertools
 
 import numpy as np
@@ -89,3 +90,24 @@ def test_head_rescaling_touches_only_that_head():
     scale_task_heads(grads, names, "heads.heads.", "hf_sto3g", 2.0)
     for name, g in zip(names, grads):
         assert g.max().item() == (2.0 if name.startswith("heads.heads.hf_sto3g.") else 1.0), name
+
+
+def test_loss_counts_forces_only_where_a_graph_has_them(demo_dir):
+    """A batch mixing graphs with and without forces: the force term is the mean over the atoms that have
+    forces, energy-only graphs add energy only; the parts stay tensors (no host sync in the step)."""
+    model = make_potential()
+    recs = list(itertools.islice(read_source(SourceSpec(demo_dir / "gfn2_xtb.extxyz", "gfn2_xtb")), 3))
+    energy_only = dataclasses.replace(recs[1], forces_ev_a=None)
+    mixed = collate([recs[0], energy_only, recs[2]], CONFIG.cutoff_a, TASKS)
+    assert mixed.num_force_atoms == recs[0].num_atoms + recs[2].num_atoms
+    _, parts = potential_loss(model, mixed, LossWeights())
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in parts.values())
+    _, forces_N3 = model(mixed)
+    scale = model.scales_ev[TASKS.index("gfn2_xtb")].item()
+    keep = mixed.has_forces[mixed.graph_index]
+    expected = (((forces_N3 - mixed.forces_ev_a) / scale)[keep] ** 2).mean()
+    torch.testing.assert_close(parts["forces_mse"], expected.detach(), rtol=1e-6, atol=0)
+    no_forces = collate([energy_only], CONFIG.cutoff_a, TASKS)
+    loss, parts = potential_loss(model, no_forces, LossWeights(energy=2.0))
+    assert no_forces.num_force_atoms == 0 and "forces_mse" not in parts
+    assert loss.item() == pytest.approx(2.0 * parts["energy_mse"].item())

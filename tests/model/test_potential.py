@@ -8,6 +8,7 @@ from e3nn import o3
 
 from mlfound.data.batching import collate
 from mlfound.data.readers import SourceSpec, read_source
+from mlfound.data.record import Record
 from mlfound.model import ModelConfig, Potential
 
 TASKS = ["gfn2_xtb", "hf_sto3g"]
@@ -120,3 +121,22 @@ def test_casting_the_model_keeps_float64_references():
         assert next(cast.parameters()).dtype == dtype
         assert cast.references_ev.dtype == cast.scales_ev.dtype == torch.float64
         assert cast.references_ev[0, 0].item() == -10.123456789012345
+
+
+@pytest.mark.parametrize("all_l", [False, True])
+def test_the_product_basis_sees_bond_angles_only_when_its_messages_keep_vectors(all_l):
+    """One layer (scalars out) with the product basis: O-H 1.0 Å twice, H-H beyond the 1.5 Å cutoff at every
+    angle, so the energy can depend on the angle only through products of the messages' vectors (|A_1o|^2, as in
+    MACE). Format-3 releases had messages of scalars only there (product_messages_all_l False): angle-blind."""
+    torch.manual_seed(0)
+    config = CONFIG.model_copy(update={"correlation": 3, "num_layers": 1, "cutoff_a": 1.5,
+                                       "product_messages_all_l": all_l})
+    model = Potential(config, [1, 8], ["gfn2_xtb"], {"gfn2_xtb": {1: 0.0, 8: 0.0}}, {"gfn2_xtb": 1.0}).double()
+    energies = []
+    for angle_deg in (100.0, 150.0):
+        angle = np.radians(angle_deg)
+        pos = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [np.cos(angle), np.sin(angle), 0.0]])
+        assert np.linalg.norm(pos[1] - pos[2]) > config.cutoff_a
+        rec = Record(z=np.array([8, 1, 1]), pos_a=pos, energy_ev=0.0, forces_ev_a=None, task="gfn2_xtb")
+        energies.append(model(collate([rec], config.cutoff_a, ["gfn2_xtb"]), compute_forces=False)[0].item())
+    assert (abs(energies[0] - energies[1]) > 1e-6) == all_l
