@@ -1,6 +1,6 @@
 """Shard QM source files into per-task webdataset shards with a manifest.json each.
 
-    python tools/shard_dataset.py data/demo/*.extxyz --out runs/demo/shards
+    python tools/shard_dataset.py data/demo/*.extxyz --out runs/demo/shards --workers 2
     python tools/shard_dataset.py rmd17_aspirin.npz --task rmd17 --energy-key energies \\
         --energy-unit kcal/mol --out shards
     python tools/shard_dataset.py SPICE-2.0.1.hdf5 --preset spice2 --out shards
@@ -14,6 +14,10 @@ Re-running with unchanged sources and options does nothing. A bad record stops t
 error naming file and index, or with --skip-bad is listed in <out>/<task>/rejects.jsonl (each malformed
 extxyz frame on its own; reading goes on at the next frame). Units: --energy-unit/--length-unit, else
 the extxyz frames' energy_unit/length_unit info keys, else eV and Å.
+
+Files (of all tasks) are read by --workers processes; records are globally shuffled through bucket
+files next to the output, holding about --shuffle-buffer-mb of records in memory. Neither option
+changes a byte of the output.
 """
 import argparse
 import sys
@@ -23,7 +27,7 @@ from mlfound.data import DataError
 from mlfound.data.presets import describe_presets, preset_sources, reading_options, refuse_fixed_options
 from mlfound.data.readers import READERS, SourceSpec, lot_label
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A
-from mlfound.data.shards import REJECTS_NAME, ShardOptions, shard_task
+from mlfound.data.shards import DEFAULT_SHUFFLE_BUFFER_MB, REJECTS_NAME, ShardOptions, shard_tasks
 
 
 def parse_args(argv):
@@ -50,10 +54,16 @@ def parse_args(argv):
     p.add_argument("--skip-bad", action="store_true", help="reject bad records to a list instead of stopping")
     p.add_argument("--no-unit-check", action="store_true",
                    help="shard even a task whose energies look like another unit than eV (Hartree, kcal/mol)")
+    p.add_argument("--workers", type=int, default=1, help="processes reading files (of all tasks) and writing shards")
+    p.add_argument("--shuffle-buffer-mb", type=float, default=DEFAULT_SHUFFLE_BUFFER_MB,
+                   help="records held in memory while shuffling (MB); more is kept in bucket files on disk")
     p.add_argument("--method", help="LoT method to record in the manifest (overrides the source's)")
     p.add_argument("--basis", help="LoT basis to record in the manifest")
     p.add_argument("--code", help="QM code to record in the manifest")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.workers < 1 or args.shuffle_buffer_mb <= 0:
+        p.error("--workers must be at least 1 and --shuffle-buffer-mb positive")
+    return args
 
 
 def main(argv=None) -> int:
@@ -66,8 +76,9 @@ def main(argv=None) -> int:
         width = max(14, *(len(task) + 2 for task in by_task))
         print(f"{'task':<{width}}{'records':>8}{'val':>6}{'rejected':>9}{'unlabelled':>11}{'shards':>7}{'atoms':>8}"
               f"{'forces':>7}{'ref RMS eV':>11}  LoT")
-        for task, (specs, lot) in by_task.items():
-            m = shard_task(task, specs, args.out, options, lot={**lot, **given_lot})
+        lots = {task: {**lot, **given_lot} for task, (_, lot) in by_task.items()}
+        for task, m in shard_tasks({task: specs for task, (specs, _) in by_task.items()}, args.out, options, lots,
+                                   workers=args.workers, shuffle_buffer_mb=args.shuffle_buffer_mb):
             print(f"{task:<{width}}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}"
                   f"{m['num_unlabelled']:>11}{len(m['shards']):>7}{m['num_atoms_total']:>8}{m['num_with_forces']:>7}"
                   f"{m['stats']['residual_rms_ev']:>11.4f}  {lot_label(m['lot'])}")

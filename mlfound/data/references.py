@@ -1,7 +1,8 @@
 """Per-element linear reference energies, E ≈ Σ_atoms e_Z, by least squares in float64.
 
 The normal equations (CᵀC) e = Cᵀ E over element-count rows C are accumulated in one streaming
-pass, so a corpus of any size needs memory only for the (num_elements)² matrix. These references
+pass, so a corpus of any size needs memory only for the (num_elements)² matrix; accumulators of
+parts of a corpus (one per source file, in worker processes) are merged. These references
 make levels of theory with wildly different absolute energies trainable together.
 """
 from __future__ import annotations
@@ -28,6 +29,27 @@ class ReferenceFit:
         self.cte[present] += counts[present] * energy_ev
         self.structures_with[present] += 1
         self.num_structures += 1
+
+    def merge(self, other: ReferenceFit) -> None:
+        """Add the sums of another part of the corpus (merge parts in a fixed order: float sums depend on it)."""
+        self.ctc += other.ctc
+        self.cte += other.cte
+        self.structures_with += other.structures_with
+        self.num_structures += other.num_structures
+
+    def __getstate__(self) -> dict:
+        """Pickled with the elements present only: a few numbers, not 119², per result of a worker process."""
+        present = np.nonzero(self.structures_with)[0]
+        return {"present": present, "ctc": self.ctc[np.ix_(present, present)], "cte": self.cte[present],
+                "structures_with": self.structures_with[present], "num_structures": self.num_structures}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        present = state["present"]
+        self.ctc[np.ix_(present, present)] = state["ctc"]
+        self.cte[present] = state["cte"]
+        self.structures_with[present] = state["structures_with"]
+        self.num_structures = state["num_structures"]
 
     def solve(self) -> tuple[dict[int, float], list[str]]:
         """Minimum-norm least-squares references and notes (rank deficiency, rare elements) to show the user."""

@@ -303,12 +303,14 @@ def test_shard_dataset_preset_end_to_end(preset, demo_dir, tmp_path, capsys):
     assert preset in capsys.readouterr().out
 
 
-def test_shard_dataset_ani1x_kept_rejected_and_unlabelled_add_up(demo_dir, tmp_path, capsys):
+@pytest.mark.parametrize("workers", [1, 2])  # 2: the counts come back from worker processes, a LoT per task
+def test_shard_dataset_ani1x_kept_rejected_and_unlabelled_add_up(demo_dir, tmp_path, capsys, workers):
     path = write_ani1x(tmp_path / "ani1x-release.h5", ani1x_lots(demo_dir))
     with h5py.File(path, "r+") as f:  # methanol conformer 2: two atoms on top of each other
         f["methanol/coordinates"][2, 1] = f["methanol/coordinates"][2, 0]
     out = tmp_path / "shards"
-    assert shard_dataset.main([str(path), "--preset", "ani1x", "--out", str(out), "--skip-bad"]) == 0
+    assert shard_dataset.main([str(path), "--preset", "ani1x", "--out", str(out), "--skip-bad",
+                               "--workers", str(workers)]) == 0
     table = capsys.readouterr().out
     expected = {"ani1x_wb97x_dz": (4, 1, 0), "ani1x_wb97x_tz": (2, 1, 2), "ani1x_ccsd_t_cbs": (2, 1, 2)}
     for task, (kept, rejected, unlabelled) in expected.items():

@@ -53,3 +53,28 @@ def test_rare_element_is_flagged_and_unknown_element_is_an_error():
     assert any("Z=7 appears in only 1" in n for n in notes)
     with pytest.raises(KeyError, match=r"no reference energy for elements \[9\]"):
         reference_energy(np.array([9, 1]), refs)
+
+
+def test_parts_merged_equal_one_pass_and_pickle_compactly():
+    """Per-file fits from worker processes, pickled and merged, give the fit of the whole corpus."""
+    import pickle
+
+    rng = np.random.default_rng(3)
+    compositions = random_compositions(rng, 300)
+    energies = [reference_energy(z, TRUE_REFS_EV) + rng.normal(0, 0.1) for z in compositions]
+    whole, merged = ReferenceFit(), ReferenceFit()
+    for z, e in zip(compositions, energies):
+        whole.add(z, e)
+    for part in np.array_split(np.arange(300), 4):
+        fit = ReferenceFit()
+        for i in part:
+            fit.add(compositions[i], energies[i])
+        data = pickle.dumps(fit)
+        assert len(data) < 2000, "only the elements present travel"
+        merged.merge(pickle.loads(data))
+    assert merged.num_structures == 300
+    np.testing.assert_array_equal(merged.ctc, whole.ctc)  # integer counts: exact in any order
+    np.testing.assert_array_equal(merged.structures_with, whole.structures_with)
+    np.testing.assert_allclose(merged.cte, whole.cte, rtol=1e-13)
+    for z, e in whole.solve()[0].items():
+        assert merged.solve()[0][z] == pytest.approx(e, rel=1e-10)

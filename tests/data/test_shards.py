@@ -30,7 +30,7 @@ def test_manifest_describes_the_task(demo_dir, tmp_path):
     assert manifest["element_counts"] == {str(z): int(c) for z, c in enumerate(element_counts) if c}
     refs = load_manifest(tmp_path / "shards" / "pbe0_631gs")["references_ev"]
     residual = [a.get_potential_energy() - reference_energy(a.numbers, refs) for a in frames]
-    assert manifest["stats"]["residual_rms_ev"] == np.sqrt(np.mean(np.square(residual))).item()
+    assert np.isclose(manifest["stats"]["residual_rms_ev"], np.sqrt(np.mean(np.square(residual))), rtol=1e-12, atol=0)
     forces = np.concatenate([a.get_forces() for a in frames])
     assert np.isclose(manifest["stats"]["forces_rms_ev_a"], np.sqrt((forces**2).mean()))
 

@@ -17,12 +17,23 @@ def test_shard_dataset_then_bench(demo_dir, tmp_path):
     assert "--skip-bad" in run("tools/shard_dataset.py", "--help").stdout
     source = tmp_path / "b3lyp_631g.extxyz"
     write(source, read(demo_dir / "b3lyp_631g.extxyz", index=":40"))
-    done = run("tools/shard_dataset.py", source, "--out", tmp_path / "shards", "--records-per-shard", "15")
+    done = run("tools/shard_dataset.py", source, "--out", tmp_path / "shards", "--records-per-shard", "15",
+               "--workers", "2")
     assert done.returncode == 0, done.stderr
     assert "b3lyp_631g" in done.stdout and "B3LYP/6-31G" in done.stdout
     bench = run("tools/bench_data.py", tmp_path / "shards", "--records", "50")
     assert bench.returncode == 0, bench.stderr
     assert bench.stdout.count("+neighbour lists") == 2  # one row per simulated rank
+
+
+def test_bench_shard_prints_one_table_and_cleans_up(tmp_path):
+    done = run("tools/bench_shard.py", "--sizes", "60", "120", "--workers", "1", "2", "--files", "2",
+               "--scratch", tmp_path / "scratch")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith(("6e+01", "1e+02"))]
+    assert [(r[0], r[1]) for r in rows] == [("6e+01", "1"), ("6e+01", "2"), ("1e+02", "1"), ("1e+02", "2")]
+    assert all(r[6] == "yes" for r in rows), "2 workers wrote the same bytes as 1"
+    assert not (tmp_path / "scratch").exists()
 
 
 def test_shard_dataset_bad_record_exit_code(demo_dir, tmp_path):

@@ -1,0 +1,103 @@
+"""What a split's manifest says about its records: sums and moments, never per-record lists.
+
+Gathered per shard while it is written (the references are fitted by then, so residuals are exact, not
+a difference of large sums) and merged in shard order, so memory does not grow with the corpus and every
+number is a pure function of the sources and options, whatever the number of worker processes.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from mlfound.data.record import Record
+from mlfound.data.references import ReferenceFit, reference_energy
+
+
+@dataclasses.dataclass
+class Moments:
+    """Count, mean and sum of squared deviations of a stream of numbers (Welford; merged as Chan et al.)."""
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, x: float) -> None:
+        self.count += 1
+        delta = x - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (x - self.mean)
+
+    def merge(self, other: Moments) -> None:
+        if other.count == 0:
+            return
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / count
+        self.m2 += other.m2 + delta**2 * self.count * other.count / count
+        self.count = count
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation, as ``numpy.std``."""
+        return float(np.sqrt(self.m2 / self.count))
+
+
+class SplitStats:
+    """The manifest's statistics of one split (or one shard of it), given the split's fitted references."""
+
+    def __init__(self) -> None:
+        self.num_records = 0
+        self.num_atoms_total = 0
+        self.atom_hist: collections.Counter = collections.Counter()
+        self.element_atoms: collections.Counter = collections.Counter()
+        self.num_with_forces = 0
+        self.force_sq_sum = 0.0
+        self.num_force_components = 0
+        self.energy_ev = Moments()
+        self.residual_sq_sum = 0.0  # residual: energy minus the sum of the atoms' reference energies
+        self.residual_per_atom_ev = Moments()
+
+    def add(self, rec: Record, refs_ev: dict[int, float]) -> None:
+        self.num_records += 1
+        self.num_atoms_total += rec.num_atoms
+        self.atom_hist[rec.num_atoms] += 1
+        self.element_atoms.update(rec.z.tolist())
+        if rec.forces_ev_a is not None:
+            self.num_with_forces += 1
+            self.force_sq_sum += float((rec.forces_ev_a**2).sum())
+            self.num_force_components += rec.forces_ev_a.size
+        self.energy_ev.add(rec.energy_ev)
+        residual_ev = rec.energy_ev - reference_energy(rec.z, refs_ev)
+        self.residual_sq_sum += residual_ev**2
+        self.residual_per_atom_ev.add(residual_ev / rec.num_atoms)
+
+    def merge(self, other: SplitStats) -> None:
+        self.num_records += other.num_records
+        self.num_atoms_total += other.num_atoms_total
+        self.atom_hist.update(other.atom_hist)
+        self.element_atoms.update(other.element_atoms)
+        self.num_with_forces += other.num_with_forces
+        self.force_sq_sum += other.force_sq_sum
+        self.num_force_components += other.num_force_components
+        self.energy_ev.merge(other.energy_ev)
+        self.residual_sq_sum += other.residual_sq_sum
+        self.residual_per_atom_ev.merge(other.residual_per_atom_ev)
+
+    def summary(self, fit: ReferenceFit, refs_ev: dict[int, float], notes: list[str]) -> dict:
+        return {
+            "num_atoms_total": self.num_atoms_total,
+            "atom_count_histogram": {str(k): v for k, v in sorted(self.atom_hist.items())},
+            "element_counts": {str(k): v for k, v in sorted(self.element_atoms.items())},
+            "element_structure_counts": {str(z): int(fit.structures_with[z]) for z in refs_ev},
+            "references_ev": {str(z): e for z, e in refs_ev.items()},
+            "reference_notes": notes,
+            "num_with_forces": self.num_with_forces,
+            "stats": {
+                "energy_mean_ev": self.energy_ev.mean, "energy_std_ev": self.energy_ev.std,
+                "residual_rms_ev": float(np.sqrt(self.residual_sq_sum / self.num_records)),
+                "residual_per_atom_std_ev": self.residual_per_atom_ev.std,
+                "forces_rms_ev_a": (float(np.sqrt(self.force_sq_sum / self.num_force_components))
+                                    if self.num_force_components else None),
+            },
+        }
