@@ -130,13 +130,15 @@ def cmd_show(args) -> int:
     from mlfound.config import describe
     from mlfound.data.readers import lot_label
     from mlfound.model_card import CARD_KEY, card_lines
-    from mlfound.release import ReleaseError, load
+    from mlfound.release import ReleaseError, load, stored_format_version
 
     release = load(args.model)  # verifies the content hashes and the references against the weights
     path, meta = release.path, release.metadata
     cfg = meta["model_config"]
     shown = os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else path  # registry files too
-    print(f"{shown}  ({path.stat().st_size / 1024:.0f} KiB, format {meta['format_version']}, "
+    stored = stored_format_version(path)
+    fmt = f"format {stored}" + (f", read as {meta['format_version']}" if stored != meta["format_version"] else "")
+    print(f"{shown}  ({path.stat().st_size / 1024:.0f} KiB, {fmt}, "
           f"mlfound {meta['code_version']}, created {meta['created']})")
     print("content: " + ("sha256 of every tensor and metadata entry verified" if release.verified else
                          "NOT verified (written before content hashes; re-export it with mlfound export)"))

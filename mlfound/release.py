@@ -137,6 +137,12 @@ def content_hashes(tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
                          for key, value in sorted(metadata.items())}}
 
 
+def stored_format_version(path: Path | str):
+    """The format a release file was written in (``load`` migrates older ones to ``FORMAT_VERSION``)."""
+    with safe_open(str(resolve(path)), framework="pt") as f:
+        return json.loads((f.metadata() or {})[METADATA_KEY]).get("format_version")
+
+
 def read_metadata(path: Path | str) -> dict:
     """The JSON header of a release, after checking the content hashes of its weights and metadata."""
     return _read_verified(resolve(path))[0]

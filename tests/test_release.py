@@ -211,7 +211,7 @@ def test_a_format_1_release_still_loads_and_predicts_the_same(tmp_path, records)
     assert (predict(rewritten.model, records, "gfn2_xtb")[0] == predict(old, records, "gfn2_xtb")[0]).all()
 
 
-def test_a_format_3_release_with_the_product_basis_loads_as_the_trunk_it_was():
+def test_a_format_3_release_with_the_product_basis_loads_as_the_trunk_it_was(capsys):
     """Format 3 predates product_messages_all_l: its product-basis trunk's last layer had messages of scalars
     only. The shipped default release is such a file; a strict load checks every tensor's shape."""
     path = release_module.REGISTRY_DIR / "e2-reptile-k5.safetensors"
@@ -219,3 +219,5 @@ def test_a_format_3_release_with_the_product_basis_loads_as_the_trunk_it_was():
     loaded = load(path)
     assert loaded.verified and loaded.metadata["format_version"] == release_module.FORMAT_VERSION
     assert loaded.model.config.correlation == 3 and not loaded.model.config.product_messages_all_l
+    assert mlfound(["show", str(path)]) == 0
+    assert f"format 3, read as {release_module.FORMAT_VERSION}," in capsys.readouterr().out
