@@ -17,6 +17,8 @@ files next to the output, holding about --shuffle-buffer-mb of records in memory
 changes a byte of the output.
 """
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -70,16 +72,20 @@ def main(argv=None) -> int:
     lot = {f"lot_{k}": v for k, v in (("method", args.method), ("basis", args.basis), ("code", args.code)) if v}
     print(f"{'task':<14}{'records':>8}{'val':>6}{'rejected':>9}{'shards':>7}{'atoms':>8}{'forces':>7}"
           f"{'ref RMS eV':>11}  LoT")
+    # killed (a scheduler's SIGTERM) or interrupted: stop the workers and remove the temporaries before exiting
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    results = shard_tasks(by_task, args.out, options, lot=lot, workers=args.workers,
+                          shuffle_buffer_mb=args.shuffle_buffer_mb)
     try:
-        for task, m in shard_tasks(by_task, args.out, options, lot=lot, workers=args.workers,
-                                   shuffle_buffer_mb=args.shuffle_buffer_mb):
-            print(f"{task:<14}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}"
-                  f"{len(m['shards']):>7}{m['num_atoms_total']:>8}{m['num_with_forces']:>7}"
-                  f"{m['stats']['residual_rms_ev']:>11.4f}  {lot_label(m['lot'])}")
-            for note in m["reference_notes"]:
-                print(f"  warning ({task}): {note}")
-            if m["num_rejected"]:
-                print(f"  {task}: {m['num_rejected']} rejected records listed in {args.out / task / REJECTS_NAME}")
+        with contextlib.closing(results):
+            for task, m in results:
+                print(f"{task:<14}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}"
+                      f"{len(m['shards']):>7}{m['num_atoms_total']:>8}{m['num_with_forces']:>7}"
+                      f"{m['stats']['residual_rms_ev']:>11.4f}  {lot_label(m['lot'])}")
+                for note in m["reference_notes"]:
+                    print(f"  warning ({task}): {note}")
+                if m["num_rejected"]:
+                    print(f"  {task}: {m['num_rejected']} rejected records listed in {args.out / task / REJECTS_NAME}")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
