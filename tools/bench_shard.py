@@ -47,7 +47,6 @@ def main(argv=None) -> int:
         print(f"error: {args.scratch} has {shutil.disk_usage(args.scratch).free / 1e9:.1f} GB free, the largest "
               f"corpus needs about {need / 1e9:.1f} GB; pass smaller --sizes or another --scratch", file=sys.stderr)
         return 2
-    load_before = os.getloadavg()[0]
     rows = []
     try:
         for size in sizes:
@@ -55,15 +54,16 @@ def main(argv=None) -> int:
             sources = write_corpus(frames, size, args.files, corpus, seed=size)
             for workers in args.workers:
                 out = args.scratch / f"shards-{size}-{workers}"
+                load = os.getloadavg()[0]
                 measured = run_sharder(sources, out, workers)
                 digests = [s["sha256"] for s in json.loads((out / "bench" / "manifest.json").read_text())["shards"]]
-                rows.append(dict(size=size, workers=workers, digests=digests, **measured))
+                rows.append(dict(size=size, workers=workers, load=load, digests=digests, **measured))
                 shutil.rmtree(out)
             shutil.rmtree(corpus)
     finally:
         shutil.rmtree(args.scratch, ignore_errors=True)
     print(f"# tools/bench_shard.py: {args.source.name} frames + N(0, {DISPLACEMENT_A} Å), {args.files} files per "
-          f"corpus, {os.cpu_count()} CPUs, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
+          f"corpus, {os.cpu_count()} CPUs, default --shuffle-buffer-mb")
     print(format_table(rows))
     return 0
 
@@ -140,19 +140,20 @@ class TreeSampler:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One row per (size, workers), with the speed-up against 1 worker at that size and the peak memory
-    against the smallest size at that worker count."""
+    """One row per (size, workers), with the machine's load average as the run began (other jobs: on 2 cores a
+    load above 1 slows 2 workers), the speed-up against 1 worker at that size and the peak memory against the
+    smallest size at that worker count."""
     base = {(r["size"], r["workers"]): r for r in rows}
     smallest = min(r["size"] for r in rows)
-    lines = [f"{'structures':>10} {'workers':>7} {'seconds':>8} {'records/s':>9} {'per worker':>10} {'speed-up':>8} "
-             f"{'CPU s':>7} {'rec/CPU-s':>9} {'same bytes':>10} {'tree PSS MB':>11} {'largest RSS':>11} "
-             f"{'PSS / ' + f'{smallest:.0e}':>11}"]
+    lines = [f"{'structures':>10} {'workers':>7} {'load':>5} {'seconds':>8} {'records/s':>9} {'per worker':>10} "
+             f"{'speed-up':>8} {'CPU s':>7} {'rec/CPU-s':>9} {'same bytes':>10} {'tree PSS MB':>11} "
+             f"{'largest RSS':>11} {'PSS / ' + f'{smallest:.0e}':>11}"]
     for r in rows:
         one = base[(r["size"], min(w for s, w in base if s == r["size"]))]
         small = base[(smallest, r["workers"])]
         rate = r["size"] / r["seconds"]
         same = "yes" if r["digests"] == one["digests"] else "NO"
-        lines.append(f"{r['size']:>10.0e} {r['workers']:>7} {r['seconds']:>8.1f} {rate:>9.0f} "
+        lines.append(f"{r['size']:>10.0e} {r['workers']:>7} {r['load']:>5.1f} {r['seconds']:>8.1f} {rate:>9.0f} "
                      f"{rate / r['workers']:>10.0f} {one['seconds'] / r['seconds']:>7.2f}x {r['cpu_s']:>7.0f} "
                      f"{r['size'] / r['cpu_s']:>9.0f} {same:>10} {r['tree_mb']:>11.0f} {r['process_mb']:>11.0f} "
                      f"{r['tree_mb'] / small['tree_mb']:>10.2f}x")

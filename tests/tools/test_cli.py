@@ -32,7 +32,7 @@ def test_bench_shard_prints_one_table_and_cleans_up(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith(("6e+01", "1e+02"))]
     assert [(r[0], r[1]) for r in rows] == [("6e+01", "1"), ("6e+01", "2"), ("1e+02", "1"), ("1e+02", "2")]
-    assert all(r[8] == "yes" for r in rows), "2 workers wrote the same bytes as 1"
+    assert all(r[9] == "yes" for r in rows), "2 workers wrote the same bytes as 1"
     assert not (tmp_path / "scratch").exists()
 
 
