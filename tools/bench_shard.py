@@ -6,10 +6,12 @@
 Synthetic corpora, for throughput only (not for training): the demo frames of --source (default HF/6-31G
 paracetamol, 20 atoms) with every atom displaced by N(0, 0.02 Å) and the energy moved to first order
 (E - F·δ, forces kept), so that the unit check accepts the labels. Each corpus is --files extxyz files of
-one task (the workers' units of work). Each run is a fresh ``tools/shard_dataset.py`` process; its peak
-memory is the sum of RSS over the process tree (sampled every 20 ms with psutil) and the largest single
-process (exact, from wait4). Goals (issue 13): peak RSS within 1.2x between the sizes, and records/s
-growing with workers. Everything is written under --scratch and removed at the end.
+one task (the workers' units of work). Each run is a fresh ``tools/shard_dataset.py`` process, sampled
+every 50 ms with psutil: peak memory of its process tree (PSS summed, so pages shared by forked workers
+count once) and of its largest process (RSS), and the CPU time of the tree. On a shared machine, wall-clock speed-up
+depends on what else runs; records per CPU-second per worker shows what parallelism itself costs.
+Goals (issue 13): peak RSS within 1.2x between the sizes, and records/s growing with workers. Everything
+is written under --scratch and removed at the end.
 """
 import argparse
 import json
@@ -45,7 +47,6 @@ def main(argv=None) -> int:
         print(f"error: {args.scratch} has {shutil.disk_usage(args.scratch).free / 1e9:.1f} GB free, the largest "
               f"corpus needs about {need / 1e9:.1f} GB; pass smaller --sizes or another --scratch", file=sys.stderr)
         return 2
-    load_before = os.getloadavg()[0]
     rows = []
     try:
         for size in sizes:
@@ -53,16 +54,16 @@ def main(argv=None) -> int:
             sources = write_corpus(frames, size, args.files, corpus, seed=size)
             for workers in args.workers:
                 out = args.scratch / f"shards-{size}-{workers}"
-                seconds, tree_mb, process_mb = run_sharder(sources, out, workers)
+                load = os.getloadavg()[0]
+                measured = run_sharder(sources, out, workers)
                 digests = [s["sha256"] for s in json.loads((out / "bench" / "manifest.json").read_text())["shards"]]
-                rows.append(dict(size=size, workers=workers, seconds=seconds, tree_mb=tree_mb, process_mb=process_mb,
-                                 digests=digests))
+                rows.append(dict(size=size, workers=workers, load=load, digests=digests, **measured))
                 shutil.rmtree(out)
             shutil.rmtree(corpus)
     finally:
         shutil.rmtree(args.scratch, ignore_errors=True)
     print(f"# tools/bench_shard.py: {args.source.name} frames + N(0, {DISPLACEMENT_A} Å), {args.files} files per "
-          f"corpus, {os.cpu_count()} CPUs, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
+          f"corpus, {os.cpu_count()} CPUs, default --shuffle-buffer-mb")
     print(format_table(rows))
     return 0
 
@@ -89,8 +90,8 @@ def write_corpus(frames: list, size: int, num_files: int, folder: Path, seed: in
     return paths
 
 
-def run_sharder(sources: list[Path], out: Path, workers: int) -> tuple[float, float, float]:
-    """Seconds, peak RSS of the process tree (MB, sampled) and of its largest process (MB, wait4)."""
+def run_sharder(sources: list[Path], out: Path, workers: int) -> dict:
+    """Seconds, CPU seconds of the process tree, peak memory of the tree and of its largest process (MB)."""
     command = [sys.executable, str(ROOT / "tools" / "shard_dataset.py"), *map(str, sources), "--task", "bench",
                "--out", str(out), "--workers", str(workers)]
     log = out.with_suffix(".log")  # a file, not a pipe: the progress bars would fill a pipe and block the run
@@ -98,46 +99,64 @@ def run_sharder(sources: list[Path], out: Path, workers: int) -> tuple[float, fl
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    root, tree_peak = psutil.Process(proc.pid), 0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        tree_peak = max(tree_peak, tree_rss(root))
-        time.sleep(0.02)
+    tree = TreeSampler(proc.pid)
+    while proc.poll() is None:
+        tree.sample()
+        time.sleep(0.05)
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{log.read_text()[-3000:]}")
     log.unlink()
-    return seconds, tree_peak / 2**20, usage.ru_maxrss / 2**10  # ru_maxrss is in kB on Linux
+    return dict(seconds=seconds, cpu_s=sum(tree.cpu_s.values()), tree_mb=tree.peak_tree / 2**20,
+                process_mb=tree.peak_process / 2**20)
 
 
-def tree_rss(root: psutil.Process) -> int:
-    total = 0
-    try:
-        for proc in [root, *root.children(recursive=True)]:
-            total += proc.memory_info().rss
-    except psutil.NoSuchProcess:  # a process ended while summed
-        pass
-    return total
+class TreeSampler:
+    """Peak memory of the process tree (PSS summed: pages shared by forked workers counted once) and of its
+    largest process (RSS), and the CPU time of every process of the tree: pool workers are the forkserver's
+    children, whose usage their grandparent's rusage never sees."""
+
+    def __init__(self, pid: int):
+        self.root = psutil.Process(pid)
+        self.peak_tree = self.peak_process = 0
+        self.cpu_s: dict[int, float] = {}
+
+    def sample(self) -> None:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        total = 0
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    memory, times = proc.memory_full_info(), proc.cpu_times()
+            except psutil.NoSuchProcess:  # ended while sampled
+                continue
+            total += memory.pss
+            self.peak_process = max(self.peak_process, memory.rss)
+            self.cpu_s[proc.pid] = times.user + times.system
+        self.peak_tree = max(self.peak_tree, total)
 
 
 def format_table(rows: list[dict]) -> str:
-    """One row per (size, workers), with the speed-up against 1 worker at that size and the peak memory
-    against the smallest size at that worker count."""
+    """One row per (size, workers), with the machine's load average as the run began (other jobs: on 2 cores a
+    load above 1 slows 2 workers), the speed-up against 1 worker at that size and the peak memory against the
+    smallest size at that worker count."""
     base = {(r["size"], r["workers"]): r for r in rows}
     smallest = min(r["size"] for r in rows)
-    lines = [f"{'structures':>10} {'workers':>7} {'seconds':>8} {'records/s':>9} {'per worker':>10} {'speed-up':>8} "
-             f"{'same bytes':>10} {'tree RSS MB':>11} {'largest MB':>10} {'RSS / ' + f'{smallest:.0e}':>11}"]
+    lines = [f"{'structures':>10} {'workers':>7} {'load':>5} {'seconds':>8} {'records/s':>9} {'per worker':>10} "
+             f"{'speed-up':>8} {'CPU s':>7} {'rec/CPU-s':>9} {'same bytes':>10} {'tree PSS MB':>11} "
+             f"{'largest RSS':>11} {'PSS / ' + f'{smallest:.0e}':>11}"]
     for r in rows:
-        one = base.get((r["size"], min(w for s, w in base if s == r["size"])))
+        one = base[(r["size"], min(w for s, w in base if s == r["size"]))]
         small = base[(smallest, r["workers"])]
         rate = r["size"] / r["seconds"]
         same = "yes" if r["digests"] == one["digests"] else "NO"
-        lines.append(f"{r['size']:>10.0e} {r['workers']:>7} {r['seconds']:>8.1f} {rate:>9.0f} "
-                     f"{rate / r['workers']:>10.0f} {one['seconds'] / r['seconds']:>7.2f}x {same:>10} "
-                     f"{r['tree_mb']:>11.0f} {r['process_mb']:>10.0f} {r['tree_mb'] / small['tree_mb']:>10.2f}x")
+        lines.append(f"{r['size']:>10.0e} {r['workers']:>7} {r['load']:>5.1f} {r['seconds']:>8.1f} {rate:>9.0f} "
+                     f"{rate / r['workers']:>10.0f} {one['seconds'] / r['seconds']:>7.2f}x {r['cpu_s']:>7.0f} "
+                     f"{r['size'] / r['cpu_s']:>9.0f} {same:>10} {r['tree_mb']:>11.0f} {r['process_mb']:>11.0f} "
+                     f"{r['tree_mb'] / small['tree_mb']:>10.2f}x")
     return "\n".join(lines)
 
 

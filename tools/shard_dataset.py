@@ -20,6 +20,8 @@ files next to the output, holding about --shuffle-buffer-mb of records in memory
 changes a byte of the output.
 """
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -71,21 +73,26 @@ def main(argv=None) -> int:
     options = ShardOptions(args.records_per_shard, args.min_distance, args.skip_bad, args.val_fraction,
                            check_units=not args.no_unit_check)
     given_lot = {f"lot_{k}": v for k, v in (("method", args.method), ("basis", args.basis), ("code", args.code)) if v}
+    # killed (a scheduler's SIGTERM) or interrupted: stop the workers and remove the temporaries before exiting
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         by_task = sources_by_task(args)
         width = max(14, *(len(task) + 2 for task in by_task))
         print(f"{'task':<{width}}{'records':>8}{'val':>6}{'rejected':>9}{'unlabelled':>11}{'shards':>7}{'atoms':>8}"
               f"{'forces':>7}{'ref RMS eV':>11}  LoT")
         lots = {task: {**lot, **given_lot} for task, (_, lot) in by_task.items()}
-        for task, m in shard_tasks({task: specs for task, (specs, _) in by_task.items()}, args.out, options, lots,
-                                   workers=args.workers, shuffle_buffer_mb=args.shuffle_buffer_mb):
-            print(f"{task:<{width}}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}"
-                  f"{m['num_unlabelled']:>11}{len(m['shards']):>7}{m['num_atoms_total']:>8}{m['num_with_forces']:>7}"
-                  f"{m['stats']['residual_rms_ev']:>11.4f}  {lot_label(m['lot'])}")
-            for note in m["reference_notes"]:
-                print(f"  warning ({task}): {note}")
-            if m["num_rejected"]:
-                print(f"  {task}: {m['num_rejected']} rejected records listed in {args.out / task / REJECTS_NAME}")
+        results = shard_tasks({task: specs for task, (specs, _) in by_task.items()}, args.out, options, lots,
+                              workers=args.workers, shuffle_buffer_mb=args.shuffle_buffer_mb)
+        with contextlib.closing(results):
+            for task, m in results:
+                print(f"{task:<{width}}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}"
+                      f"{m['num_unlabelled']:>11}{len(m['shards']):>7}{m['num_atoms_total']:>8}"
+                      f"{m['num_with_forces']:>7}{m['stats']['residual_rms_ev']:>11.4f}  {lot_label(m['lot'])}")
+                for note in m["reference_notes"]:
+                    print(f"  warning ({task}): {note}")
+                if m["num_rejected"]:
+                    print(f"  {task}: {m['num_rejected']} rejected records listed in "
+                          f"{args.out / task / REJECTS_NAME}")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ UNIT_CHECK_RECORDS = 2000
 TOOL_VERSION = "mlfound-shard 0.3"  # 0.3: records globally shuffled
 RECORD_ORDER = "sorted by blake2b(source file name:index), a global shuffle"
 TMP_PREFIX = ".shuffle.tmp"
-DEFAULT_SHUFFLE_BUFFER_MB = 128
+DEFAULT_SHUFFLE_BUFFER_MB = 64  # per bucket; 256 buckets (shuffle.MAX_PARTS) cover ~20 GB of extxyz in one pass
 SPLITS = ("train", "val")
 
 

@@ -32,8 +32,35 @@ def test_bench_shard_prints_one_table_and_cleans_up(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith(("6e+01", "1e+02"))]
     assert [(r[0], r[1]) for r in rows] == [("6e+01", "1"), ("6e+01", "2"), ("1e+02", "1"), ("1e+02", "2")]
-    assert all(r[6] == "yes" for r in rows), "2 workers wrote the same bytes as 1"
+    assert all(r[9] == "yes" for r in rows), "2 workers wrote the same bytes as 1"
     assert not (tmp_path / "scratch").exists()
+
+
+@pytest.mark.faults
+def test_shard_dataset_killed_stops_its_workers_and_removes_its_temporaries(demo_dir, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    frames = read(demo_dir / "gfn2_xtb.extxyz", index=":") * 8
+    sources = [tmp_path / "a.extxyz", tmp_path / "b.extxyz"]
+    for k, source in enumerate(sources):
+        write(source, frames[k::2])
+    out = tmp_path / "shards"
+    proc = subprocess.Popen([sys.executable, "tools/shard_dataset.py", *map(str, sources), "--task", "xtb", "--out",
+                             str(out), "--workers", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("xtb/.shuffle.tmp*/train-*.bin")):  # reading has begun
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 3, "a forkserver and two workers (and a resource tracker)"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"processes left running: {alive}"
+    assert list((out / "xtb").iterdir()) == [], "no temporaries, no shards, no manifest"
 
 
 def test_shard_dataset_bad_record_exit_code(demo_dir, tmp_path):
