@@ -7,8 +7,9 @@
    accelerator computes: batches/s and the consumer's data-wait fraction. Pace = loader alone / 200 batches/s,
    the demand of the 5 ms consumer (the goal is >= 3). With the loader alone, the CPU time per batch spent
    in the training process and in the workers: what a batch costs however busy the machine is.
-2. The config's pretraining itself (torchrun, 2 ranks, --train-steps steps): s/step and data-wait fraction,
-   averaged over both ranks' log windows after the first (start-up).
+2. The config's pretraining itself (torchrun, --ranks ranks, --train-steps steps): s/step and data-wait
+   fraction, averaged over every rank's log windows after the first (start-up). 2 ranks are the demo on 2 cores,
+   where ranks and workers share the cores; 1 rank leaves a core to its worker, as a GPU node does.
 Worker counts alternate measurement by measurement, so a change in the machine's load hits every column.
 """
 import argparse
@@ -54,9 +55,9 @@ def pace(config: str, overrides: list[str], workers: int, consumer_ms: float, nu
     return {**result, "own_ms": 1e3 * own / batches, "workers_ms": 1e3 * workers_s / batches}
 
 
-def pretrain(config: str, overrides: list[str], workers: int, steps: int) -> dict:
+def pretrain(config: str, overrides: list[str], workers: int, steps: int, ranks: int) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                str(ROOT / "launch" / "pretrain.py"), "--config", config, *overrides, f"run_dir={run_dir}",
                f"data.loader_workers={workers}", f"train.outer_steps={steps}", f"train.log_every={max(steps // 5, 1)}",
                f"train.save_every={steps}", f"train.eval_every={steps}"]
@@ -65,7 +66,7 @@ def pretrain(config: str, overrides: list[str], workers: int, steps: int) -> dic
         if done.returncode != 0:
             raise RuntimeError(f"pretraining with {workers} workers failed:\n{done.stdout[-2000:]}"
                                f"{done.stderr[-2000:]}")
-        windows = [json.loads(line) for rank in range(2)
+        windows = [json.loads(line) for rank in range(ranks)
                    for line in (Path(run_dir) / f"metrics_rank{rank}.jsonl").read_text().splitlines()[1:]]
     return {"s_per_step": sum(w["seconds_per_step"] for w in windows) / len(windows),
             "data_wait": sum(w["data_wait_fraction"] for w in windows) / len(windows)}
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="data.loader_workers to compare with 0")
     p.add_argument("--batches", type=int, default=300, help="timed batches per loader measurement")
     p.add_argument("--train-steps", type=int, default=100, help="outer steps of each pretraining run")
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 1], help="ranks of each pretraining comparison")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.shard_root=runs/demo/shards")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -92,9 +94,11 @@ def main(argv=None) -> int:
             rows.append(("pace vs the 5 ms consumer", [r["batches_per_s"] / 200 for r in results], "{:.2f}"))
             rows.append(("CPU ms/batch, training process", [r["own_ms"] for r in results], "{:.2f}"))
             rows.append(("CPU ms/batch, loader workers", [r["workers_ms"] for r in results], "{:.2f}"))
-    runs = [pretrain(args.config, args.overrides, w, args.train_steps) for w in counts]
-    rows.append(("pretraining, 2 ranks: s/step", [r["s_per_step"] for r in runs], "{:.3f}"))
-    rows.append(("pretraining, 2 ranks: data wait %", [100 * r["data_wait"] for r in runs], "{:.1f}"))
+    for ranks in args.ranks:
+        runs = [pretrain(args.config, args.overrides, w, args.train_steps, ranks) for w in counts]
+        name = f"pretraining, {ranks} rank{'s' * (ranks > 1)}"
+        rows.append((f"{name}: s/step", [r["s_per_step"] for r in runs], "{:.3f}"))
+        rows.append((f"{name}: data wait %", [100 * r["data_wait"] for r in runs], "{:.1f}"))
     cfg = load_config(args.config, args.overrides)
     print(f"# {args.config}: {cfg.meta.mode} k={cfg.meta.inner_steps}, "
           f"max {cfg.data.max_atoms_per_batch} atoms/batch, prefetch {cfg.data.loader_prefetch}; "

@@ -3,15 +3,24 @@
 One member per record halves the size against one member per array (platform-notes.md §6).
 msgpack with raw little-endian array bytes decodes ~10x faster than an npz per record, whose
 per-array header parsing dominated the input pipeline. Arrays keep their float64 values exactly.
+
+Reading a shard back goes through ``payloads``: Python's tarfile spent ~70 µs per member parsing headers,
+more than decoding and batching the record (docs/benchmarks.md §4), so the plain ustar members that
+tools/shard_dataset.py writes are sliced straight out of the shard's bytes; anything else (PAX headers of
+older shards, other members) is read by webdataset and tarfile as before.
 """
 from __future__ import annotations
 
+import io
+
 import msgpack
 import numpy as np
+import webdataset as wds
 
 from mlfound.data.record import Record
 
 MEMBER_EXT = "msgpack"
+BLOCK = 512  # tar's block: a member is a header block, then its bytes padded to whole blocks
 
 
 def encode(rec: Record) -> bytes:
@@ -45,3 +54,37 @@ def _pack(array: np.ndarray, dtype: str) -> bytes:
 
 def _unpack(raw: bytes, shape: tuple) -> np.ndarray:
     return np.frombuffer(raw, "<f8").reshape(shape)
+
+
+def payloads(data: bytes, location: str) -> list[bytes]:
+    """The encoded records of a shard's bytes, in order (``location`` only names it to webdataset)."""
+    fast = _ustar_payloads(data)
+    if fast is not None:
+        return fast
+    opened = [{"url": location, "stream": io.BytesIO(data)}]
+    return [sample[MEMBER_EXT] for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(opened))]
+
+
+def _ustar_payloads(data: bytes) -> list[bytes] | None:
+    """Each member's bytes, when every member is a regular file named ``*.msgpack`` under a plain ustar header;
+    else None. Only the name, type and size fields are read: the caller has checked the shard's sha256."""
+    found, offset = [], 0
+    suffix = f".{MEMBER_EXT}".encode()
+    while offset + BLOCK <= len(data):
+        header = data[offset:offset + BLOCK]
+        if header == bytes(BLOCK):  # the end-of-archive blocks
+            return found
+        if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar" or header[345] != 0:
+            return None  # a PAX/GNU header, a link or directory, or a name split into prefix and name
+        if not header[:100].rstrip(b"\0").endswith(suffix):
+            return None
+        try:
+            size = int(header[124:136].rstrip(b"\0 "), 8)
+        except ValueError:
+            return None
+        start = offset + BLOCK
+        if start + size > len(data):
+            return None  # truncated: let tarfile say so
+        found.append(data[start:start + size])
+        offset = start + -(-size // BLOCK) * BLOCK
+    return None

@@ -19,7 +19,6 @@ ranks; e.g. a task of 1 record on 2 ranks) work on any world size:
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 import warnings
 import zlib
@@ -138,11 +137,15 @@ class TaskStream:
 
     def _load_part(self) -> list[Record]:
         shard, stride = self._epoch_parts()[self.cursor]
-        records = self._read_shard(shard)
+        payloads = self._read_shard(shard)
         if stride > 1:
-            records = records[self.rank::stride]
-        permutation = self._rng(self.rank, shard).permutation(len(records))
-        return [records[i] for i in permutation]
+            payloads = payloads[self.rank::stride]  # decode only this rank's share
+        permutation = self._rng(self.rank, shard).permutation(len(payloads))
+        try:
+            return [shard_format.decode(payloads[i], self.task) for i in permutation]
+        except (ValueError, KeyError, TypeError, msgpack.exceptions.UnpackException) as err:
+            raise DataError(f"shard {self._location(shard)}: cannot decode a record "
+                            f"({type(err).__name__}: {err})") from err
 
     def verify(self) -> None:
         """Check every shard of the task against the manifest now, not when first read: all ranks reach
@@ -178,18 +181,17 @@ class TaskStream:
                             "again (after re-running tools/shard_dataset.py if the local shards changed)")
         return data
 
-    def _read_shard(self, shard: int) -> list[Record]:
+    def _read_shard(self, shard: int) -> list[bytes]:
+        """The shard's encoded records, as many as the manifest says."""
         info, location = self.manifest["shards"][shard], self._location(shard)
-        opened = [{"url": location, "stream": io.BytesIO(self._fetch(shard))}]
         try:
-            records = [shard_format.decode(sample[shard_format.MEMBER_EXT], self.task)
-                       for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(opened))]
-        except (tarfile.TarError, OSError, ValueError, KeyError, msgpack.exceptions.UnpackException) as err:
+            payloads = shard_format.payloads(self._fetch(shard), location)
+        except (tarfile.TarError, OSError, ValueError, KeyError) as err:
             raise DataError(f"shard {location}: cannot read ({type(err).__name__}: {err})") from err
-        if len(records) != info["num_records"]:
-            raise DataError(f"shard {location}: {len(records)} records, manifest says {info['num_records']}; "
+        if len(payloads) != info["num_records"]:
+            raise DataError(f"shard {location}: {len(payloads)} records, manifest says {info['num_records']}; "
                             "the shard is truncated or was changed")
-        return records
+        return payloads
 
 
 def _read_all(location: str) -> bytes:

@@ -1,12 +1,16 @@
 """Shard writing: manifest contents, determinism, idempotent re-runs, periodic neighbour lists."""
+import io
 import json
+import tarfile
 
 import numpy as np
+import webdataset as wds
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 from ase.neighborlist import neighbor_list
 
+from mlfound.data import shard_format
 from mlfound.data.batching import collate, neighbour_list
 from mlfound.data.files import sha256_file
 from mlfound.data.readers import SourceSpec, read_source
@@ -48,6 +52,27 @@ def test_same_sources_give_identical_bytes_and_reruns_do_nothing(demo_dir, tmp_p
     third = shard(source, tmp_path / "a", records_per_shard=30)
     assert len(third["shards"]) == 1
     assert sorted(p.name for p in (tmp_path / "a" / "gfn2_xtb").glob("*.tar")) == ["gfn2_xtb-00000.tar"]
+
+
+def test_shard_members_are_read_as_tarfile_reads_them_pax_headers_included(demo_dir, tmp_path):
+    """The ustar fast path gives tarfile's members; shards with PAX headers (written before tool 0.3) and
+    truncated ones go the tarfile way."""
+    manifest = shard(demo_slice(demo_dir, "gfn2_xtb", 12, tmp_path), tmp_path / "shards")
+    data = (tmp_path / "shards" / "gfn2_xtb" / manifest["shards"][0]["name"]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = [tar.extractfile(m).read() for m in tar.getmembers()]
+    assert len(members) == 12 and shard_format._ustar_payloads(data) == members
+    assert shard_format.payloads(data, "plain.tar") == members
+    old = io.BytesIO()
+    with wds.TarWriter(old, mtime=0.0) as writer:  # a float mtime: a PAX header per member
+        for i, payload in enumerate(members):
+            writer.write({"__key__": f"gfn2_xtb-{i:09d}", shard_format.MEMBER_EXT: payload})
+    assert shard_format._ustar_payloads(old.getvalue()) is None
+    assert shard_format.payloads(old.getvalue(), "pax.tar") == members
+    truncated = data[:len(data) // 2]
+    assert shard_format._ustar_payloads(truncated) is None
+    got = shard_format.payloads(truncated, "truncated.tar")
+    assert len(got) < 12 and got == members[:len(got)]  # TaskStream names the shortfall
 
 
 def test_periodic_cells_match_ase_neighbour_list(tmp_path):
