@@ -178,10 +178,17 @@ def _atoms_record(spec: SourceSpec, atoms: Atoms, index: int) -> Record | BadRec
     energy = results.get(spec.energy_key, atoms.info.get(spec.energy_key))
     forces = None if spec.forces_key is None else results.get(spec.forces_key, atoms.arrays.get(spec.forces_key))
     periodic = bool(atoms.pbc.any())
+    try:  # e.g. energy=n/a in an extxyz comment line
+        energy_ev = None if energy is None else float(energy) * e_factor
+    except (TypeError, ValueError):
+        return BadRecord(spec.path, index, f"{spec.energy_key}={energy!r} is not a number")
+    try:
+        forces_ev_a = None if forces is None else np.asarray(forces, np.float64) * e_factor / l_factor
+    except (TypeError, ValueError) as err:
+        return BadRecord(spec.path, index, f"{spec.forces_key} is not an array of numbers ({err})")
     return Record(
         z=atoms.numbers.astype(np.int64), pos_a=atoms.positions * l_factor,
-        energy_ev=None if energy is None else float(energy) * e_factor,
-        forces_ev_a=None if forces is None else np.asarray(forces, np.float64) * e_factor / l_factor,
+        energy_ev=energy_ev, forces_ev_a=forces_ev_a,
         cell_a=np.asarray(atoms.cell[:], np.float64) * l_factor if periodic else None,
         pbc=atoms.pbc.copy() if periodic else None,
         task=spec.task, source=str(spec.path), index=index)

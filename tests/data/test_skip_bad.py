@@ -40,6 +40,14 @@ def break_value(frames):
     return [2]
 
 
+def energy_not_a_number(frames):
+    """The frame parses, but its energy is a word: a bad record naming the key, not a crash."""
+    comment = frames[4][1]
+    start = comment.index(" energy=") + len(" energy=")
+    frames[4][1] = comment[:start] + "n/a" + comment[comment.index(" ", start):]
+    return [4]
+
+
 def drop_atom_line(frames):
     del frames[6][4]
     return [6]
@@ -69,7 +77,8 @@ def two_bad_frames(frames):
     return drop_atom_line(frames) + break_value(frames)
 
 
-CORRUPTIONS = [break_value, drop_atom_line, bad_count_line, extra_atom_line, truncate_last_frame, two_bad_frames]
+CORRUPTIONS = [break_value, energy_not_a_number, drop_atom_line, bad_count_line, extra_atom_line, truncate_last_frame,
+               two_bad_frames]
 
 
 def corrupted(demo_dir, tmp_path, corrupt, num=NUM_FRAMES):
@@ -107,7 +116,7 @@ def test_every_frame_is_kept_or_rejected_with_its_index(demo_dir, tmp_path, corr
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
 def test_without_skip_bad_the_first_bad_frame_stops_the_run(demo_dir, tmp_path, corrupt):
     path, bad = corrupted(demo_dir, tmp_path, corrupt)
-    with pytest.raises(DataError, match=f"{path} record {bad[0]}: .*line") as info:
+    with pytest.raises(DataError, match=f"{path} record {bad[0]}: .*(line|is not a number)") as info:
         shard(path, tmp_path / "shards")
     assert "--skip-bad" in str(info.value)
     assert not (tmp_path / "shards" / "gfn2_xtb" / "manifest.json").exists()
