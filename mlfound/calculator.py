@@ -9,11 +9,12 @@ import copy
 
 import numpy as np
 import torch
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.md import velocitydistribution
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, closest_pair
-from mlfound.predict import predict
+from mlfound.predict import predict_with_stress
 from mlfound.release import Release, load
 
 # ASE >= 3.29 renamed MaxwellBoltzmannDistribution to thermalize_momenta and deprecated the old name
@@ -23,7 +24,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class MLFoundCalculator(Calculator):
-    """``MLFoundCalculator("model.safetensors", head="hf_631g", dtype="float64")``: energy (eV), forces (eV/Å).
+    """``MLFoundCalculator("model.safetensors", head="hf_631g", dtype="float64")``: energy (eV), forces (eV/Å),
+    and for cells periodic in all three directions stress (eV/Å³, ASE's Voigt order and sign).
 
     ``model`` is a release path, a registry name or a loaded ``Release``. float64 costs about twice the
     time of float32 and makes long NVE runs conserve energy to round-off of the model, not of float32.
@@ -32,7 +34,7 @@ class MLFoundCalculator(Calculator):
     at one position give NaN energies and forces, and an MD run would carry on with them silently.
     ``min_distance_a=0`` switches the guard off."""
 
-    implemented_properties = ["energy", "free_energy", "forces"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, model: Release | str, head: str, dtype: str = "float32", device: str = "cpu",
                  min_distance_a: float = DEFAULT_MIN_DISTANCE_A, **kwargs):
@@ -58,5 +60,12 @@ class MLFoundCalculator(Calculator):
                             f"({self.atoms.get_chemical_symbols()[j]}) are {distance:.3f} Å apart, closer than "
                             f"min_distance_a = {self.min_distance_a} Å: the model is meaningless there (coincident "
                             "atoms give NaN). Fix the structure, or pass MLFoundCalculator(..., min_distance_a=...)")
-        energy_ev, forces = predict(self.model, [record], self.head, compute_forces=True)
+        compute_stress = "stress" in properties
+        if compute_stress and not (self.atoms.pbc.all() and self.atoms.cell.rank == 3):
+            raise PropertyNotImplementedError(f"stress needs a cell periodic in all three directions; these atoms "
+                                              f"have pbc={self.atoms.pbc.tolist()} and a cell of rank "
+                                              f"{self.atoms.cell.rank}")
+        energy_ev, forces, stresses = predict_with_stress(self.model, [record], self.head, True, compute_stress)
         self.results = {"energy": float(energy_ev[0]), "free_energy": float(energy_ev[0]), "forces": forces[0]}
+        if compute_stress:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stresses[0])

@@ -1,4 +1,4 @@
-"""Energies and forces of a model for a list of records under one head, batched by an atom budget.
+"""Energies, forces and stress of a model for a list of records under one head, batched by an atom budget.
 
 The single path from structures to predictions: fine-tuning's head scores, ``mlfound evaluate`` and
 the ASE calculator all go through ``predict``, so they cannot disagree about what a head predicts.
@@ -28,6 +28,14 @@ def head_batches(records: list[Record], head: str, task_names: list[str], cutoff
 def predict(model, records: list[Record], head: str, compute_forces: bool = True,
             max_atoms: int = DEFAULT_MAX_ATOMS) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """Total energies (G,) float64 eV and, if asked, per-structure forces (N_i, 3) eV/Å."""
+    energies, forces, _ = predict_with_stress(model, records, head, compute_forces, False, max_atoms)
+    return energies, forces
+
+
+def predict_with_stress(model, records: list[Record], head: str, compute_forces: bool = True,
+                        compute_stress: bool = True, max_atoms: int = DEFAULT_MAX_ATOMS):
+    """``predict``, plus per-structure stress (3, 3) eV/Å³ in ASE's sign (NaN without a 3-D periodic cell)
+    when asked: (energies, forces or None, stresses or None), from one backward pass per batch."""
     elements = {int(z) for rec in records for z in rec.z}
     model.check_elements(elements)  # here on the host: on an accelerator the model can only assert
     missing = model.missing_references(head, elements) if head in model.task_names else []
@@ -36,16 +44,19 @@ def predict(model, records: list[Record], head: str, compute_forces: bool = True
                          "none, so its absolute energies are undefined there. Use another head, or fine-tune this one "
                          "on data containing them")
     device = next(model.parameters()).device
-    energies, forces = [], []
+    energies, forces, stresses = [], [], []
     for batch in head_batches(records, head, model.task_names, model.config.cutoff_a, max_atoms):
         batch = batch.to(device)
-        with torch.set_grad_enabled(compute_forces):  # forces need autograd; energies alone do not
-            energy_G, forces_N3 = model(batch, compute_forces=compute_forces, training=False)
+        with torch.set_grad_enabled(compute_forces or compute_stress):  # derivatives need autograd
+            energy_G, forces_N3, stress_G33 = model.energy_forces_stress(batch, compute_forces, compute_stress)
         energies.append(energy_G.detach().cpu().numpy())
         if compute_forces:
             split = torch.split(forces_N3.detach().cpu().double(), batch.num_atoms.tolist())
             forces.extend(f.numpy() for f in split)
-    return np.concatenate(energies), (forces if compute_forces else None)
+        if compute_stress:
+            stresses.extend(stress_G33.detach().cpu().double().numpy())
+    return (np.concatenate(energies), forces if compute_forces else None,
+            stresses if compute_stress else None)
 
 
 def network_energy(model, records: list[Record], head: str, energy_ev: np.ndarray | None = None) -> np.ndarray:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from ase import Atoms, units
 from ase.calculators.calculator import PropertyNotImplementedError
-from ase.calculators.fd import calculate_numerical_forces
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 from ase.md.verlet import VelocityVerlet
 
 from mlfound.calculator import MLFoundCalculator, thermalize
@@ -55,10 +55,23 @@ def test_float32_and_float64_agree(release, paracetamol):
 def test_unknown_head_is_an_error_listing_the_heads(release):
     with pytest.raises(ReleaseError, match=r"no head 'hf_631g'; available heads: \['gfn2_xtb', 'gfn1_xtb'"):
         MLFoundCalculator(release, head="hf_631g")
-    with pytest.raises(PropertyNotImplementedError):
-        atoms = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
-        atoms.calc = MLFoundCalculator(release, head=HEAD)
-        atoms.get_stress()
+
+
+def test_stress_is_ases_finite_difference_stress_and_needs_a_cell(release, paracetamol):
+    """The demo target in a tilted periodic box small enough for molecules to see their images, float64."""
+    atoms = atoms_of(paracetamol[0])
+    atoms.set_cell([[8.0, 0.0, 0.0], [1.5, 9.0, 0.0], [-1.0, 0.8, 7.5]])
+    atoms.pbc = True
+    atoms.calc = MLFoundCalculator(release, head=HEAD, dtype="float64")
+    stress = atoms.get_stress()
+    assert np.abs(stress).max() > 1e-4  # eV/Å³: not trivially zero
+    np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, eps=1e-5), rtol=0, atol=1e-7)
+    water = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], cell=[6, 6, 6], pbc=[True, True, False])
+    water.calc = MLFoundCalculator(release, head=HEAD)
+    with pytest.raises(PropertyNotImplementedError, match=r"periodic in all three directions.*\[True, True, False\]"):
+        water.get_stress()
+    water.pbc = False
+    water.get_forces()  # a molecule still has energy and forces
 
 
 def test_nve_conserves_energy(release, paracetamol):

@@ -32,6 +32,7 @@ class GraphBatch:
     task_index: torch.Tensor  # (G,) int64 position of the graph's task in the task list
     num_atoms: torch.Tensor  # (G,) int64
     num_force_atoms: int  # atoms of graphs with forces, known on the host: the loss needs no device sync
+    volume_a3: torch.Tensor  # (G,) float64 cell volume Å³ for stress; 0 without a 3-D periodic cell
     cell_a: torch.Tensor | None = None  # (G, 3, 3) float64 Å; only while the neighbour lists are still to build
     pbc: torch.Tensor | None = None  # (G, 3) bool; likewise
 
@@ -89,6 +90,7 @@ def collate(records: Sequence[Record], cutoff_a: float, task_names: Sequence[str
         task_index=torch.tensor(task_index, dtype=torch.int64),
         num_atoms=torch.from_numpy(num_atoms).long(),
         num_force_atoms=sum(r.num_atoms for r in records if r.forces_ev_a is not None),
+        volume_a3=torch.tensor([_volume(r) for r in records], dtype=torch.float64),
         cell_a=None if with_neighbours else torch.from_numpy(np.stack([_box(r) for r in records])),
         pbc=None if with_neighbours else torch.from_numpy(np.stack([_periodic(r) for r in records])),
     )
@@ -96,6 +98,13 @@ def collate(records: Sequence[Record], cutoff_a: float, task_names: Sequence[str
 
 def _box(rec: Record) -> np.ndarray:
     return rec.cell_a.astype(np.float64) if rec.cell_a is not None else np.zeros((3, 3))
+
+
+def _volume(rec: Record) -> float:
+    """The cell's volume where it is periodic in all three directions; else 0 (no stress is defined)."""
+    if rec.cell_a is None or rec.pbc is None or not rec.pbc.all():
+        return 0.0
+    return abs(float(np.linalg.det(rec.cell_a)))
 
 
 def _periodic(rec: Record) -> np.ndarray:

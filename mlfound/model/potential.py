@@ -1,8 +1,12 @@
-"""Potential: E = Σ_atoms [e_Z(task) + σ_task · head_task(trunk(atoms))], F = -∂E/∂pos.
+"""Potential: E = Σ_atoms [e_Z(task) + σ_task · head_task(trunk(atoms))], F = -∂E/∂pos, stress = ∂E/∂ε / V.
 
 The per-task references e_Z (float64, from the shard manifests) absorb the LoT's absolute energy
 scale, so tasks that disagree by thousands of eV train together; σ_task puts the network's output
 in the task's natural unit. Total energies are summed in float64.
+
+Stress is the derivative of the energy under a homogeneous strain ε of each graph (positions and cell
+scaled by 1 + ε, as MACE and NequIP do): the energy sees atoms only through edge vectors, so straining the
+edge vectors strains both. ASE's sign: positive stress is tension, pressure is -trace/3.
 """
 from __future__ import annotations
 
@@ -85,11 +89,15 @@ class Potential(nn.Module):
             self.check_elements(z_N.tolist())
         return species_N
 
-    def energy(self, batch, pos_N3: torch.Tensor) -> torch.Tensor:
-        """(G,) float64 total energies in eV; ``pos_N3`` is passed separately so forces can differentiate it."""
+    def energy(self, batch, pos_N3: torch.Tensor, strain_G33: torch.Tensor | None = None) -> torch.Tensor:
+        """(G,) float64 total energies in eV; ``pos_N3`` (and ``strain_G33``, symmetrised here) are passed
+        separately so forces (and stress) can differentiate them."""
         species_N = self.species(batch.z)
         sender, receiver = batch.edge_index
         vectors_E3 = pos_N3[receiver] - pos_N3[sender] + batch.edge_shift_a.to(pos_N3.dtype)
+        if strain_G33 is not None:
+            symmetric_G33 = (strain_G33 + strain_G33.transpose(1, 2)) / 2  # exact symmetry also in bf16
+            vectors_E3 = vectors_E3 + torch.einsum("ei,eij->ej", vectors_E3, symmetric_G33[batch.graph_index[receiver]])
         features_NC = self.trunk(species_N, vectors_E3, batch.edge_index)
         task_N = batch.task_index[batch.graph_index]
         out_N = self.heads(features_NC, task_N)
@@ -99,12 +107,31 @@ class Potential(nn.Module):
 
     def forward(self, batch, compute_forces: bool = True, training: bool = False):
         """Energies (G,) float64 eV and forces (N, 3) eV/Å (None if not asked for)."""
+        energy_G, forces_N3, _ = self.energy_forces_stress(batch, compute_forces, False, training)
+        return energy_G, forces_N3
+
+    def energy_forces_stress(self, batch, compute_forces: bool = True, compute_stress: bool = True,
+                             training: bool = False):
+        """Energies (G,) float64 eV, forces (N, 3) eV/Å and stress (G, 3, 3) eV/Å³, each None if not asked
+        for, from one backward pass. A graph without a 3-D cell (``batch.volume_a3`` 0) has NaN stress."""
         # geometry in at least float32 even when the weights are bf16: bf16 positions would be off by ~0.02 Å
         pos_N3 = batch.pos_a.to(torch.promote_types(next(self.parameters()).dtype, torch.float32))
+        wrt = []
         if compute_forces:
             pos_N3 = pos_N3.detach().requires_grad_(True)
-        energy_G = self.energy(batch, pos_N3)
-        if not compute_forces:
-            return energy_G, None
-        (grad_N3,) = torch.autograd.grad(energy_G.sum(), pos_N3, create_graph=training)
-        return energy_G, -grad_N3
+            wrt.append(pos_N3)
+        strain_G33 = None
+        if compute_stress:
+            strain_G33 = torch.zeros((batch.num_graphs, 3, 3), dtype=pos_N3.dtype, device=pos_N3.device,
+                                     requires_grad=True)
+            wrt.append(strain_G33)
+        energy_G = self.energy(batch, pos_N3, strain_G33)
+        if not wrt:
+            return energy_G, None, None
+        grads = list(torch.autograd.grad(energy_G.sum(), wrt, create_graph=training))
+        forces_N3 = -grads.pop(0) if compute_forces else None
+        stress_G33 = None
+        if compute_stress:
+            volume_G = batch.volume_a3.to(grads[0].dtype)
+            stress_G33 = grads[0] / torch.where(volume_G > 0, volume_G, torch.nan)[:, None, None]
+        return energy_G, forces_N3, stress_G33

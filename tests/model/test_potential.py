@@ -140,3 +140,55 @@ def test_the_product_basis_sees_bond_angles_only_when_its_messages_keep_vectors(
         rec = Record(z=np.array([8, 1, 1]), pos_a=pos, energy_ev=0.0, forces_ev_a=None, task="gfn2_xtb")
         energies.append(model(collate([rec], config.cutoff_a, ["gfn2_xtb"]), compute_forces=False)[0].item())
     assert (abs(energies[0] - energies[1]) > 1e-6) == all_l
+
+
+def periodic_record(rotation: np.ndarray | None = None) -> Record:
+    """A rattled 2-atom diamond cell (triclinic lattice vectors) with hydrogen and oxygen in it: short enough
+    for a 4 Å cutoff to reach periodic images of every atom, including itself."""
+    from ase.build import bulk
+
+    atoms = bulk("C", "diamond", a=3.6) * (1, 2, 1)
+    atoms.numbers[[1, 2]] = [1, 8]
+    atoms.rattle(0.05, seed=1)
+    pos, cell = atoms.positions, np.asarray(atoms.cell[:])
+    if rotation is not None:
+        pos, cell = pos @ rotation.T, cell @ rotation.T
+    return Record(z=atoms.numbers.astype(np.int64), pos_a=pos, energy_ev=0.0, cell_a=cell, pbc=np.ones(3, bool),
+                  task="gfn2_xtb")
+
+
+def strained(rec: Record, strain: np.ndarray) -> Record:
+    deformation = np.eye(3) + strain
+    return Record(z=rec.z, pos_a=rec.pos_a @ deformation.T, energy_ev=0.0, cell_a=rec.cell_a @ deformation.T,
+                  pbc=rec.pbc, task=rec.task)
+
+
+@pytest.mark.parametrize("correlation", CORRELATIONS)
+def test_stress_is_the_energy_derivative_under_strain_over_the_volume(correlation):
+    model = make_potential(correlation=correlation, dtype=torch.float64)
+    rec = periodic_record()
+    _, _, stress = model.energy_forces_stress(collate([rec], CONFIG.cutoff_a, TASKS))
+    volume, step = abs(np.linalg.det(rec.cell_a)), 1e-5
+    assert np.abs(stress.detach().numpy()).max() > 1e-3  # not trivially zero
+    for i, j in [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]:
+        direction = np.zeros((3, 3))
+        direction[i, j] = direction[j, i] = 1.0 if i == j else 0.5  # symmetric: d/dh gives V * stress_ij
+        energy = [model(collate([strained(rec, sign * step * direction)], CONFIG.cutoff_a, TASKS),
+                        compute_forces=False)[0].item() for sign in (1, -1)]
+        numeric = (energy[0] - energy[1]) / (2 * step) / volume
+        assert stress[0, i, j].item() == pytest.approx(numeric, abs=1e-7), (i, j)
+    torch.testing.assert_close(stress[0], stress[0].T, rtol=0, atol=1e-12)
+
+
+def test_stress_rotates_as_a_tensor_and_is_nan_without_a_cell(records):
+    model = make_potential(correlation=3, dtype=torch.float64)
+    torch.manual_seed(5)
+    rotation = o3.rand_matrix(dtype=torch.float64).numpy()
+    _, _, stress = model.energy_forces_stress(collate([periodic_record()], CONFIG.cutoff_a, TASKS))
+    _, _, stress_rot = model.energy_forces_stress(collate([periodic_record(rotation)], CONFIG.cutoff_a, TASKS))
+    torch.testing.assert_close(stress_rot[0], torch.from_numpy(rotation) @ stress[0] @ torch.from_numpy(rotation).T,
+                               rtol=0, atol=1e-10)
+    energy, forces, stress_mixed = model.energy_forces_stress(batch_of([records[0]] + [periodic_record()]))
+    assert torch.isnan(stress_mixed[0]).all()
+    torch.testing.assert_close(stress_mixed[1], stress[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(energy, model(batch_of([records[0], periodic_record()]))[0], rtol=0, atol=0)
