@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-atoms", type=int, default=default("max_atoms_per_batch"), help="atoms per batch")
     p.add_argument("--energy-weight", type=float, default=default("energy_weight"))
     p.add_argument("--forces-weight", type=float, default=default("forces_weight"))
+    p.add_argument("--stress-weight", type=float, default=default("stress_weight"),
+                   help="weight of the virial per atom, for structures with stress labels")
     p.add_argument("--replay-shards", type=Path, help="pretraining shard root, to replay its tasks")
     p.add_argument("--replay-tasks", nargs="+", default=[], help="pretraining tasks to replay")
     p.add_argument("--replay-every", type=int, default=4)
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
                              ema_decay=args.ema_decay, max_steps=args.max_steps,
                              eval_every=args.eval_every, patience=args.patience or None,
                              max_atoms_per_batch=args.max_atoms, energy_weight=args.energy_weight,
-                             forces_weight=args.forces_weight, seed=args.seed, replay=replay, device=args.device,
+                             forces_weight=args.forces_weight, stress_weight=args.stress_weight, seed=args.seed,
+                             replay=replay, device=args.device,
                              check_units=not args.no_unit_check)
         result = finetune(load(args.model), train, val, cfg)
     except (DataError, ReleaseError, FileNotFoundError) as err:

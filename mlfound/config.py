@@ -77,6 +77,7 @@ class MetaConfig(_Strict):
 class LossConfig(_Strict):
     energy_weight: float = Field(10.0, ge=0)
     forces_weight: float = Field(1.0, ge=0)
+    stress_weight: float = Field(1.0, ge=0)  # virial per atom, in σ units like the energy; where labels have it
 
 
 _PRECISION = "the typed field deepspeed.bf16 (fp16 and amp are not supported)"

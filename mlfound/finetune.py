@@ -69,6 +69,7 @@ class FinetuneConfig(BaseModel):
     max_atoms_per_batch: int = Field(100, ge=1)
     energy_weight: float = Field(10.0, ge=0)
     forces_weight: float = Field(1.0, ge=0)
+    stress_weight: float = Field(1.0, ge=0)
     seed: int = 0
     replay: ReplayConfig | None = None
     device: str = "cpu"
@@ -157,7 +158,7 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
            progress: bool) -> tuple[list[dict], int]:
     optimizer = torch.optim.Adam(_param_groups(model, cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
-    weights = LossWeights(cfg.energy_weight, cfg.forces_weight)
+    weights = LossWeights(cfg.energy_weight, cfg.forces_weight, cfg.stress_weight)
     sigma = float(model.scales_ev[model.task_names.index(cfg.head)])
     val_batches = head_batches(val, cfg.head, model.task_names, model.config.cutoff_a,
                                cfg.max_atoms_per_batch) if val else []

@@ -33,6 +33,9 @@ class GraphBatch:
     num_atoms: torch.Tensor  # (G,) int64
     num_force_atoms: int  # atoms of graphs with forces, known on the host: the loss needs no device sync
     volume_a3: torch.Tensor  # (G,) float64 cell volume Å³ for stress; 0 without a 3-D periodic cell
+    stress_ev_a3: torch.Tensor  # (G, 3, 3) float64 eV/Å³ (ASE's sign); zeros where a graph has no stress
+    has_stress: torch.Tensor  # (G,) bool
+    num_stress_graphs: int  # graphs with stress, known on the host like num_force_atoms
     cell_a: torch.Tensor | None = None  # (G, 3, 3) float64 Å; only while the neighbour lists are still to build
     pbc: torch.Tensor | None = None  # (G, 3) bool; likewise
 
@@ -91,6 +94,10 @@ def collate(records: Sequence[Record], cutoff_a: float, task_names: Sequence[str
         num_atoms=torch.from_numpy(num_atoms).long(),
         num_force_atoms=sum(r.num_atoms for r in records if r.forces_ev_a is not None),
         volume_a3=torch.tensor([_volume(r) for r in records], dtype=torch.float64),
+        stress_ev_a3=torch.from_numpy(np.stack([r.stress_ev_a3 if r.stress_ev_a3 is not None else np.zeros((3, 3))
+                                                for r in records])).double(),
+        has_stress=torch.tensor([r.stress_ev_a3 is not None for r in records]),
+        num_stress_graphs=sum(r.stress_ev_a3 is not None for r in records),
         cell_a=None if with_neighbours else torch.from_numpy(np.stack([_box(r) for r in records])),
         pbc=None if with_neighbours else torch.from_numpy(np.stack([_periodic(r) for r in records])),
     )

@@ -18,7 +18,14 @@ import numpy as np
 
 from mlfound.data.record import DataError, Record
 from mlfound.data.source import BadRecord, SourceSpec, Unlabelled
-from mlfound.data.units import DEFAULT_ENERGY_UNIT, DEFAULT_LENGTH_UNIT, energy_factor, length_factor, pick_unit
+from mlfound.data.units import (
+    DEFAULT_ENERGY_UNIT,
+    DEFAULT_LENGTH_UNIT,
+    energy_factor,
+    length_factor,
+    pick_unit,
+    stress_ev_a3,
+)
 
 CHUNK_CONFORMERS = 4096  # conformers read from one HDF5 group at a time
 
@@ -237,18 +244,20 @@ def _mptrj_record(spec: SourceSpec, structure_type, frame: dict, index: int, mp_
     if not structure.is_ordered:
         return BadRecord(spec.path, index, f"frame {name}: a disordered structure (partial occupancies) has no "
                          "single element per site")
+    e_factor, l_factor, f_factor = _factors(spec)
     try:
         energy = float(frame[spec.energy_key])
         forces = None if spec.forces_key is None else np.asarray(frame[spec.forces_key], np.float64)
+        stress = None if frame.get(spec.stress_key) is None else stress_ev_a3(
+            frame[spec.stress_key], spec.stress_unit, spec.stress_positive_is_compression, e_factor, l_factor)
     except (TypeError, ValueError) as err:  # null, text or ragged lists
         return BadRecord(spec.path, index, f"frame {name}: its labels are not numbers ({err})")
-    e_factor, l_factor, f_factor = _factors(spec)
     return Record(
         z=np.asarray(structure.atomic_numbers, np.int64), pos_a=np.asarray(structure.cart_coords) * l_factor,
         energy_ev=energy * e_factor, forces_ev_a=None if forces is None else forces * f_factor,
         cell_a=np.asarray(structure.lattice.matrix, np.float64) * l_factor,
         pbc=np.asarray(structure.lattice.pbc, bool), task=spec.task, source=str(spec.path), index=index,
-        provenance={"mp_id": mp_id, "frame": frame_id})
+        provenance={"mp_id": mp_id, "frame": frame_id}, stress_ev_a3=stress)
 
 
 def _h5py():

@@ -31,13 +31,18 @@ class Preset:
     tasks: dict[str, PresetTask]  # task name -> labels; one file yields every task
     forces_are_gradient: bool = False
     nan_is_unlabelled: bool = False
+    stress_key: str | None = None  # None: the dataset has no stress
+    stress_unit: str | None = None  # None: energy unit / length unit³
+    stress_positive_is_compression: bool = False  # VASP's sign
 
     def source_options(self, task: PresetTask, energy_unit: str | None = None,
                        length_unit: str | None = None) -> dict:
         """SourceSpec fields (all but path and task) reading ``task``; a given unit replaces the preset's."""
         return {"format": self.format, "energy_key": task.energy_key, "forces_key": task.forces_key,
                 "energy_unit": energy_unit or self.energy_unit, "length_unit": length_unit or self.length_unit,
-                "forces_are_gradient": self.forces_are_gradient, "nan_is_unlabelled": self.nan_is_unlabelled}
+                "forces_are_gradient": self.forces_are_gradient, "nan_is_unlabelled": self.nan_is_unlabelled,
+                "stress_key": self.stress_key, "stress_unit": self.stress_unit,
+                "stress_positive_is_compression": self.stress_positive_is_compression}
 
 
 def _lot(method: str, basis: str | None = None, code: str | None = None) -> dict[str, str]:
@@ -82,10 +87,11 @@ PRESETS: dict[str, Preset] = {
     "mptrj": Preset(
         source="MPtrj (Deng et al., Nat. Mach. Intell. 5, 1031, 2023), MPtrj_2022.9_full.json",
         format="mptrj", energy_unit="eV", length_unit="Ang",
+        stress_key="stress", stress_unit="kBar", stress_positive_is_compression=True,  # VASP's, as in the file
         tasks={"mptrj": PresetTask("corrected_total_energy", "force", _lot("PBE(+U)", "PAW", "VASP"))}),
     "omat24": Preset(
         source="OMat24 (Barroso-Luque et al., arXiv:2410.12771, 2024), *.aselmdb (ASE LMDB)",
-        format="ase", energy_unit="eV", length_unit="Ang",
+        format="ase", energy_unit="eV", length_unit="Ang", stress_key="stress",  # ASE's unit and sign
         tasks={"omat24": PresetTask("energy", "forces", _lot("PBE(+U)", "PAW", "VASP"))}),
 }
 FIXED_BY_PRESET = ("format", "energy_key", "forces_key")  # options a preset sets and the user may not change

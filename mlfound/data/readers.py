@@ -20,7 +20,15 @@ from ase import Atoms
 from mlfound.data import layouts
 from mlfound.data.record import DataError, Record
 from mlfound.data.source import BadRecord, SourceSpec, Unlabelled
-from mlfound.data.units import DEFAULT_ENERGY_UNIT, DEFAULT_LENGTH_UNIT, energy_factor, length_factor, pick_unit
+from mlfound.data.units import (
+    DEFAULT_ENERGY_UNIT,
+    DEFAULT_LENGTH_UNIT,
+    energy_factor,
+    length_factor,
+    pick_unit,
+    stress_ev_a3,
+    virial_stress_ev_a3,
+)
 
 RECORD_UNITS = {"energy_unit": "eV", "forces_unit": "eV/Ang"}  # what every reader returns
 XYZ_SUFFIXES = (".xyz", ".extxyz")
@@ -168,8 +176,9 @@ def _iread_atoms(spec: SourceSpec) -> Iterator[tuple[int, Atoms]]:
 
 
 def _atoms_record(spec: SourceSpec, atoms: Atoms, index: int) -> Record | BadRecord:
-    """Labels come from ``atoms.calc.results`` (ASE >= 3.23 puts extxyz energy/forces there) or from
-    ``atoms.info`` / ``atoms.arrays`` under the configured keys."""
+    """Labels come from ``atoms.calc.results`` (ASE >= 3.23 puts extxyz energy/forces/stress there) or from
+    ``atoms.info`` / ``atoms.arrays`` under the configured keys; without a stress, a ``virial`` info key
+    (energy unit, W = -stress x volume) gives it."""
     try:
         e_factor, l_factor = _frame_units(spec, atoms.info)
     except DataError as err:
@@ -186,12 +195,22 @@ def _atoms_record(spec: SourceSpec, atoms: Atoms, index: int) -> Record | BadRec
         forces_ev_a = None if forces is None else np.asarray(forces, np.float64) * e_factor / l_factor
     except (TypeError, ValueError) as err:
         return BadRecord(spec.path, index, f"{spec.forces_key} is not an array of numbers ({err})")
+    stress = None if spec.stress_key is None else results.get(spec.stress_key, atoms.info.get(spec.stress_key))
+    virial = None if spec.stress_key is None or stress is not None else atoms.info.get("virial")
+    try:
+        if stress is not None:
+            stress = stress_ev_a3(stress, spec.stress_unit, spec.stress_positive_is_compression, e_factor, l_factor)
+        elif virial is not None:
+            stress = virial_stress_ev_a3(virial, abs(atoms.cell.volume) * l_factor**3, e_factor)
+    except (TypeError, ValueError) as err:
+        key = spec.stress_key if virial is None else "virial"
+        return BadRecord(spec.path, index, f"{key} is not a stress ({err})")
     return Record(
         z=atoms.numbers.astype(np.int64), pos_a=atoms.positions * l_factor,
         energy_ev=energy_ev, forces_ev_a=forces_ev_a,
         cell_a=np.asarray(atoms.cell[:], np.float64) * l_factor if periodic else None,
         pbc=atoms.pbc.copy() if periodic else None,
-        task=spec.task, source=str(spec.path), index=index)
+        task=spec.task, source=str(spec.path), index=index, stress_ev_a3=stress)
 
 
 def _frame_units(spec: SourceSpec, info: dict) -> tuple[float, float]:

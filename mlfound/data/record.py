@@ -26,6 +26,7 @@ class Record:
     index: int = -1  # index of the record in that file
     provenance: dict[str, str] = dataclasses.field(default_factory=dict)  # where in the file (HDF5 group, MPtrj
     # id) and what the file says of the structure (SPICE's smiles and subset); kept in the shards
+    stress_ev_a3: np.ndarray | None = None  # (3, 3) float64 eV/Å³, ASE's sign (positive: tension); needs a 3-D cell
 
     @property
     def num_atoms(self) -> int:
@@ -53,6 +54,12 @@ def validate_record(rec: Record, min_distance_a: float = DEFAULT_MIN_DISTANCE_A)
         _check_array(rec, "forces", rec.forces_ev_a, (n, 3))
     if rec.cell_a is not None:
         _check_array(rec, "cell", rec.cell_a, (3, 3))
+    if rec.stress_ev_a3 is not None:
+        _check_array(rec, "stress", rec.stress_ev_a3, (3, 3))
+        periodic = rec.cell_a is not None and rec.pbc is not None and bool(np.all(rec.pbc))
+        if not periodic or abs(np.linalg.det(rec.cell_a)) < 1e-6:
+            raise DataError(f"{rec.where}: a stress label needs a cell periodic in all three directions with a "
+                            f"volume (pbc {None if rec.pbc is None else rec.pbc.tolist()})")
     _check_distances(rec, min_distance_a)
 
 

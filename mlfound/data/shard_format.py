@@ -33,6 +33,8 @@ def encode(rec: Record) -> bytes:
         fields["pbc"] = [bool(p) for p in rec.pbc]
     if rec.provenance:
         fields["provenance"] = rec.provenance
+    if rec.stress_ev_a3 is not None:
+        fields["stress"] = _pack(rec.stress_ev_a3, "<f8")
     return msgpack.packb(fields)
 
 
@@ -45,7 +47,8 @@ def decode(data: bytes, task: str) -> Record:
         forces_ev_a=_unpack(fields["forces"], (n, 3)) if "forces" in fields else None,
         cell_a=_unpack(fields["cell"], (3, 3)) if "cell" in fields else None,
         pbc=np.array(fields["pbc"], bool) if "pbc" in fields else None,
-        task=task, source=fields["source"], index=fields["index"], provenance=fields.get("provenance", {}))
+        task=task, source=fields["source"], index=fields["index"], provenance=fields.get("provenance", {}),
+        stress_ev_a3=_unpack(fields["stress"], (3, 3)) if "stress" in fields else None)
 
 
 def _pack(array: np.ndarray, dtype: str) -> bytes:

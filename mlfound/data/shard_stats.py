@@ -52,6 +52,7 @@ class SplitStats:
         self.atom_hist: collections.Counter = collections.Counter()
         self.element_atoms: collections.Counter = collections.Counter()
         self.num_with_forces = 0
+        self.num_with_stress = 0
         self.force_sq_sum = 0.0
         self.num_force_components = 0
         self.energy_ev = Moments()
@@ -67,6 +68,7 @@ class SplitStats:
             self.num_with_forces += 1
             self.force_sq_sum += float((rec.forces_ev_a**2).sum())
             self.num_force_components += rec.forces_ev_a.size
+        self.num_with_stress += rec.stress_ev_a3 is not None
         self.energy_ev.add(rec.energy_ev)
         residual_ev = rec.energy_ev - reference_energy(rec.z, refs_ev)
         self.residual_sq_sum += residual_ev**2
@@ -78,6 +80,7 @@ class SplitStats:
         self.atom_hist.update(other.atom_hist)
         self.element_atoms.update(other.element_atoms)
         self.num_with_forces += other.num_with_forces
+        self.num_with_stress += other.num_with_stress
         self.force_sq_sum += other.force_sq_sum
         self.num_force_components += other.num_force_components
         self.energy_ev.merge(other.energy_ev)
@@ -93,6 +96,7 @@ class SplitStats:
             "references_ev": {str(z): e for z, e in refs_ev.items()},
             "reference_notes": notes,
             "num_with_forces": self.num_with_forces,
+            "num_with_stress": self.num_with_stress,
             "stats": {
                 "energy_mean_ev": self.energy_ev.mean, "energy_std_ev": self.energy_ev.std,
                 "residual_rms_ev": float(np.sqrt(self.residual_sq_sum / self.num_records)),

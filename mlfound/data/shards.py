@@ -48,9 +48,10 @@ from mlfound.data.shuffle import MAX_PARTS, BucketFiles, shuffle_key, sorted_pay
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"  # one {"source", "index", "reason"} per line, written with skip_bad
 VALIDATION_DIR = "val"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: records may hold stress (num_with_stress); version-1 manifests read as stress-free
+READABLE_MANIFEST_VERSIONS = (1, 2)
 UNIT_CHECK_RECORDS = 2000
-TOOL_VERSION = "mlfound-shard 0.3"  # 0.3: records globally shuffled
+TOOL_VERSION = "mlfound-shard 0.4"  # 0.3: records globally shuffled; 0.4: stress
 RECORD_ORDER = "sorted by blake2b(source file name:index), a global shuffle"
 TMP_PREFIX = ".shuffle.tmp"
 DEFAULT_SHUFFLE_BUFFER_MB = 64  # per bucket; 256 buckets (shuffle.MAX_PARTS) cover ~20 GB of extxyz in one pass
@@ -122,9 +123,11 @@ def load_manifest(task_dir: Path) -> dict:
     if not path.exists():
         raise DataError(f"{path}: no manifest; run tools/shard_dataset.py to create the shards for this task")
     manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise DataError(f"{path}: manifest format {manifest.get('format_version')} is not {MANIFEST_VERSION}; "
-                        "re-shard the sources with this version of tools/shard_dataset.py")
+    if manifest.get("format_version") not in READABLE_MANIFEST_VERSIONS:
+        raise DataError(f"{path}: manifest format {manifest.get('format_version')} is not one this version reads "
+                        f"{READABLE_MANIFEST_VERSIONS}; re-shard the sources with this version of "
+                        "tools/shard_dataset.py, or update mlfound")
+    manifest.setdefault("num_with_stress", 0)  # version 1 had no stress
     manifest["references_ev"] = {int(z): e for z, e in manifest["references_ev"].items()}
     return manifest
 

@@ -22,6 +22,9 @@ class SourceSpec:
     length_unit: str | None = None  # None: each frame's length_unit info key (extxyz), else Å
     forces_are_gradient: bool = False  # the forces key holds dE/dx (SPICE's dft_total_gradient): forces are minus it
     nan_is_unlabelled: bool = False  # a NaN energy means "no label at this LoT" (ANI-1x), not a broken record
+    stress_key: str | None = "stress"  # None: ignore stress; ASE sources fall back to the "virial" info key
+    stress_unit: str | None = None  # GPa or kBar; None: energy unit / length unit³
+    stress_positive_is_compression: bool = False  # VASP's sign (MPtrj): the stress read is minus the file's
 
 
 class BadRecord(DataError):

@@ -1,7 +1,8 @@
 """Training loss in each task's natural units.
 
-Energy per atom and forces are divided by the task's scale σ so tasks with different label
-magnitudes weigh alike; graphs without force labels contribute energy only. DESIGN.md records
+Energy per atom, forces and the virial per atom (stress x volume / atoms, an energy per atom like the first)
+are divided by the task's scale σ so tasks with different label magnitudes weigh alike; graphs without force
+or stress labels contribute what they have. DESIGN.md records
 that an energy weight ~10x the force weight kept energies from degrading on small data.
 """
 from __future__ import annotations
@@ -15,14 +16,17 @@ import torch
 class LossWeights:
     energy: float = 10.0
     forces: float = 1.0
+    stress: float = 1.0
 
 
 def potential_loss(model, batch, weights: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted MSE of energy per atom and forces, in σ units; also the unweighted parts for logging, as
-    detached tensors on the batch's device (reading them is a host sync: do it on log steps only). Whether
-    forces count is known on the host (``batch.num_force_atoms``), so no step waits for the device."""
+    """Weighted MSE of energy per atom, forces and virial per atom, in σ units; also the unweighted parts for
+    logging, as detached tensors on the batch's device (reading them is a host sync: do it on log steps only).
+    Whether forces and stress count is known on the host (``batch.num_force_atoms``, ``num_stress_graphs``), so
+    no step waits for the device, and a batch without stress labels costs no stress."""
     with_forces = weights.forces > 0 and batch.num_force_atoms > 0
-    energy_G, forces_N3 = model(batch, compute_forces=with_forces, training=True)
+    with_stress = weights.stress > 0 and batch.num_stress_graphs > 0
+    energy_G, forces_N3, stress_G33 = model.energy_forces_stress(batch, with_forces, with_stress, training=True)
     scale_G = model.scales_ev[batch.task_index]
     energy_error_G = (energy_G - batch.energy_ev) / batch.num_atoms / scale_G
     energy_mse = (energy_error_G**2).mean()
@@ -35,4 +39,11 @@ def potential_loss(model, batch, weights: LossWeights) -> tuple[torch.Tensor, di
         force_mse = (force_error_N3**2 * has_forces_N1).sum() / (3 * batch.num_force_atoms)
         loss = loss + weights.forces * force_mse
         parts["forces_mse"] = force_mse.detach()
+    if with_stress:
+        to_virial_per_atom_G11 = (batch.volume_a3 / batch.num_atoms / scale_G)[:, None, None]
+        has_stress_G11 = batch.has_stress[:, None, None]
+        error_G33 = torch.where(has_stress_G11, (stress_G33 - batch.stress_ev_a3) * to_virial_per_atom_G11, 0.0)
+        stress_mse = (error_G33**2).sum() / (9 * batch.num_stress_graphs)
+        loss = loss + weights.stress * stress_mse.float()
+        parts["stress_mse"] = stress_mse.detach()
     return loss, parts

@@ -132,6 +132,8 @@ class Potential(nn.Module):
         forces_N3 = -grads.pop(0) if compute_forces else None
         stress_G33 = None
         if compute_stress:
-            volume_G = batch.volume_a3.to(grads[0].dtype)
-            stress_G33 = grads[0] / torch.where(volume_G > 0, volume_G, torch.nan)[:, None, None]
+            periodic_G11 = (batch.volume_a3 > 0)[:, None, None]
+            volume_G11 = torch.where(periodic_G11, batch.volume_a3[:, None, None], 1.0).to(grads[0].dtype)
+            # NaN as a constant, not a division by NaN: a loss that masks these graphs out keeps finite gradients
+            stress_G33 = torch.where(periodic_G11, grads[0] / volume_G11, torch.nan)
         return energy_G, forces_N3, stress_G33

@@ -63,7 +63,7 @@ class Trainer:
         self.param_names = [n for n, _ in self.engine.module.named_parameters()]
         self.sampler = build_sampler(cfg, self.manifests)
         self.loader = build_loader(cfg, self.rank, self.world_size, self.sampler, self.device)
-        self.weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight)
+        self.weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight, cfg.loss.stress_weight)
         self.step = 0
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,8 @@ class Trainer:
         self.engine.step()
         self._window["tasks"].extend(tasks)  # every rank's task: known here without communication
         position = self.cfg.data.tasks.index(task)  # losses stay on the device until a log step: no sync here
-        self._window["loss_sum"][position] += sum(p["energy_mse"] + p.get("forces_mse", 0.0) for p in parts)
+        self._window["loss_sum"][position] += sum(p["energy_mse"] + p.get("forces_mse", 0.0) + p.get("stress_mse", 0.0)
+                                                  for p in parts)
         self._window["loss_count"][position] += len(parts)
 
     # -- logging, evaluation, checkpoints ---------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from ase import Atoms
+from ase import Atoms, units
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
@@ -184,7 +184,8 @@ def write_mptrj(path: Path, crystals: dict[str, list[Atoms]]) -> Path:
                 "corrected_total_energy": energy + MPTRJ_CORRECTION_EV_ATOM * len(atoms),
                 "energy_per_atom": energy / len(atoms), "ef_per_atom": 0.1, "e_per_atom_relaxed": -1.0,
                 "ef_per_atom_relaxed": 0.0, "force": atoms.get_forces().tolist(),
-                "stress": atoms.get_stress(voigt=False).tolist(),  # not read: stress is the materials issue's
+                # kBar in VASP's sign (positive: compression), as MPtrj has it from VASP's OUTCAR
+                "stress": (-10 * atoms.get_stress(voigt=False) / units.GPa).tolist(),
                 "magmom": None, "bandgap": 0.0, "mp_id": mp_id}
     path.write_text(json.dumps(data))
     return path

@@ -78,6 +78,11 @@ def assert_same_structures(records: list[Record], frames: list, atol_a: float = 
         assert (rec.cell_a is not None) == bool(atoms.pbc.any())
         if atoms.pbc.any():
             np.testing.assert_allclose(rec.cell_a, atoms.cell[:], atol=atol_a)
+        if "stress" in atoms.calc.results:  # eV/Å³ in ASE's sign, and not trivially zero
+            assert np.abs(atoms.get_stress()).max() > 1e-4
+            np.testing.assert_allclose(rec.stress_ev_a3, atoms.get_stress(voigt=False), rtol=1e-10, atol=1e-12)
+        else:
+            assert rec.stress_ev_a3 is None
 
 
 def test_spice2_bohr_hartree_and_the_gradient_is_minus_the_forces(pbe0, tmp_path):

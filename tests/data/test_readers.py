@@ -112,3 +112,42 @@ def test_a_given_unit_must_agree_with_the_file(demo_dir, tmp_path):
     done = subprocess.run([sys.executable, "tools/shard_dataset.py", str(path), "--out", str(tmp_path / "shards"),
                            "--energy-unit", "kcal/mol"], check=False, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and f"{path} record 0: the energy unit was given as 'kcal/mol'" in done.stderr
+
+
+def test_extxyz_stress_and_virial_in_ev_per_cubic_angstrom(tmp_path):
+    """ASE's stress (Voigt, eV/Å³, positive = tension), a virial info key (W = -stress x V), and both in the
+    frame's declared units; a stress on a structure without a 3-D cell is a bad record, not a silent label."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from mlfound.data.record import validate_record
+
+    atoms = bulk("Cu", cubic=True)
+    atoms.rattle(0.05, seed=0)
+    atoms.set_cell(atoms.cell[:] * 1.02, scale_atoms=True)  # strained: a stress well away from zero
+    atoms.calc = EMT()
+    energy, forces, stress = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)
+    assert np.abs(stress).max() > 1e-3
+    as_stress = atoms.copy()
+    as_stress.calc = SinglePointCalculator(as_stress, energy=energy, forces=forces, stress=atoms.get_stress())
+    as_virial = atoms.copy()
+    as_virial.info["virial"] = -stress * atoms.get_volume()
+    as_virial.calc = SinglePointCalculator(as_virial, energy=energy, forces=forces)
+    in_kcal_bohr = atoms.copy()  # every label in kcal/mol and bohr, declared in the frame
+    in_kcal_bohr.positions /= units.Bohr
+    in_kcal_bohr.set_cell(atoms.cell[:] / units.Bohr)
+    in_kcal_bohr.info.update(energy_unit="kcal/mol", length_unit="bohr")
+    kcal = units.kcal / units.mol
+    in_kcal_bohr.calc = SinglePointCalculator(in_kcal_bohr, energy=energy / kcal, forces=forces / kcal * units.Bohr,
+                                              stress=atoms.get_stress() / kcal * units.Bohr**3)
+    path = tmp_path / "cu.extxyz"
+    write(path, [as_stress, as_virial, in_kcal_bohr])
+    records = list(read_source(SourceSpec(path, task="t")))
+    for rec in records:
+        np.testing.assert_allclose(rec.stress_ev_a3, stress, rtol=1e-8, atol=1e-12)
+        validate_record(rec)
+    assert all(r.stress_ev_a3 is None for r in read_source(SourceSpec(path, task="t", stress_key=None)))
+    molecule = records[0]
+    molecule.pbc = np.array([True, True, False])
+    with pytest.raises(DataError, match="record 0: a stress label needs a cell periodic in all three directions"):
+        validate_record(molecule)

@@ -4,13 +4,14 @@ import json
 import tarfile
 
 import numpy as np
+import pytest
 import webdataset as wds
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 from ase.neighborlist import neighbor_list
 
-from mlfound.data import shard_format
+from mlfound.data import DataError, shard_format
 from mlfound.data.batching import collate, neighbour_list
 from mlfound.data.files import sha256_file
 from mlfound.data.readers import SourceSpec, read_source
@@ -93,6 +94,37 @@ def test_periodic_cells_match_ase_neighbour_list(tmp_path):
     np.testing.assert_allclose([x for *_, x in ours_sorted], [x for *_, x in ase_sorted], atol=1e-9)
     batch = collate([rec, rec], cutoff_a=4.0, task_names=["cu"])
     assert batch.edge_index.shape[1] == 2 * len(i)
+
+
+def test_stress_goes_through_shards_and_version_1_manifests_still_read(tmp_path):
+    from ase.calculators.emt import EMT
+
+    frames = []
+    for seed in range(3):
+        atoms = bulk("Cu", "fcc", a=3.7, cubic=True)
+        atoms.rattle(0.05, seed=seed)
+        atoms.calc = EMT()
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
+                                           stress=atoms.get_stress())
+        frames.append(atoms)
+    write(tmp_path / "cu.extxyz", frames)
+    manifest = shard(tmp_path / "cu.extxyz", tmp_path / "shards")
+    assert manifest["format_version"] == 2 and manifest["num_with_stress"] == 3
+    stream = TaskStream(tmp_path / "shards" / "cu", seed=0)
+    by_index = {rec.index: rec for rec in (next(stream) for _ in range(3))}
+    for index, atoms in enumerate(frames):
+        np.testing.assert_array_equal(by_index[index].stress_ev_a3, atoms.get_stress(voigt=False))
+    batch = collate(list(by_index.values()), 4.0, ["cu"])
+    np.testing.assert_allclose(batch.volume_a3.numpy(), [a.get_volume() for a in frames])
+    # a manifest written before stress existed (format 1) reads as stress-free; a newer one is refused
+    path = tmp_path / "shards" / "cu" / "manifest.json"
+    old = json.loads(path.read_text())
+    del old["num_with_stress"]
+    path.write_text(json.dumps({**old, "format_version": 1}))
+    assert load_manifest(path.parent)["num_with_stress"] == 0
+    path.write_text(json.dumps({**old, "format_version": 3}))
+    with pytest.raises(DataError, match=r"manifest format 3 is not one this version reads \(1, 2\)"):
+        load_manifest(path.parent)
 
 
 def test_sources_of_one_task_are_merged(demo_dir, tmp_path):

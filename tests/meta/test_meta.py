@@ -111,3 +111,33 @@ def test_loss_counts_forces_only_where_a_graph_has_them(demo_dir):
     loss, parts = potential_loss(model, no_forces, LossWeights(energy=2.0))
     assert no_forces.num_force_atoms == 0 and "forces_mse" not in parts
     assert loss.item() == pytest.approx(2.0 * parts["energy_mse"].item())
+
+
+def test_loss_counts_stress_only_where_a_graph_has_it(molecule):
+    """A batch of a periodic cell with a stress label and a molecule without: the stress term is the virial
+    per atom in σ units over the labelled graphs only, and every gradient stays finite (the molecule's stress
+    is NaN); batches without stress labels compute no stress."""
+    from tests.model.test_potential import periodic_record
+
+    model = make_potential(torch.float64, correlation=3)
+    crystal = periodic_record()
+    crystal.stress_ev_a3 = np.diag([0.01, -0.02, 0.005])
+    batch = collate([molecule, crystal], CONFIG.cutoff_a, TASKS)
+    assert batch.num_stress_graphs == 1 and batch.has_stress.tolist() == [False, True]
+    loss, parts = potential_loss(model, batch, LossWeights(energy=0.0, forces=0.0, stress=3.0))
+    _, _, stress = model.energy_forces_stress(batch, compute_forces=False)
+    scale = model.scales_ev[TASKS.index("gfn2_xtb")].item()
+    volume = abs(np.linalg.det(crystal.cell_a))
+    expected = (((stress[1].detach().numpy() - crystal.stress_ev_a3) * volume / crystal.num_atoms / scale) ** 2).mean()
+    assert parts["stress_mse"].item() == pytest.approx(expected, rel=1e-10)
+    assert loss.item() == pytest.approx(3.0 * expected, rel=1e-6)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters() if p.grad is not None)
+    _, parts = potential_loss(model, collate([molecule], CONFIG.cutoff_a, TASKS), LossWeights())
+    assert "stress_mse" not in parts
+
+
+@pytest.fixture
+def molecule(demo_dir):
+    return next(iter(read_source(SourceSpec(demo_dir / "gfn2_xtb.extxyz", "gfn2_xtb"))))
