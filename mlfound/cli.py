@@ -1,7 +1,8 @@
-"""The ``mlfound`` command: export, show, split, evaluate, learning-curve.
+"""The ``mlfound`` command: export, deploy, show, split, evaluate, learning-curve.
 
     mlfound export RUN_DIR --out model.safetensors [--register NAME [--default]] [--card CARD.json]
     mlfound export OLD.safetensors --out new.safetensors  # an older release rewritten (or given a card)
+    mlfound deploy RELEASE --head HEAD --out model.pt [--dtype float32]  # TorchScript, runs without mlfound
     mlfound show MODEL                                   # heads, LoTs, sizes, history, model card
     mlfound split DATA --out DIR --sizes train=200 val=50 test=rest
     mlfound evaluate MODEL DATA --head H [--scan] [--json OUT]
@@ -36,6 +37,14 @@ def main(argv=None) -> int:
     p.add_argument("--default", action="store_true", help="with --register: make it the release named 'default'")
     p.add_argument("--card", type=Path, help="model card (JSON, as tools/paper_experiment.py writes them) to attach")
     p.set_defaults(run=cmd_export)
+
+    p = commands.add_parser("deploy", help="one head of a release as a TorchScript file that runs without mlfound")
+    p.add_argument("model", help="release file or registry name")
+    p.add_argument("--head", required=True, help="the head (level of theory) to deploy")
+    p.add_argument("--out", type=Path, required=True, help="TorchScript file, e.g. model.pt")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
+                   help="weights' precision (energies are summed in float64 either way)")
+    p.set_defaults(run=cmd_deploy)
 
     p = commands.add_parser("show", help="print a release's heads, LoTs, sizes, history and model card")
     p.add_argument("model", nargs="?", default="default",
@@ -122,6 +131,16 @@ def cmd_export(args) -> int:
         print(f"registered {args.register!r}{' as the default release' if args.default else ''} "
               f"(sha256 {entry['sha256'][:12]}...)")
     return cmd_show(argparse.Namespace(model=str(path)))
+
+
+def cmd_deploy(args) -> int:
+    from mlfound.deploy import METADATA_FILE, deploy
+    from mlfound.release import load
+
+    path = deploy(load(args.model), args.head, args.out, args.dtype)
+    print(f"wrote {path}: head {args.head!r}, {args.dtype}; inputs and units in its {METADATA_FILE} and "
+          "in mlfound/deploy.py")
+    return 0
 
 
 def cmd_show(args) -> int:

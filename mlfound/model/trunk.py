@@ -49,10 +49,12 @@ class ProductBasis(nn.Module):
         self.linears = nn.ModuleList(o3.Linear(irreps, irreps) for _ in range(correlation))
 
     def forward(self, a_NI: torch.Tensor, species_N: torch.Tensor) -> torch.Tensor:
-        power_NI, basis_NI = a_NI, self.linears[0](a_NI)
-        for product, weights, linear in zip(self.products, self.weights, self.linears[1:]):
-            power_NI = product(power_NI, a_NI, weights(species_N))
-            basis_NI = basis_NI + linear(power_NI)
+        powers_NI = [a_NI]  # A, A⊗A, ...; loops over whole ModuleLists, as TorchScript needs (mlfound deploy)
+        for product, weights in zip(self.products, self.weights):
+            powers_NI.append(product(powers_NI[-1], a_NI, weights(species_N)))
+        basis_NI = torch.zeros_like(a_NI)
+        for index, linear in enumerate(self.linears):
+            basis_NI = basis_NI + linear(powers_NI[index])
         return basis_NI
 
 
@@ -102,7 +104,7 @@ class Interaction(nn.Module):
         self.irreps_out = self.gate.irreps_out
 
     def forward(self, h_NI, sh_EY, radial_EB, edge_index_2E, species_N):
-        sender, receiver = edge_index_2E
+        sender, receiver = edge_index_2E[0], edge_index_2E[1]
         messages_EM = self.tp(h_NI[sender], sh_EY, self.radial(radial_EB))
         aggregated_NM = torch.zeros(h_NI.shape[0], messages_EM.shape[1], dtype=messages_EM.dtype,
                                     device=messages_EM.device).index_add_(0, receiver, messages_EM) / self.norm
@@ -144,7 +146,7 @@ class Trunk(nn.Module):
         h = self.embedding(species_N)
         # edge geometry in the positions' precision, then in the weights' dtype (bf16 under DeepSpeed bf16)
         sh_EY = self.spherical_harmonics(vectors_E3).to(h.dtype)
-        radial_EB = self.radial_basis(vectors_E3.norm(dim=-1)).to(h.dtype)
+        radial_EB = self.radial_basis(torch.linalg.vector_norm(vectors_E3, dim=-1)).to(h.dtype)
         for layer in self.layers:
             h = layer(h, sh_EY, radial_EB, edge_index_2E, species_N)
         return self.readout(h)

@@ -1,0 +1,100 @@
+"""One head of a release as a self-contained TorchScript file, for programs that do not import mlfound
+(LAMMPS, C++, another Python process).
+
+    mlfound deploy e2-reptile-k5 --head hf_631g --dtype float64 --out hf_631g.pt
+
+The file holds the trunk (compiled by e3nn's ``jit.compile``, the route MACE and NequIP ship theirs by), the
+head's readout, its float64 reference energies and scale, and ``mlfound.json`` (head, cutoff, elements, units,
+the release's sha256) as an extra file. The caller gives the neighbour list, as LAMMPS and ASE codes have one:
+
+    module = torch.jit.load("hf_631g.pt")
+    energy_ev, forces_ev_a, stress_ev_a3 = module(atomic_numbers, positions_a, edge_index, edge_shift_a, cell_a)
+
+``atomic_numbers`` (N,) int64; ``positions_a`` (N, 3); ``edge_index`` (2, E) int64 [sender, receiver], every
+ordered pair closer than the cutoff (a full list, periodic images included); ``edge_shift_a`` (E, 3) Cartesian,
+the edge vector being positions[receiver] - positions[sender] + shift; ``cell_a`` (3, 3), rows the lattice
+vectors (zeros for a molecule: its stress is NaN). Energy float64 eV, forces eV/Å, stress eV/Å³ in ASE's sign.
+
+Why TorchScript, which torch 2.13 deprecates: it is what LAMMPS's ML-IAP and MACE's and NequIP's pair styles
+load, and ``torch.export`` could not capture the forces here (with ``autograd.grad`` inside: "fake tensor in
+the exported program's constants"; with ``torch.func.grad``: "Cannot access data pointer" in e3nn's
+tensor products; an energy-only export worked).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from e3nn.util import jit
+from torch import nn
+
+from mlfound.data.files import sha256_file
+from mlfound.model import Potential
+from mlfound.release import Release
+
+METADATA_FILE = "mlfound.json"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@jit.compile_mode("script")
+class DeployedHead(nn.Module):
+    """The energy of one head, its forces and stress, of one structure: what ``Potential.energy_forces_stress``
+    computes for a batch of one graph under that head."""
+
+    def __init__(self, model: Potential, head: str):
+        super().__init__()
+        task = model.task_names.index(head)
+        self.trunk = model.trunk
+        self.readout = model.heads.heads[head]
+        self.register_buffer("species_of_z", model.species_of_z.clone())
+        self.register_buffer("references_ev", model.references_ev[task].clone())  # (S,) float64
+        self.scale_ev = float(model.scales_ev[task])
+
+    def forward(self, atomic_numbers: torch.Tensor, positions_a: torch.Tensor, edge_index: torch.Tensor,
+                edge_shift_a: torch.Tensor, cell_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = self.readout[0].weight.dtype
+        species = self.species_of_z[atomic_numbers]
+        if bool((species < 0).any()) or bool(torch.isnan(self.references_ev[species]).any()):
+            raise ValueError("an element this head has no reference energy for (mlfound.json lists its elements)")
+        positions = positions_a.to(dtype).detach().requires_grad_(True)
+        strain = torch.zeros((3, 3), dtype=dtype, device=positions.device).requires_grad_(True)
+        vectors = positions[edge_index[1]] - positions[edge_index[0]] + edge_shift_a.to(dtype)
+        vectors = vectors + vectors @ ((strain + strain.transpose(0, 1)) / 2)
+        features = self.trunk(species, vectors, edge_index)
+        atom_energy = self.references_ev[species] + self.scale_ev * self.readout(features).squeeze(-1).double()
+        energy = atom_energy.sum()
+        grads = torch.autograd.grad([energy], [positions, strain])
+        forces, denergy_dstrain = grads[0], grads[1]
+        assert forces is not None and denergy_dstrain is not None
+        volume = torch.abs(torch.linalg.det(cell_a.to(torch.float64)))
+        stress = denergy_dstrain.double() / volume if bool(volume > 0) else torch.full((3, 3), float("nan"),
+                                                                                       dtype=torch.float64)
+        return energy.detach(), -forces.detach(), stress.detach()  # results, not a graph to train through
+
+
+def deploy(release: Release, head: str, out: Path, dtype: str = "float64") -> Path:
+    """Write ``head`` of ``release`` as TorchScript to ``out`` (atomically: a temporary file renamed into place)."""
+    release.check_head(head)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = copy.deepcopy(release.model).to(DTYPES[dtype]).eval()  # references and scales stay float64
+    metadata = {"head": head, "lot": release.metadata["heads"][head], "cutoff_a": model.config.cutoff_a,
+                "elements": [z for z in model.elements if not model.missing_references(head, [z])],
+                "dtype": dtype, "release": str(release.path),
+                "release_sha256": sha256_file(release.path) if release.path else None,
+                "units": {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å³, ASE's sign"}}
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        with warnings.catch_warnings():  # TorchScript's deprecation: why we use it anyway is in the module's docstring
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+            module = jit.compile(DeployedHead(model, head))
+            torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
