@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--replay-shards", type=Path, help="pretraining shard root, to replay its tasks")
     p.add_argument("--replay-tasks", nargs="+", default=[], help="pretraining tasks to replay")
     p.add_argument("--replay-every", type=int, default=4)
+    p.add_argument("--replay-url-template", help="stream the replayed shards from a mirror, e.g. "
+                   "http://host/shards/{task}/{name} (manifests stay in --replay-shards; sha256 checked)")
     add_reading_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -62,8 +64,8 @@ def main(argv=None) -> int:
 
     try:
         train, val, lot = read_data(args)
-        replay = (ReplayConfig(shard_root=args.replay_shards, tasks=args.replay_tasks, every=args.replay_every)
-                  if args.replay_shards else None)
+        replay = (ReplayConfig(shard_root=args.replay_shards, tasks=args.replay_tasks, every=args.replay_every,
+                               shard_url_template=args.replay_url_template) if args.replay_shards else None)
         cfg = FinetuneConfig(head=args.head, init=args.init, lot=lot, freeze=args.freeze, lr=args.lr,
                              lr_schedule=args.lr_schedule, lr_final_ratio=args.lr_final_ratio,
                              lr_trunk=args.lr_trunk, lr_head=args.lr_head, warmup_steps=args.warmup_steps,

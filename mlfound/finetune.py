@@ -43,9 +43,10 @@ class ReplayConfig(BaseModel):
     """Replay of pretraining tasks against forgetting: every ``every``-th step adds one batch of the
     next task (round robin) from the pretraining shards, trained on its own head."""
     model_config = ConfigDict(extra="forbid")
-    shard_root: Path
+    shard_root: Path  # manifests are read here; the shards too, unless shard_url_template is given
     tasks: list[str]
     every: int = Field(4, ge=1)
+    shard_url_template: str | None = None  # as data.shard_url_template: shards from a mirror, sha256-checked
 
 
 class FinetuneConfig(BaseModel):
@@ -262,7 +263,8 @@ def _replay_batchers(cfg: FinetuneConfig, model: Potential) -> list[AtomBudgetBa
     missing = [t for t in cfg.replay.tasks if t not in model.task_names]
     if missing:
         raise ValueError(f"replay tasks {missing} have no head in this model; its heads are {model.task_names}")
-    return [AtomBudgetBatcher(TaskStream(cfg.replay.shard_root / task, cfg.seed), cfg.max_atoms_per_batch,
+    return [AtomBudgetBatcher(TaskStream(cfg.replay.shard_root / task, cfg.seed,
+                                         shard_url_template=cfg.replay.shard_url_template), cfg.max_atoms_per_batch,
                               model.config.cutoff_a, model.task_names) for task in cfg.replay.tasks]
 
 

@@ -16,7 +16,7 @@ from mlfound.data.sets import subset
 from mlfound.finetune import FinetuneConfig, ReplayConfig, _lr_factor, finetune, head_scores
 from mlfound.predict import network_energy, predict
 from mlfound.release import load, save_release
-from tests.data.helpers import demo_slice, shard
+from tests.data.helpers import demo_slice, http_server, move_shards, shard
 
 HEADS = ["gfn2_xtb", "hf_sto3g"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +151,12 @@ def test_frozen_trunk_and_replay_train_exactly_the_chosen_parts(base, splits, de
         changed = not torch.equal(after[name], value)
         trained = name.startswith(("heads.heads.hf_sto3g.", "heads.heads.gfn2_xtb."))
         assert changed == trained, name
+    # the replayed shards streamed from a mirror over HTTP train exactly as the local ones
+    move_shards(tmp_path / "shards", tmp_path / "mirror")
+    with http_server(tmp_path / "mirror") as (url, served):
+        remote = replay.model_copy(update={"shard_url_template": url + "/{task}/{name}"})
+        streamed = finetune(base, train, None, cfg.model_copy(update={"replay": remote}), progress=False)
+    assert served and all(torch.equal(after[n], v) for n, v in streamed.release.model.named_parameters())
 
 
 def test_elements_the_model_does_not_know_are_an_error(base, splits):
