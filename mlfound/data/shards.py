@@ -205,7 +205,7 @@ def _read_pass(plans: list[_Plan], options: ShardOptions, run: _Execution) -> No
              for p in plans for ordinal, spec in enumerate(p.sources)]
     by_task = {plan.task: plan for plan in plans}
     for result in tqdm(_ordered_map(run.pool, _run, jobs), total=len(jobs), desc="read", unit="file",
-                       disable=not run.progress or not jobs):
+                       disable=None if run.progress and jobs else True):  # None: no bars in a log file
         if result is not None:
             plan = by_task[result.task]
             for split, fit in result.fits.items():
@@ -352,7 +352,8 @@ def _write_split(plan: _Plan, split: str, header: dict, options: ShardOptions, r
             for number, batch in enumerate(_batched(payloads, options.records_per_shard)))
     shards, stats = [], SplitStats()
     results = _ordered_map(run.pool, _run, jobs, window=2 * run.workers)
-    for entry, shard_stats in tqdm(results, desc=f"write {plan.task}", unit="shard", disable=not run.progress,
+    for entry, shard_stats in tqdm(results, desc=f"write {plan.task}", unit="shard",
+                                   disable=None if run.progress else True,
                                    total=-(-fit.num_structures // options.records_per_shard)):
         shards.append(entry)
         stats.merge(shard_stats)
