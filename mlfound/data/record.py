@@ -54,6 +54,8 @@ def validate_record(rec: Record, min_distance_a: float = DEFAULT_MIN_DISTANCE_A)
         _check_array(rec, "forces", rec.forces_ev_a, (n, 3))
     if rec.cell_a is not None:
         _check_array(rec, "cell", rec.cell_a, (3, 3))
+    if rec.pbc is not None and np.any(rec.pbc):
+        _check_cell(rec)
     if rec.stress_ev_a3 is not None:
         _check_array(rec, "stress", rec.stress_ev_a3, (3, 3))
         periodic = rec.cell_a is not None and rec.pbc is not None and bool(np.all(rec.pbc))
@@ -61,6 +63,18 @@ def validate_record(rec: Record, min_distance_a: float = DEFAULT_MIN_DISTANCE_A)
             raise DataError(f"{rec.where}: a stress label needs a cell periodic in all three directions with a "
                             f"volume (pbc {None if rec.pbc is None else rec.pbc.tolist()})")
     _check_distances(rec, min_distance_a)
+
+
+def _check_cell(rec: Record) -> None:
+    """A periodic direction needs a lattice vector, and the vectors must span a volume: a flat or missing cell
+    would make every periodic image coincide (an ASE slab with vacuum still has a 3-D cell)."""
+    if rec.cell_a is None:
+        raise DataError(f"{rec.where}: periodic (pbc {rec.pbc.tolist()}) but has no cell")
+    volume_a3 = abs(float(np.linalg.det(rec.cell_a)))
+    if volume_a3 < 1e-6 * max(float(np.abs(rec.cell_a).max()), 1.0) ** 3:
+        raise DataError(f"{rec.where}: the cell {rec.cell_a.tolist()} has volume {volume_a3:.2f} Å³: its lattice "
+                        "vectors are linearly dependent or missing; give three independent vectors (a molecule: "
+                        "pbc False)")
 
 
 def _check_array(rec: Record, name: str, array: np.ndarray, shape: tuple) -> None:

@@ -66,6 +66,18 @@ def test_an_atom_near_its_own_image_is_an_overlap():
         validate_record(rec, 0.5)
 
 
+@pytest.mark.parametrize("cell_a, message", [
+    (np.array([[3.0, 0, 0], [0, 3.0, 0], [3.0, 3.0, 0]]), r"has volume 0.00 Å³: its lattice vectors are linearly"),
+    (np.array([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 0]]), r"has volume 0.00 Å³"),
+    (None, r"periodic \(pbc \[True, True, False\]\) but has no cell"),
+])
+def test_a_periodic_record_needs_a_cell_with_a_volume(cell_a, message):
+    rec = Record(z=np.array([1, 1]), pos_a=np.array([[0.0, 0, 0], [0.8, 0, 0]]), energy_ev=-1.0, cell_a=cell_a,
+                 pbc=np.array([True, True, False]), source="flat.extxyz", index=2)
+    with pytest.raises(DataError, match="flat.extxyz record 2: .*" + message):
+        validate_record(rec)
+
+
 @pytest.mark.parametrize("pbc", [[True, False, False], [False, True, True]])
 def test_pairs_across_a_face_count_only_where_periodic(pbc):
     cell_a = np.array([[4.0, 0.0, 0.0], [0.5, 4.0, 0.0], [0.3, -0.4, 4.0]])
