@@ -185,7 +185,8 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
         return history, 0
     train_batches = _epochs(train, cfg, model)
     replay = _replay_batchers(cfg, model)
-    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"fine-tune {cfg.head}", unit="step", disable=not progress)
+    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"fine-tune {cfg.head}", unit="step",
+               disable=None if progress else True)  # None: a bar on a terminal only, not in a log file
     model.train()
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
