@@ -1,9 +1,10 @@
 """Resumable, parallel generation of a recipe's corpus: one extxyz per LoT task.
 
 Work is split into units whose results are written atomically under ``<out>/.work/<recipe>/``:
-first one MD trajectory per (molecule, temperature), then one label chunk per
-(task, molecule, temperature, chunk). A killed run loses at most the units in flight; rerunning
-skips every unit already on disk. SCF failures go to ``<task>.rejects.jsonl``, never lost silently.
+first one MD trajectory per (molecule or periodic box, temperature), then one label chunk per
+(task, molecule, temperature, chunk); a box's frames carry their cells, and its labels a stress.
+A killed run loses at most the units in flight; rerunning skips every unit already on disk. SCF
+failures go to ``<task>.rejects.jsonl``, never lost silently.
 """
 from __future__ import annotations
 
@@ -62,11 +63,13 @@ def make_corpus(recipe_name: str, recipe: Recipe, out_dir: Path, workers: int) -
 
 
 def _molecules_used(recipe: Recipe) -> list[str]:
+    """The molecules and boxes the tasks label, in the recipe's order."""
     used = {m for task in recipe.tasks for m in task.molecules}
-    unknown = used - set(recipe.smiles)
-    if unknown:
-        raise ValueError(f"recipe tasks name molecules without SMILES: {sorted(unknown)}")
-    return [m for m in recipe.smiles if m in used]
+    unknown = used - set(recipe.smiles) - set(recipe.boxes)
+    boxed = {box.molecule for box in recipe.boxes.values()} - set(recipe.smiles)
+    if unknown or boxed:
+        raise ValueError(f"recipe names molecules without SMILES: {sorted(unknown | boxed)}")
+    return [m for m in [*recipe.smiles, *recipe.boxes] if m in used]
 
 
 def _chunks(frames: range) -> list[tuple[int, ...]]:
@@ -107,11 +110,21 @@ def _seed(*parts) -> int:
 
 
 def _make_geometry(recipe: Recipe, unit: GeometryUnit, work_dir: Path) -> None:
-    symbols, pos0_a = geometries.rdkit_conformer(recipe.smiles[unit.molecule], _seed(recipe.seed, unit.molecule))
-    frames_a = geometries.xtb_md_frames(symbols, pos0_a, unit.temperature_k, recipe.frames_per_temperature,
-                                        seed=_seed(recipe.seed, unit.stem), stride=recipe.md_stride_steps)
-    path = _geometry_path(work_dir, unit)
-    atomic_write(path, lambda f: np.savez(f, symbols=np.array(symbols), frames_a=frames_a))
+    box = recipe.boxes.get(unit.molecule)
+    molecule = box.molecule if box else unit.molecule
+    symbols, pos0_a = geometries.rdkit_conformer(recipe.smiles[molecule], _seed(recipe.seed, molecule))
+    seed = _seed(recipe.seed, unit.stem)
+    if box is None:
+        frames_a = geometries.xtb_md_frames(symbols, pos0_a, unit.temperature_k, recipe.frames_per_temperature,
+                                            seed=seed, stride=recipe.md_stride_steps)
+        arrays = {"symbols": np.array(symbols), "frames_a": frames_a}
+    else:
+        symbols, pos0_a, cell_a = geometries.molecular_box(symbols, pos0_a, box.copies, box.density_g_cm3, seed)
+        frames_a, cells_a = geometries.periodic_md_frames(symbols, pos0_a, cell_a, unit.temperature_k,
+                                                          recipe.frames_per_temperature, seed,
+                                                          stride=recipe.md_stride_steps, max_strain=box.max_strain)
+        arrays = {"symbols": np.array(symbols), "frames_a": frames_a, "cells_a": cells_a}
+    atomic_write(_geometry_path(work_dir, unit), lambda f: np.savez(f, **arrays))
 
 
 def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
@@ -120,13 +133,19 @@ def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
     symbols = [str(s) for s in geom["symbols"]]
     records, rejects = [], []
     for frame in unit.frames:
+        stress = None
         try:
-            energy_ev, forces = levels.label(lot, symbols, geom["frames_a"][frame])
+            if "cells_a" in geom:
+                energy_ev, forces, stress = levels.label_periodic(lot, symbols, geom["frames_a"][frame],
+                                                                  geom["cells_a"][frame])
+            else:
+                energy_ev, forces = levels.label(lot, symbols, geom["frames_a"][frame])
         except levels.NotConvergedError as err:
             rejects.append({"frame": frame, "reason": str(err)})
             continue
         records.append({"frame": frame, "energy_ev": energy_ev,
-                        "forces_ev_a": None if forces is None else forces.tolist()})
+                        "forces_ev_a": None if forces is None else forces.tolist(),
+                        "stress_ev_a3": None if stress is None else stress.tolist()})
     payload = json.dumps({"records": records, "rejects": rejects})
     atomic_write(_label_path(work_dir, unit), lambda f: f.write(payload.encode()))
 
@@ -141,13 +160,20 @@ def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Pat
     for unit in units:
         geom = np.load(_geometry_path(work_dir, unit.geometry))
         result = json.loads(_label_path(work_dir, unit).read_text())
+        box = recipe.boxes.get(unit.geometry.molecule)
         for rec in result["records"]:
             atoms = Atoms([str(s) for s in geom["symbols"]], positions=geom["frames_a"][rec["frame"]])
+            if box is not None:
+                atoms.set_cell(geom["cells_a"][rec["frame"]])
+                atoms.pbc = True
             atoms.info.update(lot.metadata())
-            atoms.info.update(molecule=unit.geometry.molecule, smiles=recipe.smiles[unit.geometry.molecule],
+            atoms.info.update(molecule=unit.geometry.molecule, smiles=recipe.smiles[box.molecule if box else
+                                                                                     unit.geometry.molecule],
                               temperature_K=unit.geometry.temperature_k, md_frame=rec["frame"])
             forces = None if rec["forces_ev_a"] is None else np.array(rec["forces_ev_a"])
-            atoms.calc = SinglePointCalculator(atoms, energy=rec["energy_ev"], forces=forces)
+            stress = rec.get("stress_ev_a3")  # eV/Å³, ASE's sign: extxyz writes it as the frame's stress
+            atoms.calc = SinglePointCalculator(atoms, energy=rec["energy_ev"], forces=forces,
+                                               **({} if stress is None else {"stress": np.array(stress)}))
             frames.append(atoms)
         rejects += [{"task": task, "molecule": unit.geometry.molecule,
                      "temperature_K": unit.geometry.temperature_k, **r} for r in result["rejects"]]

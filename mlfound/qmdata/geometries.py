@@ -68,3 +68,58 @@ def xtb_md_frames(symbols: list[str], pos_a: np.ndarray, temperature_k: float, n
         md.run(stride)
         frames.append(atoms.get_positions().copy())
     return np.stack(frames)
+
+
+def molecular_box(symbols: list[str], pos_a: np.ndarray, copies: int, density_g_cm3: float, seed: int,
+                  min_distance_a: float = 1.6, tries: int = 200) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``copies`` randomly rotated copies of one molecule on a cubic grid in a cubic cell at ``density_g_cm3``:
+    (symbols, positions (N, 3) Å, cell (3, 3) Å). Copies are redrawn until no two atoms of different copies,
+    periodic images included, are closer than ``min_distance_a``; a box that cannot be packed so is an error."""
+    from ase import Atoms, units
+    from ase.geometry import get_distances
+
+    mass_g = Atoms(symbols).get_masses().sum() * copies / units.mol
+    side_a = (mass_g / density_g_cm3) ** (1 / 3) * 1e8  # cm -> Å
+    per_side = int(np.ceil(copies ** (1 / 3)))
+    sites = (np.stack(np.meshgrid(*[np.arange(per_side)] * 3, indexing="ij"), -1).reshape(-1, 3)[:copies] + 0.5)
+    cell = np.eye(3) * side_a
+    centred = pos_a - pos_a.mean(axis=0)
+    rng = np.random.default_rng(seed)
+    owner = np.repeat(np.arange(copies), len(symbols))
+    for _ in range(tries):
+        rotations = [np.linalg.qr(rng.normal(size=(3, 3)))[0] for _ in range(copies)]
+        positions = np.concatenate([centred @ r.T + site * side_a / per_side for r, site in zip(rotations, sites)])
+        _, distances = get_distances(positions, cell=cell, pbc=True)
+        distances[owner[:, None] == owner[None, :]] = np.inf
+        if distances.min() >= min_distance_a:
+            return list(symbols) * copies, positions, cell
+    raise ValueError(f"cannot pack {copies} copies of {''.join(symbols)} at {density_g_cm3} g/cm³ without atoms of "
+                     f"different copies within {min_distance_a} Å after {tries} tries; lower the density or copies")
+
+
+def periodic_md_frames(symbols: list[str], pos_a: np.ndarray, cell_a: np.ndarray, temperature_k: float,
+                       num_frames: int, seed: int, stride: int = 10, equilibration_steps: int = 50,
+                       timestep_fs: float = 0.5, max_strain: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``num_frames`` positions (F, N, 3) Å and cells (F, 3, 3) Å from GFN1-xTB Langevin MD at a fixed cell
+    (GFN2-xTB costs ~8x more under periodic boundaries), each frame then deformed by a random symmetric strain
+    with components up to ``max_strain``, so that the labels' stress varies as in an NPT ensemble."""
+    from ase import Atoms, units
+    from ase.md.langevin import Langevin
+    from tblite.ase import TBLite
+
+    from mlfound.calculator import thermalize
+
+    atoms = Atoms(symbols, positions=pos_a, cell=cell_a, pbc=True)
+    atoms.calc = TBLite(method="GFN1-xTB", verbosity=0)
+    rng = np.random.default_rng(seed)
+    thermalize(atoms, temperature_K=temperature_k, rng=rng)
+    md = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature_k, friction=0.02, fixcm=False, rng=rng)
+    md.run(equilibration_steps)
+    frames, cells = [], []
+    for _ in range(num_frames):
+        md.run(stride)
+        strain = rng.uniform(-max_strain, max_strain, (3, 3))
+        deformation = np.eye(3) + (strain + strain.T) / 2
+        frames.append(atoms.get_positions() @ deformation.T)
+        cells.append(atoms.cell[:] @ deformation.T)
+    return np.stack(frames), np.stack(cells)

@@ -52,17 +52,39 @@ def label(lot: LevelOfTheory, symbols: list[str], pos_a: np.ndarray) -> tuple[fl
     return _label_pyscf(lot, symbols, pos_a)
 
 
+def label_periodic(lot: LevelOfTheory, symbols: list[str], pos_a: np.ndarray, cell_a: np.ndarray
+                   ) -> tuple[float, np.ndarray | None, np.ndarray]:
+    """Energy (eV), forces (eV/Å, or None) and stress (3, 3) eV/Å³ in ASE's sign (positive: tension) of one cell
+    periodic in all three directions (rows of ``cell_a`` are the lattice vectors). tblite LoTs only: the PySCF
+    labellers here are molecular."""
+    if lot.code != "tblite":
+        raise ValueError(f"{lot.name} ({lot.code}) labels molecules only; periodic boxes need a tblite LoT "
+                         f"({sorted(n for n, lv in LEVELS.items() if lv.code == 'tblite')})")
+    result = _tblite_singlepoint(lot, symbols, pos_a, cell_a)
+    # tblite's "virial" is dE/dstrain in Hartree (checked against finite differences in the tests): stress = it / V
+    stress = np.asarray(result.get("virial")) * HARTREE_EV / abs(np.linalg.det(cell_a))
+    return _tblite_energy_forces(lot, result) + (stress,)
+
+
 def _label_tblite(lot, symbols, pos_a):
+    return _tblite_energy_forces(lot, _tblite_singlepoint(lot, symbols, pos_a))
+
+
+def _tblite_singlepoint(lot, symbols, pos_a, cell_a=None):
     from tblite.interface import Calculator
 
     numbers = np.array([_atomic_number(s) for s in symbols])
-    calc = Calculator(lot.method, numbers, pos_a / BOHR_A)
+    periodic = {} if cell_a is None else {"lattice": np.asarray(cell_a) / BOHR_A, "periodic": np.ones(3, bool)}
+    calc = Calculator(lot.method, numbers, pos_a / BOHR_A, **periodic)
     calc.set("verbosity", 0)
     calc.set("max-iter", lot.max_scf_cycles)
     try:
-        result = calc.singlepoint()
+        return calc.singlepoint()
     except RuntimeError as err:  # tblite raises on SCF failure
         raise NotConvergedError(str(err)) from err
+
+
+def _tblite_energy_forces(lot, result):
     energy_ev = float(result.get("energy")) * HARTREE_EV
     forces = -np.asarray(result.get("gradient")) * HARTREE_EV / BOHR_A
     return energy_ev, (forces if lot.with_forces else None)

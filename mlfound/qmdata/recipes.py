@@ -68,9 +68,20 @@ DRUGLIKE_MOLECULES: dict[str, str] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class Box:
+    """A periodic cell of ``copies`` molecules of ``molecule`` (a key of the recipe's SMILES) at
+    ``density_g_cm3``: a liquid or molecular-solid sample with energies, forces and stress under periodic
+    boundaries. MD runs with GFN1-xTB at a fixed cell; each frame is then strained by up to ``max_strain``."""
+    molecule: str
+    copies: int
+    density_g_cm3: float
+    max_strain: float = 0.03
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskRecipe:
     lot: str  # key of levels.LEVELS; also the task name
-    molecules: tuple[str, ...]
+    molecules: tuple[str, ...]  # keys of the recipe's SMILES or of its boxes
     frame_step: int = 1  # label every n-th MD frame: expensive LoTs see fewer frames, as in real corpora
 
 
@@ -82,6 +93,7 @@ class Recipe:
     md_stride_steps: int  # MD steps (0.5 fs) between saved frames
     tasks: tuple[TaskRecipe, ...]
     seed: int = 0
+    boxes: dict[str, Box] = dataclasses.field(default_factory=dict)  # periodic systems, by name
 
 
 _SMALL = list(SMALL_MOLECULES)
@@ -123,8 +135,20 @@ RECIPES: dict[str, Recipe] = {
             TaskRecipe("pbe0_631gs", tuple(_DRUGLIKE[:8] + _DRUGLIKE[45:50] + _DRUGLIKE[69:76]), frame_step=3),
             TaskRecipe("b3lyp_631g", tuple(_DRUGLIKE[:30]), frame_step=3),
         )),
-    # Seconds-long recipe for tests of the tool itself.
+    # Periodic boxes (liquid water and methanol, amorphous urea at its crystal density) labelled under periodic
+    # boundaries by both xTBs, with stress: the materials side of the demo (issue 14).
+    "demo-periodic": Recipe(
+        smiles={"water": "O", "methanol": "CO", "urea": "NC(N)=O"}, temperatures_k=(300.0, 500.0),
+        frames_per_temperature=6, md_stride_steps=20, seed=3,
+        boxes={"water_box": Box("water", 8, 1.0), "methanol_box": Box("methanol", 4, 0.79),
+               "urea_box": Box("urea", 4, 1.32)},
+        tasks=(TaskRecipe("gfn1_xtb", ("water_box", "methanol_box", "urea_box")),
+               TaskRecipe("gfn2_xtb", ("water_box", "methanol_box", "urea_box"), frame_step=2))),
+    # Seconds-long recipes for tests of the tool itself.
     "tiny": Recipe(
         smiles={"water": "O", "methanol": "CO"}, temperatures_k=(300.0,), frames_per_temperature=2, md_stride_steps=5,
         tasks=(TaskRecipe("gfn2_xtb", ("water", "methanol")), TaskRecipe("hf_sto3g", ("water",)))),
+    "tiny-periodic": Recipe(
+        smiles={"water": "O"}, temperatures_k=(300.0,), frames_per_temperature=2, md_stride_steps=2,
+        boxes={"water_box": Box("water", 2, 0.9)}, tasks=(TaskRecipe("gfn1_xtb", ("water_box",)),)),
 }

@@ -61,3 +61,30 @@ def test_a_task_labels_every_nth_frame_of_each_trajectory(tmp_path):
     assert [a.info["md_frame"] for a in frames] == [0, 2]
     trajectory = np.load(tmp_path / ".work" / "stepped" / "geometries" / "water_T300.npz")["frames_a"]
     np.testing.assert_allclose(frames[1].positions, trajectory[2])
+
+
+def test_periodic_boxes_have_cells_and_a_stress_that_is_the_energys_strain_derivative(tmp_path):
+    """tblite's periodic labels through the corpus file and mlfound's reader: stress = dE/dstrain / V in eV/Å³
+    (ASE's sign), checked by finite differences of tblite's own energy; PySCF LoTs refuse boxes."""
+    from ase.data import chemical_symbols
+
+    from mlfound.data.readers import SourceSpec, read_source
+    from mlfound.data.record import validate_record
+
+    recipe = RECIPES["tiny-periodic"]
+    assert make_corpus("tiny-periodic", recipe, tmp_path, workers=1)["gfn1_xtb"]["structures"] == 2
+    records = list(read_source(SourceSpec(tmp_path / "gfn1_xtb.extxyz", task="gfn1_xtb")))
+    lot, rec = levels.LEVELS["gfn1_xtb"], records[1]
+    for record in records:
+        validate_record(record)
+        assert record.pbc.all() and record.num_atoms == 6 and np.abs(record.stress_ev_a3).max() > 1e-3
+    symbols = [chemical_symbols[z] for z in rec.z]
+    step, volume = 1e-5, abs(np.linalg.det(rec.cell_a))
+    for i, j in [(0, 0), (2, 2), (0, 1)]:
+        direction = np.zeros((3, 3))
+        direction[i, j] = direction[j, i] = 1.0 if i == j else 0.5
+        energies = [levels.label_periodic(lot, symbols, rec.pos_a @ (np.eye(3) + s * direction).T,
+                                          rec.cell_a @ (np.eye(3) + s * direction).T)[0] for s in (step, -step)]
+        assert rec.stress_ev_a3[i, j] == pytest.approx((energies[0] - energies[1]) / (2 * step) / volume, abs=1e-6)
+    with pytest.raises(ValueError, match="hf_sto3g \\(pyscf\\) labels molecules only; periodic boxes need a tblite"):
+        levels.label_periodic(levels.LEVELS["hf_sto3g"], symbols, rec.pos_a, rec.cell_a)
