@@ -10,7 +10,9 @@ gives a model that is wrong by a factor of 27. Three checks, each independent of
   Hartree it has ρ ≈ 1.00, a window eV data does not hit.
 * **Energies against forces.** For nearby structures of one molecule, ΔE ≈ -½ (F_a + F_b)·(x_b - x_a).
   Real data of any LoT gives a slope of 0.8-1.0 (demo corpus, 0.15-0.18 Å apart); energies in
-  Hartree with forces in eV/Å give 1/27, forces in Hartree/Bohr 51.
+  Hartree with forces in eV/Å give 1/27, forces in Hartree/Bohr 51. Between periodic structures whose
+  cells differ, the strain's work counts too: ΔE ≈ -½ (F_a + F_b)·Δx_non-affine + ½ (V_a σ_a + V_b σ_b):ε;
+  without stress labels such pairs are skipped.
 """
 from __future__ import annotations
 
@@ -67,8 +69,10 @@ def _check_energy_force_slope(records: list[Record], what: str) -> None:
             b = int(np.argmin(rms))
             if rms[b] <= MAX_PAIR_DISPLACEMENT_A:
                 other = group[b]
-                implied.append(-0.5 * float(((rec.forces_ev_a + other.forces_ev_a) * (other.pos_a - rec.pos_a)).sum()))
-                observed.append(other.energy_ev - rec.energy_ev)
+                work_ev = _implied_energy_change(rec, other)
+                if work_ev is not None:
+                    implied.append(work_ev)
+                    observed.append(other.energy_ev - rec.energy_ev)
     if len(implied) < MIN_PAIRS:
         return
     observed, implied = np.array(observed), np.array(implied)
@@ -78,6 +82,21 @@ def _check_energy_force_slope(records: list[Record], what: str) -> None:
                         f"imply ({len(implied)} pairs; consistent labels give 0.8-1.0): energies and forces are not "
                         f"both in eV and eV/Å; {_likely_unit(slope)} (or the forces are off by a factor "
                         f"{1 / slope:.3g}); {OVERRIDE}")
+
+
+def _implied_energy_change(a: Record, b: Record) -> float | None:
+    """E_b - E_a from the labels' forces (and stress, between different cells) by the trapezoid rule; None for
+    different cells without stress labels, whose strain work the forces cannot account for."""
+    forces_sum = a.forces_ev_a + b.forces_ev_a
+    if a.cell_a is None or b.cell_a is None or np.allclose(a.cell_a, b.cell_a, rtol=0, atol=1e-9):
+        return -0.5 * float((forces_sum * (b.pos_a - a.pos_a)).sum())
+    if a.stress_ev_a3 is None or b.stress_ev_a3 is None:
+        return None
+    deformation_t = np.linalg.solve(a.cell_a, b.cell_a)  # rows are lattice vectors: cell_b = cell_a F^T
+    strain = (deformation_t + deformation_t.T) / 2 - np.eye(3)
+    non_affine_a = b.pos_a - a.pos_a @ deformation_t
+    virial_sum = abs(np.linalg.det(a.cell_a)) * a.stress_ev_a3 + abs(np.linalg.det(b.cell_a)) * b.stress_ev_a3
+    return -0.5 * float((forces_sum * non_affine_a).sum()) + 0.5 * float((virial_sum * strain).sum())
 
 
 def _same_molecule(records: list[Record]) -> dict[tuple, list[Record]]:

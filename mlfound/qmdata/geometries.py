@@ -71,30 +71,31 @@ def xtb_md_frames(symbols: list[str], pos_a: np.ndarray, temperature_k: float, n
 
 
 def molecular_box(symbols: list[str], pos_a: np.ndarray, copies: int, density_g_cm3: float, seed: int,
-                  min_distance_a: float = 1.6, tries: int = 200) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``copies`` randomly rotated copies of one molecule on a cubic grid in a cubic cell at ``density_g_cm3``:
-    (symbols, positions (N, 3) Å, cell (3, 3) Å). Copies are redrawn until no two atoms of different copies,
-    periodic images included, are closer than ``min_distance_a``; a box that cannot be packed so is an error."""
+                  min_distance_a: float = 1.6, tries: int = 500) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``copies`` randomly placed and rotated copies of one molecule in a cubic cell at ``density_g_cm3``:
+    (symbols, positions (N, 3) Å, cell (3, 3) Å). Copies are inserted one by one, each redrawn until none of
+    its atoms is within ``min_distance_a`` of another copy's (periodic images included); a box that cannot
+    be packed so is an error."""
     from ase import Atoms, units
     from ase.geometry import get_distances
 
     mass_g = Atoms(symbols).get_masses().sum() * copies / units.mol
-    side_a = (mass_g / density_g_cm3) ** (1 / 3) * 1e8  # cm -> Å
-    per_side = int(np.ceil(copies ** (1 / 3)))
-    sites = (np.stack(np.meshgrid(*[np.arange(per_side)] * 3, indexing="ij"), -1).reshape(-1, 3)[:copies] + 0.5)
-    cell = np.eye(3) * side_a
+    cell = np.eye(3) * (mass_g / density_g_cm3) ** (1 / 3) * 1e8  # cm -> Å
     centred = pos_a - pos_a.mean(axis=0)
     rng = np.random.default_rng(seed)
-    owner = np.repeat(np.arange(copies), len(symbols))
-    for _ in range(tries):
-        rotations = [np.linalg.qr(rng.normal(size=(3, 3)))[0] for _ in range(copies)]
-        positions = np.concatenate([centred @ r.T + site * side_a / per_side for r, site in zip(rotations, sites)])
-        _, distances = get_distances(positions, cell=cell, pbc=True)
-        distances[owner[:, None] == owner[None, :]] = np.inf
-        if distances.min() >= min_distance_a:
-            return list(symbols) * copies, positions, cell
-    raise ValueError(f"cannot pack {copies} copies of {''.join(symbols)} at {density_g_cm3} g/cm³ without atoms of "
-                     f"different copies within {min_distance_a} Å after {tries} tries; lower the density or copies")
+    placed = np.zeros((0, 3))
+    for copy in range(copies):
+        for _ in range(tries):
+            rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+            candidate = centred @ rotation.T + rng.uniform(0, 1, 3) @ cell
+            if not len(placed) or get_distances(candidate, placed, cell=cell, pbc=True)[1].min() >= min_distance_a:
+                placed = np.concatenate([placed, candidate])
+                break
+        else:
+            raise ValueError(f"cannot pack copy {copy + 1} of {copies} of {''.join(symbols)} at {density_g_cm3} "
+                             f"g/cm³ without atoms of different copies within {min_distance_a} Å after {tries} "
+                             "tries; lower the density or the copies")
+    return list(symbols) * copies, placed, cell
 
 
 def periodic_md_frames(symbols: list[str], pos_a: np.ndarray, cell_a: np.ndarray, temperature_k: float,
