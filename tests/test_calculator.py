@@ -1,7 +1,11 @@
 """ASE calculator on the shipped demo release: equals `mlfound evaluate`'s batched predictions, forces
-are -dE/dx by finite differences, unknown heads are an error, and NVE conserves energy."""
+are -dE/dx and stress dE/dstrain / V by finite differences, unknown heads are an error, NVE conserves energy
+and a short NPT run keeps its cell."""
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from ase import Atoms, units
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
@@ -11,6 +15,7 @@ from mlfound.calculator import MLFoundCalculator, thermalize
 from mlfound.predict import predict
 from mlfound.release import ReleaseError, load
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "demo-reptile"  # models/registry.json: the release shipped with the repository
 HEAD = "pbe0_631gs"
 
@@ -110,3 +115,33 @@ def test_the_distance_guard_sees_periodic_images_and_can_be_tuned(release):
         atoms.get_potential_energy()
     atoms.calc = MLFoundCalculator(release, head=HEAD, min_distance_a=0.3)
     assert np.isfinite(atoms.get_potential_energy())
+
+
+def test_a_short_npt_run_keeps_the_cell_stable(release):
+    """The demo model's GFN1-xTB head refitted for 300 steps on the periodic demo boxes (stress labels
+    included), then 0.2 ps of Berendsen NPT at 300 K and 1 bar on a water box: the barostat, driven by the
+    calculator's stress, moves the cell, and the volume stays within 10% of its start."""
+    from ase.io import read
+    from ase.md.nptberendsen import NPTBerendsen
+
+    from mlfound.data.sets import load_records
+    from mlfound.finetune import FinetuneConfig, finetune
+
+    boxes = ROOT / "data" / "demo-periodic" / "gfn1_xtb.extxyz"
+    records = load_records(boxes, "gfn1_xtb")
+    assert all(r.stress_ev_a3 is not None for r in records)
+    torch.manual_seed(0)
+    refitted = finetune(release, records[:30], records[30:], FinetuneConfig(head="gfn1_xtb", max_steps=300, lr=3e-3),
+                        progress=False).release
+    atoms = read(boxes, index=0)
+    atoms.calc = MLFoundCalculator(refitted, head="gfn1_xtb", dtype="float64")
+    start_a3 = atoms.get_volume()
+    thermalize(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    dynamics = NPTBerendsen(atoms, timestep=0.5 * units.fs, temperature_K=300, pressure_au=1.01325 * units.bar,
+                            taut=50 * units.fs, taup=500 * units.fs, compressibility_au=4.57e-5 / units.bar)
+    volumes = []
+    dynamics.attach(lambda: volumes.append(atoms.get_volume()), interval=10)
+    dynamics.run(400)
+    ratios = np.array(volumes) / start_a3
+    assert np.isfinite(ratios).all() and np.abs(ratios - 1).max() > 1e-3  # the stress moved the cell
+    assert 0.9 < ratios.min() and ratios.max() < 1.1, (ratios.min(), ratios.max())
