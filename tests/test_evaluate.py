@@ -37,6 +37,24 @@ def test_smoothness_of_a_perfect_and_of_a_wiggly_model():
     assert wiggly["spurious_extrema"] == 1 and wiggly["missed_extrema"] == 0  # both minima lie within one point
 
 
+def test_stress_errors_of_periodic_data_equal_numpy_and_show_in_the_table(demo_dir, capsys):
+    """The periodic demo boxes mixed with molecules: the stress MAE counts the boxes only."""
+    from mlfound.predict import predict_with_stress
+
+    release = load("demo-reptile")
+    boxes = list(read_source(SourceSpec(demo_dir.parent / "demo-periodic" / "gfn1_xtb.extxyz", task="gfn1_xtb")))
+    records = boxes[:6] + list(read_source(SourceSpec(demo_dir / "gfn1_xtb.extxyz", task="gfn1_xtb")))[:4]
+    _, _, stresses = predict_with_stress(release.model, records, "gfn1_xtb")
+    expected = np.abs(np.stack([s - r.stress_ev_a3 for s, r in zip(stresses, records[:6])])).mean()
+    errors = evaluate(release, records, "gfn1_xtb")
+    assert errors["stress_mae_mev_a3"] == pytest.approx(1e3 * expected, rel=1e-9)
+    assert np.isnan(evaluate(release, records[6:], "gfn1_xtb")["stress_mae_mev_a3"])
+    assert mlfound(["evaluate", "demo-reptile", str(demo_dir.parent / "demo-periodic" / "gfn1_xtb.extxyz"),
+                    "--head", "gfn1_xtb"]) == 0
+    table = capsys.readouterr().out
+    assert "S MAE" in table and "meV/Å³" in table
+
+
 def test_error_table_equals_numpy_on_the_same_predictions(tiny_release_path, demo_dir):
     release = load(tiny_release_path)
     records = list(read_source(SourceSpec(demo_dir / "hf_sto3g.extxyz", task="hf_sto3g")))[:15]
