@@ -119,8 +119,9 @@ def test_the_distance_guard_sees_periodic_images_and_can_be_tuned(release):
 
 def test_a_short_npt_run_keeps_the_cell_stable(release):
     """The demo model's GFN1-xTB head refitted for 300 steps on the periodic demo boxes (stress labels
-    included), then 0.2 ps of Berendsen NPT at 300 K and 1 bar on a water box: the barostat, driven by the
-    calculator's stress, moves the cell, and the volume stays within 10% of its start."""
+    included), then 0.2 ps of Berendsen NPT at 300 K and 1 bar on a water box. The box starts over-pressured
+    (GFN1-xTB itself gives +0.66 GPa there, the model +0.55), so the barostat, driven by the calculator's
+    stress, must expand it; stable means it does so without collapsing or blowing up (within 20%)."""
     from ase.io import read
     from ase.md.nptberendsen import NPTBerendsen
 
@@ -135,7 +136,8 @@ def test_a_short_npt_run_keeps_the_cell_stable(release):
                         progress=False).release
     atoms = read(boxes, index=0)
     atoms.calc = MLFoundCalculator(refitted, head="gfn1_xtb", dtype="float64")
-    start_a3 = atoms.get_volume()
+    start_a3, pressure_gpa = atoms.get_volume(), -atoms.get_stress()[:3].mean() / units.GPa
+    assert pressure_gpa > 0.1
     thermalize(atoms, temperature_K=300, rng=np.random.default_rng(0))
     dynamics = NPTBerendsen(atoms, timestep=0.5 * units.fs, temperature_K=300, pressure_au=1.01325 * units.bar,
                             taut=50 * units.fs, taup=500 * units.fs, compressibility_au=4.57e-5 / units.bar)
@@ -143,5 +145,5 @@ def test_a_short_npt_run_keeps_the_cell_stable(release):
     dynamics.attach(lambda: volumes.append(atoms.get_volume()), interval=10)
     dynamics.run(400)
     ratios = np.array(volumes) / start_a3
-    assert np.isfinite(ratios).all() and np.abs(ratios - 1).max() > 1e-3  # the stress moved the cell
-    assert 0.9 < ratios.min() and ratios.max() < 1.1, (ratios.min(), ratios.max())
+    assert np.isfinite(ratios).all() and ratios[-1] > 1.01  # the stress expanded the cell
+    assert 0.8 < ratios.min() and ratios.max() < 1.2, (ratios.min(), ratios.max())
