@@ -16,16 +16,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from mlfound.data import units
 from mlfound.data.record import DataError, Record
 from mlfound.data.source import BadRecord, SourceSpec, Unlabelled
-from mlfound.data.units import (
-    DEFAULT_ENERGY_UNIT,
-    DEFAULT_LENGTH_UNIT,
-    energy_factor,
-    length_factor,
-    pick_unit,
-    stress_ev_a3,
-)
+from mlfound.data.units import DEFAULT_ENERGY_UNIT, DEFAULT_LENGTH_UNIT, energy_factor, length_factor, pick_unit
 
 CHUNK_CONFORMERS = 4096  # conformers read from one HDF5 group at a time
 
@@ -248,7 +242,7 @@ def _mptrj_record(spec: SourceSpec, structure_type, frame: dict, index: int, mp_
     try:
         energy = float(frame[spec.energy_key])
         forces = None if spec.forces_key is None else np.asarray(frame[spec.forces_key], np.float64)
-        stress = None if frame.get(spec.stress_key) is None else stress_ev_a3(
+        stress = None if frame.get(spec.stress_key) is None else units.stress_ev_a3(
             frame[spec.stress_key], spec.stress_unit, spec.stress_positive_is_compression, e_factor, l_factor)
     except (TypeError, ValueError) as err:  # null, text or ragged lists
         return BadRecord(spec.path, index, f"frame {name}: its labels are not numbers ({err})")
