@@ -22,6 +22,7 @@ tensor products; an energy-only export worked).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -30,13 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import vesin
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 from e3nn.util import jit
 from torch import nn
 
+from mlfound.data.batching import neighbour_list
 from mlfound.data.files import sha256_file
+from mlfound.data.record import Record
 from mlfound.model import Potential
 from mlfound.release import Release
 
@@ -80,6 +82,14 @@ class DeployedHead(nn.Module):
         return energy.detach(), -forces.detach(), stress.detach()  # results, not a graph to train through
 
 
+@contextlib.contextmanager
+def _torchscript_deprecation_silenced():
+    """torch 2.13 warns on every TorchScript call; why we use it anyway is in the module's docstring."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+        yield
+
+
 def deploy(release: Release, head: str, out: Path, dtype: str = "float64") -> Path:
     """Write ``head`` of ``release`` as TorchScript to ``out`` (atomically: a temporary file renamed into place)."""
     release.check_head(head)
@@ -94,8 +104,7 @@ def deploy(release: Release, head: str, out: Path, dtype: str = "float64") -> Pa
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        with warnings.catch_warnings():  # TorchScript's deprecation: why we use it anyway is in the module's docstring
-            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+        with _torchscript_deprecation_silenced():
             module = jit.compile(DeployedHead(model, head))
             torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
         os.replace(tmp, out)
@@ -105,16 +114,15 @@ def deploy(release: Release, head: str, out: Path, dtype: str = "float64") -> Pa
 
 
 class DeployedCalculator(Calculator):
-    """ASE calculator for a file written by ``deploy``: the TorchScript module with vesin's neighbour list, and
-    nothing else of mlfound. What ``mlfound.lammps_driver`` runs when given such a file."""
+    """ASE calculator for a file written by ``deploy``: the TorchScript module with the data pipeline's
+    neighbour list, and no mlfound model code. What ``mlfound.lammps_driver`` runs when given such a file."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, path: Path | str, **kwargs):
         super().__init__(**kwargs)
         files = {METADATA_FILE: ""}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+        with _torchscript_deprecation_silenced():
             self.module = torch.jit.load(str(path), _extra_files=files)
         self.metadata = json.loads(files[METADATA_FILE])
 
@@ -124,12 +132,12 @@ class DeployedCalculator(Calculator):
         if self.atoms.pbc.any() and not periodic:
             raise PropertyNotImplementedError("a deployed head takes molecules or cells periodic in all directions")
         cell = np.asarray(self.atoms.cell[:]) if periodic else np.zeros((3, 3))
-        i, j, shifts = vesin.NeighborList(cutoff=self.metadata["cutoff_a"], full_list=True).compute(
-            points=self.atoms.positions, box=cell, periodic=bool(periodic), quantities="ijS")
-        energy, forces, stress = self.module(
-            torch.from_numpy(self.atoms.numbers.astype(np.int64)), torch.from_numpy(self.atoms.positions),
-            torch.from_numpy(np.stack([i, j]).astype(np.int64)), torch.from_numpy(shifts @ cell),
-            torch.from_numpy(cell))
+        rec = Record(z=self.atoms.numbers.astype(np.int64), pos_a=self.atoms.positions, energy_ev=float("nan"),
+                     cell_a=cell if periodic else None, pbc=self.atoms.pbc.copy() if periodic else None)
+        edge_index, shift_a = neighbour_list(rec, self.metadata["cutoff_a"])
+        energy, forces, stress = self.module(torch.from_numpy(rec.z), torch.from_numpy(rec.pos_a),
+                                             torch.from_numpy(edge_index), torch.from_numpy(shift_a),
+                                             torch.from_numpy(cell))
         self.results = {"energy": energy.item(), "free_energy": energy.item(), "forces": forces.double().numpy()}
         if periodic:
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress.numpy())
