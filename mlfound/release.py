@@ -36,7 +36,7 @@ from mlfound.data.files import atomic_write_bytes, json_text, sha256_file
 from mlfound.data.readers import lot_label
 from mlfound.model import ModelConfig, Potential
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # How to read older formats: each step fills in what its successor added, with the old behaviour.
 MIGRATIONS = {
     # format 2: last layer scalars-only and one radial hidden layer became the defaults (2.5-4x faster)
@@ -47,6 +47,8 @@ MIGRATIONS = {
     # format 4: with the product basis, the last layer's messages keep every l (its products see vectors)
     3: lambda meta: {**meta, "format_version": 4,
                      "model_config": {"product_messages_all_l": False, **meta["model_config"]}},
+    # format 5: avg_num_neighbors counted from the training data; before, a fixed 10.0
+    4: lambda meta: {**meta, "format_version": 5, "model_config": {"avg_num_neighbors": 10.0, **meta["model_config"]}},
 }
 FIRST_HASHED_FORMAT = 3
 METADATA_KEY = "mlfound"

@@ -185,7 +185,8 @@ def test_a_head_never_trained_on_an_element_refuses_it(tmp_path, demo_dir):
 
 
 def test_a_format_1_release_still_loads_and_predicts_the_same(tmp_path, records):
-    """Format 1 predates scalar_last_layer and radial_layers; it must load as the architecture it was."""
+    """Format 1 predates scalar_last_layer and radial_layers (and formats <= 4 a counted avg_num_neighbors);
+    it must load as the architecture it was."""
     from mlfound.model import Potential
     from tests.model.test_potential import CONFIG
 
@@ -195,14 +196,14 @@ def test_a_format_1_release_still_loads_and_predicts_the_same(tmp_path, records)
     path = save_release(old, release_metadata(old, {}), tmp_path / "v2.safetensors")
     header = json.loads(_header(path))
     header["format_version"] = 1
-    for key in ("scalar_last_layer", "radial_layers"):
+    for key in ("scalar_last_layer", "radial_layers", "avg_num_neighbors"):
         del header["model_config"][key]
     save_file(load_file(path), tmp_path / "v1.safetensors", metadata={"mlfound": json.dumps(header)})
     with pytest.warns(UserWarning, match="format 1 has no content hashes"):
         loaded = load(tmp_path / "v1.safetensors")
     assert not loaded.verified
     assert loaded.metadata["format_version"] == release_module.FORMAT_VERSION
-    assert not loaded.model.config.scalar_last_layer
+    assert not loaded.model.config.scalar_last_layer and loaded.model.config.avg_num_neighbors == 10.0
     assert (predict(loaded.model, records, "gfn2_xtb")[0] == predict(old, records, "gfn2_xtb")[0]).all()
     with pytest.warns(UserWarning, match="format 1 has no content hashes"):
         assert mlfound(["export", str(tmp_path / "v1.safetensors"), "--out", str(tmp_path / "v3.safetensors")]) == 0

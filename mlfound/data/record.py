@@ -84,19 +84,24 @@ def _check_array(rec: Record, name: str, array: np.ndarray, shape: tuple) -> Non
         raise DataError(f"{rec.where}: {name} contain NaN or inf")
 
 
-def closest_pair(rec: Record, within_a: float) -> tuple[int, int, float] | None:
-    """The closest pair of atoms nearer than ``within_a`` (periodic images included), as (i, j, distance Å)
-    with i <= j (i == j: an atom and its own periodic image); None when no pair is that close. A neighbour
-    list (vesin), so it costs O(num_atoms), not an N x N distance matrix."""
+def close_pairs(rec: Record, within_a: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of atoms nearer than ``within_a`` once (periodic images included), as arrays i, j and distance
+    in Å. A neighbour list (vesin), so it costs O(num_atoms), not an N x N distance matrix."""
     import vesin
 
     periodic = rec.pbc if rec.pbc is not None else np.zeros(3, bool)
     box = rec.cell_a if rec.cell_a is not None and periodic.any() else np.zeros((3, 3))
     try:
-        i, j, d = vesin.NeighborList(cutoff=within_a, full_list=False).compute(
+        return vesin.NeighborList(cutoff=within_a, full_list=False).compute(
             points=rec.pos_a, box=box, periodic=periodic, quantities="ijd")
     except Exception as err:  # e.g. a degenerate periodic cell
         raise DataError(f"{rec.where}: cannot build a neighbour list ({err}); check the cell and positions") from err
+
+
+def closest_pair(rec: Record, within_a: float) -> tuple[int, int, float] | None:
+    """The closest pair of atoms nearer than ``within_a`` (periodic images included), as (i, j, distance Å)
+    with i <= j (i == j: an atom and its own periodic image); None when no pair is that close."""
+    i, j, d = close_pairs(rec, within_a)
     if len(d) == 0:
         return None
     k = int(np.argmin(d))

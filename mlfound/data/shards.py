@@ -48,10 +48,11 @@ from mlfound.data.shuffle import MAX_PARTS, BucketFiles, shuffle_key, sorted_pay
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"  # one {"source", "index", "reason"} per line, written with skip_bad
 VALIDATION_DIR = "val"
-MANIFEST_VERSION = 2  # 2: records may hold stress (num_with_stress); version-1 manifests read as stress-free
-READABLE_MANIFEST_VERSIONS = (1, 2)
+MANIFEST_VERSION = 3  # 2: records may hold stress (num_with_stress); version-1 manifests read as stress-free
+# 3: neighbour counts per distance (neighbour_pairs); without them a model's avg_num_neighbors must be given
+READABLE_MANIFEST_VERSIONS = (1, 2, 3)
 UNIT_CHECK_RECORDS = 2000
-TOOL_VERSION = "mlfound-shard 0.4"  # 0.3: records globally shuffled; 0.4: stress
+TOOL_VERSION = "mlfound-shard 0.5"  # 0.3: records globally shuffled; 0.4: stress; 0.5: neighbour counts
 RECORD_ORDER = "sorted by blake2b(source file name:index), a global shuffle"
 TMP_PREFIX = ".shuffle.tmp"
 DEFAULT_SHUFFLE_BUFFER_MB = 64  # per bucket; 256 buckets (shuffle.MAX_PARTS) cover ~20 GB of extxyz in one pass

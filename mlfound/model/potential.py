@@ -30,7 +30,9 @@ class ModelConfig(BaseModel):
     radial_hidden: int = Field(64, ge=1)
     radial_layers: int = Field(1, ge=1)  # hidden layers of the radial MLP (NequIP's default; release format 2)
     head_hidden: int = Field(32, ge=1)
-    avg_num_neighbors: float = Field(10.0, gt=0)
+    # None: counted from the training shards' manifests at the cutoff when pretraining starts (train.build), so
+    # the release stores the number; releases before format 5 hold the fixed 10.0 they were trained with
+    avg_num_neighbors: float | None = Field(None, gt=0)
     scalar_last_layer: bool = True  # the last layer outputs only the invariants the heads read (release format 2)
     correlation: int = Field(1, ge=1, le=4)  # body order - 1 of each layer's features: 1 two-body, 3 as MACE
     # with correlation > 1: messages keep every l <= l_max, so the last layer's products see vectors (format 4)
@@ -41,6 +43,9 @@ class Potential(nn.Module):
     def __init__(self, config: ModelConfig, elements: list[int], task_names: list[str],
                  references_ev: dict[str, dict[int, float]], scales_ev: dict[str, float]):
         super().__init__()
+        if config.avg_num_neighbors is None:
+            raise ValueError("model.avg_num_neighbors is unset: give a number, or build the model from shard "
+                             "manifests with mlfound.train.build.build_potential, which counts it from the data")
         self.config, self.elements, self.task_names = config, sorted(elements), list(task_names)
         species_of_z = torch.full((NUM_Z,), -1, dtype=torch.long)
         species_of_z[self.elements] = torch.arange(len(self.elements))

@@ -8,6 +8,7 @@ import torch
 from mlfound.config import RunConfig
 from mlfound.data.batching import AtomBudgetBatcher
 from mlfound.data.loader import StepLoader
+from mlfound.data.shard_stats import mean_neighbours
 from mlfound.data.shards import VALIDATION_DIR, load_manifest
 from mlfound.data.streams import TaskStream
 from mlfound.meta.sampling import TaskSampler
@@ -24,7 +25,17 @@ def task_scale_ev(manifest: dict) -> float:
     return stats["forces_rms_ev_a"] or stats["residual_per_atom_std_ev"] or 1.0
 
 
+def with_data_normalisers(cfg: RunConfig, manifests: dict[str, dict]) -> RunConfig:
+    """``cfg`` with ``model.avg_num_neighbors`` counted from the training manifests where the config leaves
+    it unset, so the checkpoints and the release store the number the weights were trained with."""
+    if cfg.model.avg_num_neighbors is not None:
+        return cfg
+    model = cfg.model.model_copy(update={"avg_num_neighbors": mean_neighbours(manifests, cfg.model.cutoff_a)})
+    return cfg.model_copy(update={"model": model})
+
+
 def build_potential(cfg: RunConfig, manifests: dict[str, dict]) -> Potential:
+    cfg = with_data_normalisers(cfg, manifests)
     elements = sorted({int(z) for m in manifests.values() for z in m["references_ev"]})
     return Potential(cfg.model, elements, list(manifests),
                      {t: m["references_ev"] for t, m in manifests.items()},

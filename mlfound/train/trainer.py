@@ -24,6 +24,7 @@ from mlfound.train.build import (
     load_manifests,
     manifest_provenance,
     validation_dirs,
+    with_data_normalisers,
 )
 from mlfound.train.engine import build_engine, init_distributed
 from mlfound.train.validation import validation_batches
@@ -51,10 +52,10 @@ class _TimedBatches:
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
         self.rank, self.world_size = init_distributed()
         torch.manual_seed(cfg.seed)
         self.manifests = load_manifests(cfg)
+        self.cfg = cfg = with_data_normalisers(cfg, self.manifests)
         model = build_potential(cfg, self.manifests)
         self.work = copy.deepcopy(model)  # the plain per-rank inner copy: no DeepSpeed hooks
         self.engine = build_engine(cfg, model)

@@ -11,13 +11,16 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 from ase.neighborlist import neighbor_list
 
+from mlfound.config import RunConfig
 from mlfound.data import DataError, shard_format
 from mlfound.data.batching import collate, neighbour_list
 from mlfound.data.files import sha256_file
 from mlfound.data.readers import SourceSpec, read_source
 from mlfound.data.references import reference_energy
+from mlfound.data.shard_stats import mean_neighbours
 from mlfound.data.shards import ShardOptions, load_manifest, shard_task
 from mlfound.data.streams import TaskStream
+from mlfound.train.build import with_data_normalisers
 from tests.data.helpers import demo_slice, shard
 
 
@@ -109,7 +112,7 @@ def test_stress_goes_through_shards_and_version_1_manifests_still_read(tmp_path)
         frames.append(atoms)
     write(tmp_path / "cu.extxyz", frames)
     manifest = shard(tmp_path / "cu.extxyz", tmp_path / "shards")
-    assert manifest["format_version"] == 2 and manifest["num_with_stress"] == 3
+    assert manifest["format_version"] == 3 and manifest["num_with_stress"] == 3
     stream = TaskStream(tmp_path / "shards" / "cu", seed=0)
     by_index = {rec.index: rec for rec in (next(stream) for _ in range(3))}
     for index, atoms in enumerate(frames):
@@ -122,9 +125,41 @@ def test_stress_goes_through_shards_and_version_1_manifests_still_read(tmp_path)
     del old["num_with_stress"]
     path.write_text(json.dumps({**old, "format_version": 1}))
     assert load_manifest(path.parent)["num_with_stress"] == 0
-    path.write_text(json.dumps({**old, "format_version": 3}))
-    with pytest.raises(DataError, match=r"manifest format 3 is not one this version reads \(1, 2\)"):
+    path.write_text(json.dumps({**old, "format_version": 4}))
+    with pytest.raises(DataError, match=r"manifest format 4 is not one this version reads \(1, 2, 3\)"):
         load_manifest(path.parent)
+
+
+def test_manifests_count_neighbours_for_any_cutoff(demo_dir, tmp_path):
+    """avg_num_neighbors from the manifests equals a brute-force count over the records, molecules and
+    periodic images alike, at any cutoff; the config's own number wins; old manifests get a clear error."""
+    molecules = demo_slice(demo_dir, "gfn2_xtb", 30, tmp_path)
+    crystals = []
+    for seed in range(2):
+        atoms = bulk("Cu", "fcc", a=3.6).repeat((2, 1, 1))  # a small cell: most neighbours are images
+        atoms.rattle(0.05, seed=seed)
+        atoms.calc = SinglePointCalculator(atoms, energy=-1.0 - seed, forces=np.zeros((len(atoms), 3)))
+        crystals.append(atoms)
+    write(tmp_path / "cu.extxyz", crystals)
+    manifests = {"gfn2_xtb": shard(molecules, tmp_path / "shards"),
+                 "cu": shard(tmp_path / "cu.extxyz", tmp_path / "shards", check_units=False)}
+    frames = read(molecules, index=":") + crystals
+
+    def brute_force(cutoff_a):
+        return sum(len(neighbor_list("i", a, cutoff_a)) for a in frames) / sum(len(a) for a in frames)
+
+    for cutoff_a in (2.5, 4.0, 5.0, 6.0):
+        assert mean_neighbours(manifests, cutoff_a) == pytest.approx(brute_force(cutoff_a), rel=1e-12)
+    between = mean_neighbours(manifests, 4.02)  # within a bin: between the counts at its edges
+    assert brute_force(4.0) <= between <= brute_force(4.05)
+    cfg = RunConfig(run_dir=tmp_path / "run", data={"shard_root": tmp_path / "shards", "tasks": ["gfn2_xtb", "cu"]})
+    assert with_data_normalisers(cfg, manifests).model.avg_num_neighbors == pytest.approx(brute_force(5.0))
+    given = cfg.model_copy(update={"model": cfg.model.model_copy(update={"avg_num_neighbors": 12.0})})
+    assert with_data_normalisers(given, {}).model.avg_num_neighbors == 12.0
+    with pytest.raises(DataError, match=r"tasks \['cu'\] have no neighbour counts .* re-run tools/shard_dataset.py"):
+        mean_neighbours({**manifests, "cu": {k: v for k, v in manifests["cu"].items() if k != "neighbour_pairs"}}, 5.0)
+    with pytest.raises(DataError, match="counts neighbours up to 8.0 Å, not to the model's cutoff 9.0 Å"):
+        mean_neighbours(manifests, 9.0)
 
 
 def test_sources_of_one_task_are_merged(demo_dir, tmp_path):

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from mlfound.config import load_config
+from mlfound.data.shard_stats import mean_neighbours
 from mlfound.meta.loss import LossWeights, potential_loss
 from mlfound.meta.reptile import inner_loop, scale_task_heads
 from mlfound.meta.sampling import TaskSampler
@@ -128,6 +129,8 @@ def assert_export_reproduces_the_run(cfg, tmp_path) -> None:
         assert release.metadata["heads"][task]["references_ev"] == {
             str(z): e for z, e in manifests[task]["references_ev"].items()}
         assert release.metadata["heads"][task]["data"]["fingerprint"] == manifests[task]["fingerprint"]
+    # the config left avg_num_neighbors unset: the release holds the number counted from the manifests
+    assert release.model.config.avg_num_neighbors == mean_neighbours(manifests, cfg.model.cutoff_a)
     final = json.loads((cfg.run_dir / "validation.jsonl").read_text().splitlines()[-1])["tasks"]
     for task in TASKS:
         errors = evaluate(release, load_records(cfg.data.shard_root / task / "val", task), task)

@@ -12,7 +12,8 @@ from mlfound.data.record import Record
 from mlfound.model import ModelConfig, Potential
 
 TASKS = ["gfn2_xtb", "hf_sto3g"]
-CONFIG = ModelConfig(channels=8, l_max=2, num_layers=2, cutoff_a=4.0, radial_hidden=16, head_hidden=8)
+CONFIG = ModelConfig(channels=8, l_max=2, num_layers=2, cutoff_a=4.0, radial_hidden=16, head_hidden=8,
+                     avg_num_neighbors=10.0)
 
 
 @pytest.fixture(scope="module")

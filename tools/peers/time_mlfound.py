@@ -25,7 +25,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = ModelConfig(channels=args.channels, l_max=args.l_max, num_layers=args.layers, cutoff_a=args.cutoff,
-                         num_basis=8, radial_hidden=64, head_hidden=args.channels, correlation=args.correlation)
+                         num_basis=8, radial_hidden=64, head_hidden=args.channels, correlation=args.correlation,
+                         avg_num_neighbors=10.0)
     model = Potential(config, [1, 6, 7, 8], ["target"], {"target": {1: 0.0, 6: 0.0, 7: 0.0, 8: 0.0}}, {"target": 1.0})
 
     def make_inputs(frames):
