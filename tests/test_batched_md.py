@@ -7,7 +7,7 @@ import torch_sim as ts
 from ase.io import read
 from ase.md.verlet import VelocityVerlet
 from ase.stress import full_3x3_to_voigt_6_stress
-from ase.units import fs
+from ase.units import GPa, fs, kB
 
 from mlfound.batched_md import TorchSimModel
 from mlfound.calculator import MLFoundCalculator
@@ -71,6 +71,28 @@ def test_torch_sim_nve_follows_ase_velocity_verlet(release):
             assert state.energy[g].item() == pytest.approx(atoms.get_potential_energy(), abs=1e-7)
     for g, (atoms, _) in enumerate(runs):
         np.testing.assert_allclose(state.momenta[state.system_idx == g].numpy(), atoms.get_momenta(), atol=1e-8)
+
+
+def test_torch_sim_npt_moves_each_cell_the_way_its_pressure_says(release):
+    """torch-sim's Langevin barostat driven by our stress. The boxes are first relaxed at fixed cell (so the
+    pressure changes only with the cell), then each is given an external pressure 0.5 GPa below (even systems) or
+    above (odd) its own at 1 K, taken from the ASE calculator, whose stress is checked against finite
+    differences: in 20 steps the first expand and the second shrink (with the stress's sign flipped, all expand)."""
+    model = TorchSimModel(release, head="gfn1_xtb", dtype=torch.float64)
+    state = ts.io.atoms_to_state(read("data/demo-periodic/gfn1_xtb.extxyz", ":4"), CPU, torch.float64)
+    relaxed = ts.optimize(state, model, optimizer=ts.optimizers.fire, max_steps=200,
+                          convergence_fn=ts.generate_force_convergence_fn(0.05, include_cell_forces=False))
+    calc = MLFoundCalculator(release, head="gfn1_xtb", dtype="float64")
+    pressure = []
+    for atoms in ts.io.state_to_atoms(relaxed):
+        atoms.calc = calc
+        pressure.append(-atoms.get_stress()[:3].mean() + len(atoms) * 1.0 * kB / atoms.get_volume())
+    below = np.array([1.0, -1.0] * 2)
+    external = torch.tensor(np.array(pressure) - below * 0.5 * GPa)[:, None, None] * torch.eye(3, dtype=torch.float64)
+    final = ts.integrate(relaxed, model, integrator=ts.npt_langevin, n_steps=20, temperature=1.0, timestep=0.0005,
+                         external_pressure=external, seed=0)
+    ratio = (final.cell.det() / relaxed.cell.det()).numpy()
+    assert (np.sign(ratio - 1) == below).all(), ratio
 
 
 def test_bad_states_are_refused_with_what_is_wrong(release):
