@@ -162,8 +162,8 @@ def cmd_show(args) -> int:
     print("content: " + ("sha256 of every tensor and metadata entry verified" if release.verified else
                          "NOT verified (written before content hashes; re-export it with mlfound export)"))
     print(f"model: {meta['num_parameters']:,} parameters; channels {cfg['channels']}, l_max {cfg['l_max']}, "
-          f"correlation {cfg.get('correlation', 1)}, {cfg['num_layers']} layers, cutoff {cfg['cutoff_a']} Å "
-          f"({cfg['avg_num_neighbors']:.1f} neighbours per atom); elements {meta['elements']}")
+          f"correlation {cfg.get('correlation', 1)}, {cfg['num_layers']} layers, cutoff {cfg['cutoff_a']} Å, "
+          f"avg_num_neighbors {cfg['avg_num_neighbors']:.2f}; elements {meta['elements']}")
     print(f"{'head':<14}{'LoT':<24}{'structures':>11}{'scale eV':>10}  from")
     for name, head in meta["heads"].items():
         lot = head.get("lot", {})
