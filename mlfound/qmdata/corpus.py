@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mlfound.data.files import atomic_write
 from mlfound.qmdata import geometries, levels
-from mlfound.qmdata.recipes import Recipe
+from mlfound.qmdata.recipes import Crystal, Recipe
 
 LABEL_CHUNK_FRAMES = 10
 
@@ -112,14 +112,18 @@ def _seed(*parts) -> int:
 def _make_geometry(recipe: Recipe, unit: GeometryUnit, work_dir: Path) -> None:
     box = recipe.boxes.get(unit.molecule)
     molecule = box.molecule if box else unit.molecule
-    symbols, pos0_a = geometries.rdkit_conformer(recipe.smiles[molecule], _seed(recipe.seed, molecule))
     seed = _seed(recipe.seed, unit.stem)
+    if isinstance(box, Crystal):
+        symbols, pos0_a, cell_a = geometries.molecular_crystal(box)
+    else:
+        symbols, pos0_a = geometries.rdkit_conformer(recipe.smiles[molecule], _seed(recipe.seed, molecule))
+        if box is not None:
+            symbols, pos0_a, cell_a = geometries.molecular_box(symbols, pos0_a, box.copies, box.density_g_cm3, seed)
     if box is None:
         frames_a = geometries.xtb_md_frames(symbols, pos0_a, unit.temperature_k, recipe.frames_per_temperature,
                                             seed=seed, stride=recipe.md_stride_steps)
         arrays = {"symbols": np.array(symbols), "frames_a": frames_a}
     else:
-        symbols, pos0_a, cell_a = geometries.molecular_box(symbols, pos0_a, box.copies, box.density_g_cm3, seed)
         frames_a, cells_a = geometries.periodic_md_frames(symbols, pos0_a, cell_a, unit.temperature_k,
                                                           recipe.frames_per_temperature, seed,
                                                           stride=recipe.md_stride_steps, max_strain=box.max_strain)

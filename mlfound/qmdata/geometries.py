@@ -98,6 +98,16 @@ def molecular_box(symbols: list[str], pos_a: np.ndarray, copies: int, density_g_
     return list(symbols) * copies, placed, cell
 
 
+def molecular_crystal(crystal) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A ``recipes.Crystal`` as (symbols, positions (N, 3) Å, cell (3, 3) Å): the space group's images of its
+    asymmetric unit, repeated."""
+    from ase.spacegroup import crystal as build
+
+    atoms = build(list(crystal.basis_symbols), basis=list(crystal.basis_fractional), spacegroup=crystal.spacegroup,
+                  cellpar=list(crystal.cellpar)).repeat(crystal.repeat)
+    return atoms.get_chemical_symbols(), atoms.positions, atoms.cell[:]
+
+
 def periodic_md_frames(symbols: list[str], pos_a: np.ndarray, cell_a: np.ndarray, temperature_k: float,
                        num_frames: int, seed: int, stride: int = 10, equilibration_steps: int = 50,
                        timestep_fs: float = 0.5, max_strain: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

@@ -79,6 +79,27 @@ class Box:
 
 
 @dataclasses.dataclass(frozen=True)
+class Crystal:
+    """A molecular crystal from its space group, lattice (a, b, c in Å; angles in degrees) and asymmetric unit
+    in fractional coordinates, repeated ``repeat`` times along the cell vectors; MD and strain as for a Box.
+    ``molecule`` names its molecule's SMILES, written into the frames' metadata."""
+    molecule: str
+    spacegroup: int
+    cellpar: tuple[float, float, float, float, float, float]
+    basis_symbols: tuple[str, ...]
+    basis_fractional: tuple[tuple[float, float, float], ...]
+    repeat: tuple[int, int, int] = (1, 1, 1)
+    max_strain: float = 0.03
+
+
+# Urea, P-42_1m (No. 113), two molecules per cell: the neutron structure of Swaminathan, Craven & McMullan,
+# Acta Cryst. B40, 300 (1984); tests/qmdata check its bonds (C=O 1.26, C-N 1.35, N-H 1.00 Å) and H-bonds.
+UREA_CRYSTAL = Crystal("urea", 113, (5.565, 5.565, 4.684, 90.0, 90.0, 90.0), ("C", "O", "N", "H", "H"),
+                       ((0.0, 0.5, 0.3260), (0.0, 0.5, 0.5953), (0.1459, 0.6459, 0.1766), (0.2575, 0.7575, 0.2827),
+                        (0.1441, 0.6441, -0.0380)), repeat=(1, 1, 2))
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskRecipe:
     lot: str  # key of levels.LEVELS; also the task name
     molecules: tuple[str, ...]  # keys of the recipe's SMILES or of its boxes
@@ -93,7 +114,7 @@ class Recipe:
     md_stride_steps: int  # MD steps (0.5 fs) between saved frames
     tasks: tuple[TaskRecipe, ...]
     seed: int = 0
-    boxes: dict[str, Box] = dataclasses.field(default_factory=dict)  # periodic systems, by name
+    boxes: dict[str, Box | Crystal] = dataclasses.field(default_factory=dict)  # periodic systems, by name
 
 
 _SMALL = list(SMALL_MOLECULES)
@@ -135,15 +156,15 @@ RECIPES: dict[str, Recipe] = {
             TaskRecipe("pbe0_631gs", tuple(_DRUGLIKE[:8] + _DRUGLIKE[45:50] + _DRUGLIKE[69:76]), frame_step=3),
             TaskRecipe("b3lyp_631g", tuple(_DRUGLIKE[:30]), frame_step=3),
         )),
-    # Periodic boxes (liquid water and methanol, amorphous urea at its crystal density) labelled under periodic
-    # boundaries by both xTBs, with stress: the materials side of the demo (issue 14).
+    # Periodic systems (liquid water and methanol boxes, the urea crystal) labelled under periodic boundaries by
+    # both xTBs, with stress: the materials side of the demo (issue 14).
     "demo-periodic": Recipe(
         smiles={"water": "O", "methanol": "CO", "urea": "NC(N)=O"}, temperatures_k=(300.0, 500.0),
         frames_per_temperature=6, md_stride_steps=20, seed=3,
         boxes={"water_box": Box("water", 8, 1.0), "methanol_box": Box("methanol", 4, 0.79),
-               "urea_box": Box("urea", 4, 1.32)},
-        tasks=(TaskRecipe("gfn1_xtb", ("water_box", "methanol_box", "urea_box")),
-               TaskRecipe("gfn2_xtb", ("water_box", "methanol_box", "urea_box"), frame_step=2))),
+               "urea_crystal": UREA_CRYSTAL},
+        tasks=(TaskRecipe("gfn1_xtb", ("water_box", "methanol_box", "urea_crystal")),
+               TaskRecipe("gfn2_xtb", ("water_box", "methanol_box", "urea_crystal"), frame_step=2))),
     # Seconds-long recipes for tests of the tool itself.
     "tiny": Recipe(
         smiles={"water": "O", "methanol": "CO"}, temperatures_k=(300.0,), frames_per_temperature=2, md_stride_steps=5,

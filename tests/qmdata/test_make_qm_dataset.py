@@ -88,3 +88,29 @@ def test_periodic_boxes_have_cells_and_a_stress_that_is_the_energys_strain_deriv
         assert rec.stress_ev_a3[i, j] == pytest.approx((energies[0] - energies[1]) / (2 * step) / volume, abs=1e-6)
     with pytest.raises(ValueError, match="hf_sto3g \\(pyscf\\) labels molecules only; periodic boxes need a tblite"):
         levels.label_periodic(levels.LEVELS["hf_sto3g"], symbols, rec.pos_a, rec.cell_a)
+
+
+def test_the_urea_crystal_is_urea_with_its_hydrogen_bonds():
+    """The crystal the demo-periodic recipe labels: 4 whole urea molecules in the 1x1x2 cell, with urea's bond
+    lengths and the N-H...O hydrogen bonds of its crystal (a mistyped coordinate breaks one or the other)."""
+    from ase import Atoms
+    from ase.neighborlist import neighbor_list
+
+    from mlfound.qmdata.geometries import molecular_crystal
+    from mlfound.qmdata.recipes import UREA_CRYSTAL
+
+    symbols, pos_a, cell_a = molecular_crystal(UREA_CRYSTAL)
+    atoms = Atoms(symbols, positions=pos_a, cell=cell_a, pbc=True)
+    assert atoms.get_chemical_formula() == "C4H16N8O4"
+    i, j, d = neighbor_list("ijd", atoms, 1.5)
+    bonded = {}
+    for a, b, distance in zip(i, j, d):
+        bonded.setdefault("".join(sorted(symbols[a] + symbols[b])), []).append(distance)
+    expected_a = {"CO": 1.26, "CN": 1.35, "HN": 1.00}
+    assert set(bonded) == set(expected_a), "no bonds but C=O, C-N and N-H within 1.5 Å"
+    for pair, length_a in expected_a.items():
+        np.testing.assert_allclose(bonded[pair], length_a, atol=0.015, err_msg=pair)
+    assert len(bonded["HN"]) == 2 * 16  # every H on an N, both directions
+    i, j, d = neighbor_list("ijd", atoms, 2.2)
+    hydrogen_bonds = [x for a, b, x in zip(i, j, d) if symbols[a] == "O" and symbols[b] == "H"]
+    assert len(hydrogen_bonds) == 16 and min(hydrogen_bonds) > 1.9  # each O accepts 4 H-bonds, none too close
