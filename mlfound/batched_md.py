@@ -15,6 +15,7 @@ from torch_sim.models.interface import ModelInterface
 
 from mlfound.data.batching import GraphBatch, device_neighbour_lists
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError
+from mlfound.predict import check_head_elements
 from mlfound.release import Release, load
 
 
@@ -76,11 +77,7 @@ class TorchSimModel(ModelInterface):
         again only when the atoms change, so a run pays one comparison per step)."""
         if self._checked_z is not None and self._checked_z.shape == z_N.shape and torch.equal(self._checked_z, z_N):
             return
-        elements = set(z_N.unique().tolist())
-        self.model.check_elements(elements)
-        missing = self.model.missing_references(self.head, elements)
-        if missing:
-            raise ValueError(f"head {self.head!r} has no reference energy for elements {missing}; use another head")
+        check_head_elements(self.model, self.head, set(z_N.unique().tolist()))
         self._checked_z = z_N.clone()
 
     def _check_distances(self, batch: GraphBatch) -> None:

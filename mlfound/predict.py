@@ -32,17 +32,22 @@ def predict(model, records: list[Record], head: str, compute_forces: bool = True
     return energies, forces
 
 
-def predict_with_stress(model, records: list[Record], head: str, compute_forces: bool = True,
-                        compute_stress: bool = True, max_atoms: int = DEFAULT_MAX_ATOMS):
-    """``predict``, plus per-structure stress (3, 3) eV/Å³ in ASE's sign (NaN without a 3-D periodic cell)
-    when asked: (energies, forces or None, stresses or None), from one backward pass per batch."""
-    elements = {int(z) for rec in records for z in rec.z}
-    model.check_elements(elements)  # here on the host: on an accelerator the model can only assert
+def check_head_elements(model, head: str, elements: set[int]) -> None:
+    """A ValueError unless the model knows every element and ``head`` has a reference energy for each. Checked
+    on the host: on an accelerator the model can only assert."""
+    model.check_elements(elements)
     missing = model.missing_references(head, elements) if head in model.task_names else []
     if missing:
         raise ValueError(f"head {head!r} has no reference energy for elements {missing}: its training data contained "
                          "none, so its absolute energies are undefined there. Use another head, or fine-tune this one "
                          "on data containing them")
+
+
+def predict_with_stress(model, records: list[Record], head: str, compute_forces: bool = True,
+                        compute_stress: bool = True, max_atoms: int = DEFAULT_MAX_ATOMS):
+    """``predict``, plus per-structure stress (3, 3) eV/Å³ in ASE's sign (NaN without a 3-D periodic cell)
+    when asked: (energies, forces or None, stresses or None), from one backward pass per batch."""
+    check_head_elements(model, head, {int(z) for rec in records for z in rec.z})
     device = next(model.parameters()).device
     energies, forces, stresses = [], [], []
     for batch in head_batches(records, head, model.task_names, model.config.cutoff_a, max_atoms):
