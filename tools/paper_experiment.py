@@ -13,7 +13,8 @@ YAML < command line; unknown keys are errors naming the key, and every fine-tuni
 against FinetuneConfig before anything runs). Relative paths in the YAML are relative to the
 repository root; --out defaults to runs/<experiment>/paper.
 
-Stages, each skipping what <out> already holds (rerun the command to resume):
+Stages, each skipping what <out> already holds (rerun the command to resume; a pretraining run goes on from
+its last checkpoint, written every 5% of the run):
   shards    pretrain.corpus/*.extxyz into pretrain.shards (10% validation) when a task has none
   pretrain  2 DeepSpeed ranks per run, pretrain.grad_steps gradient steps per rank, every method at every
             seed: `single` (the LoT whose head `auto` picks for the target after a joint run), `joint`
@@ -54,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MACE_PYTHON = ROOT / ".venv-mace" / "bin" / "python"
 MACE_CLI = ROOT / "tools" / "peers" / "mace_cli.py"
 ZERO_SHOT_REFERENCE_STRUCTURES = 50  # N = 0 refits the new head's references on this many pool structures
+PRETRAIN_CHECKPOINTS = 20  # per pretraining run, so a run killed midway resumes, losing at most 5% of it
 # FinetuneConfig fields the tool sets for every recipe alike, so recipes differ only in how they train
 SET_BY_THE_TOOL = {"head": "it is target.head", "max_steps": "set finetune.max_steps (one budget for every recipe)",
                    "seed": "the subset index seeds each fine-tune"}
@@ -258,13 +260,19 @@ def check_same_models(exp: Experiment, out: Path) -> None:
 
 
 # -- pretraining ---------------------------------------------------------------------------------
+def outer_steps(method: str, grad_steps: int) -> int:
+    """Outer steps of a run of ``grad_steps`` gradient steps per rank (Reptile takes k per outer step)."""
+    if method in ("single", "joint"):
+        return grad_steps
+    return max(grad_steps // int(method.removeprefix("reptile_k")), 1)
+
+
 def method_overrides(method: str, grad_steps: int) -> list[str]:
     """Overrides of each method, all at ``grad_steps`` gradient steps per rank."""
-    adam = ["meta.outer_lr=2e-3", "meta.outer_lr_final=2e-4"]
+    steps = [f"train.outer_steps={outer_steps(method, grad_steps)}"]
     if method in ("single", "joint"):
-        return [f"meta.mode={method}", f"train.outer_steps={grad_steps}", *adam]
-    k = int(method.removeprefix("reptile_k"))
-    return ["meta.mode=reptile", f"meta.inner_steps={k}", f"train.outer_steps={max(grad_steps // k, 1)}"]
+        return [f"meta.mode={method}", *steps, "meta.outer_lr=2e-3", "meta.outer_lr_final=2e-4"]
+    return ["meta.mode=reptile", f"meta.inner_steps={method.removeprefix('reptile_k')}", *steps]
 
 
 def run_overrides(exp: Experiment, method: str, run_dir: Path, seed: int, single_task: str | None) -> list[str]:
@@ -274,7 +282,8 @@ def run_overrides(exp: Experiment, method: str, run_dir: Path, seed: int, single
     if method == "none":
         return shared
     single = [f"meta.single_task={single_task}"] if method == "single" else []
-    quiet = ["train.eval_every=100000", "train.save_every=100000", "train.log_every=100000"]
+    checkpoint_every = max(outer_steps(method, exp.pretrain.grad_steps) // PRETRAIN_CHECKPOINTS, 1)
+    quiet = ["train.eval_every=100000", "train.log_every=100000", f"train.save_every={checkpoint_every}"]
     return [*shared, *quiet, *method_overrides(method, exp.pretrain.grad_steps), *single]
 
 
@@ -302,7 +311,9 @@ def start_model(out: Path, method: str, seed: int) -> Path:
 
 
 def pretrain(exp: Experiment, out: Path, method: str, seed: int, single_task: str | None = None) -> Path:
-    """A 2-rank DeepSpeed run of launch/pretrain.py, exported as a release (skipped if already there)."""
+    """A 2-rank DeepSpeed run of launch/pretrain.py, exported as a release (skipped if already there);
+    a run stopped midway (killed job, lost node) goes on from its last checkpoint."""
+    from mlfound.train.checkpoint import latest_tag
     from mlfound.train.export import export
 
     release = start_model(out, method, seed)
@@ -311,7 +322,9 @@ def pretrain(exp: Experiment, out: Path, method: str, seed: int, single_task: st
     run_dir = out / "pretrain" / f"{method}_s{seed}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "launch" / "pretrain.py"), "--config", str(exp.pretrain.config),
-           *run_overrides(exp, method, run_dir, seed, single_task)]
+           *run_overrides(exp, method, run_dir, seed, single_task), "--resume", "auto"]
+    if (tag := latest_tag(run_dir)) is not None:
+        print(f"pretraining {method} seed {seed}: resuming from its checkpoint {tag}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1"}
     tic = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)

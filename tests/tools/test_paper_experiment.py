@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mlfound.model_card import read_card
@@ -113,3 +114,38 @@ def test_the_shipped_experiments_load_and_replay_reads_shards_from_the_repositor
         exp = load_experiment(ROOT / "configs" / "experiments" / f"{name}.yaml")
         assert exp.finetune.recipes["replay"]["replay"]["shard_root"] == str(ROOT / "runs" / name / "shards")
         assert exp.pretrain.shards == ROOT / "runs" / name / "shards"
+
+
+def test_a_pretraining_run_stopped_midway_goes_on_from_its_checkpoint(monkeypatch, tmp_path, capsys):
+    """A long grid outlives jobs: a pretraining run stopped after 2 of its 4 outer steps (as a killed job
+    leaves it: checkpoints, no release) is resumed by the tool, not redone, and its release equals an
+    uninterrupted run's bit for bit."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    monkeypatch.setenv("MLFOUND_NO_SHM_OP", "1")
+    from paper_experiment import load_experiment, make_shards, pretrain, run_overrides
+
+    from mlfound.release import load
+
+    exp = load_experiment(toy_experiment(tmp_path, RECIPES), ["pretrain.grad_steps=20", "pretrain.seeds=[0]"])
+    make_shards(exp)
+    stopped = tmp_path / "stopped"
+    run_dir = stopped / "pretrain" / "reptile_k5_s0"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(ROOT / "launch" / "pretrain.py"), "--config", str(exp.pretrain.config)]
+    stop_halfway = [*run_overrides(exp, "reptile_k5", run_dir, 0, None), "train.stop_after_steps=2"]
+    partial = subprocess.run([*launcher, *stop_halfway], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    first_checkpoint = run_dir / "checkpoints" / "step00000001" / "complete.json"
+    written = first_checkpoint.stat().st_mtime_ns
+    assert not (run_dir / "checkpoints" / "step00000003").exists()  # a checkpoint every step, 2 of 4 done
+
+    resumed = pretrain(exp, stopped, "reptile_k5", 0)
+    assert "pretraining reptile_k5 seed 0: resuming from its checkpoint step00000002" in capsys.readouterr().out
+    assert first_checkpoint.stat().st_mtime_ns == written  # steps 1-2 were not trained again
+    assert (run_dir / "checkpoints" / "step00000004" / "complete.json").exists()
+    uninterrupted = pretrain(exp, tmp_path / "whole", "reptile_k5", 0)
+    first, second = load(resumed).model.state_dict(), load(uninterrupted).model.state_dict()
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
