@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=default("max_steps"))
     p.add_argument("--eval-every", type=int, default=default("eval_every"))
     p.add_argument("--patience", type=int, default=default("patience"),
-                   help="evaluations without improvement (default %(default)s); 0: no early stop")
+                   help="evaluations without improvement (default %(default)s); 0: no early stop, the cosine "
+                   "runs out (do that with --max-steps above 3000: a mid-schedule plateau stops it early)")
     p.add_argument("--max-atoms", type=int, default=default("max_atoms_per_batch"), help="atoms per batch")
     p.add_argument("--energy-weight", type=float, default=default("energy_weight"))
     p.add_argument("--forces-weight", type=float, default=default("forces_weight"))
