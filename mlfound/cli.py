@@ -33,7 +33,7 @@ def main(argv=None) -> int:
                    "release file to rewrite in the current format (with content hashes)")
     p.add_argument("--out", type=Path, required=True, help="release file, e.g. model.safetensors")
     p.add_argument("--register", metavar="NAME", help="also list it under NAME in models/registry.json")
-    p.add_argument("--description", default="", help="registry description")
+    p.add_argument("--description", help="registry description (default: the name's current one, if registered)")
     p.add_argument("--default", action="store_true", help="with --register: make it the release named 'default'")
     p.add_argument("--card", type=Path, help="model card (JSON, as tools/paper_experiment.py writes them) to attach")
     p.set_defaults(run=cmd_export)

@@ -258,9 +258,10 @@ def resolve(name_or_path: Path | str) -> Path:
     return path
 
 
-def register(name: str, path: Path, description: str = "", default: bool = False) -> dict:
+def register(name: str, path: Path, description: str | None = None, default: bool = False) -> dict:
     """Add or replace registry entry ``name`` for the release at ``path`` (which must lie in the registry folder);
-    ``default`` makes it the one release marked default."""
+    ``default`` makes it the one release marked default. Re-registering a name (a re-exported release) keeps its
+    description unless a new one is given."""
     path = Path(path).resolve()
     if name == DEFAULT_NAME:
         raise ReleaseError(f"{name!r} is reserved for the release marked default; register under another name "
@@ -268,9 +269,11 @@ def register(name: str, path: Path, description: str = "", default: bool = False
     if path.parent != REGISTRY_DIR.resolve():
         raise ReleaseError(f"{path}: a registered release must lie in the registry folder {REGISTRY_DIR}")
     heads = read_metadata(path)["heads"]
+    registry = _read_registry()
+    if description is None:
+        description = registry.get(name, {}).get("description", "")
     entry = {"file": path.name, "sha256": sha256_file(path), "description": description,
              "lots": {h: lot_label(d.get("lot", {})) for h, d in heads.items()}}
-    registry = _read_registry()
     if default:
         registry = {n: {k: v for k, v in e.items() if k != "default"} for n, e in registry.items()}
         entry["default"] = True

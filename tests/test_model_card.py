@@ -102,6 +102,8 @@ def test_default_names_the_one_release_marked_default(tmp_path, monkeypatch):
     assert load("default").path == second and "default" not in registry["a"]
     register("b", second, description="re-registered")  # keeps the mark
     assert load("default").path == second
+    register("b", second)  # a re-export without --description keeps the description
+    assert json.loads((tmp_path / "registry.json").read_text())["b"]["description"] == "re-registered"
     with pytest.raises(ReleaseError, match="reserved"):
         register("default", first)
 
