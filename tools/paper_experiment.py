@@ -29,6 +29,8 @@ its last checkpoint, written every 5% of the run):
             N = md.n; run i has seed i and uses that method's unit i mod (its number of units at md.n)
 Outputs: <out>/table.txt (mean ± std over seeds x subsets), results.json, learning_curve.png, and
 model_cards/<method>_s<seed>.json for every pretrained start (`mlfound export MODEL --card ...` attaches one).
+Units run in rounds (every method and N at seed 0, subset 0, then the next draw), so `--report` gives a fair
+interim table of a grid still running or stopped midway: it runs nothing and says how much of the plan it covers.
 """
 import argparse
 import concurrent.futures as cf
@@ -172,17 +174,25 @@ def main(argv=None) -> int:
     p.add_argument("--experiment", type=Path, default=ROOT / "configs" / "experiments" / "demo.yaml")
     p.add_argument("--out", type=Path, help="results folder (default: runs/<experiment name>/paper)")
     p.add_argument("--workers", type=int, default=2, help="parallel fine-tunes, MACE trainings, MD runs (1 core each)")
+    p.add_argument("--report", action="store_true",
+                   help="write the report from the results <out> holds so far; run nothing (an interim look)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the experiment, e.g. finetune.sizes=[10]")
     args = p.parse_args(argv)
     try:
         exp = load_experiment(args.experiment, args.overrides)
         out = args.out or ROOT / "runs" / args.experiment.stem / "paper"
-        make_shards(exp)
+        if args.report and not (out / "models_made_by.json").exists():
+            raise ConfigError(f"{out} holds no run of an experiment: give the grid's --out, or run it first")
+        if not args.report:
+            make_shards(exp)
         check_same_models(exp, out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_experiment(exp, out, args.workers, title=args.experiment.stem)
+    if args.report:
+        report_so_far(exp, out, title=args.experiment.stem)
+    else:
+        run_experiment(exp, out, args.workers, title=args.experiment.stem)
     return 0
 
 
@@ -196,7 +206,28 @@ def run_experiment(exp: Experiment, out: Path, workers: int, title: str) -> None
     print(f"pretraining done after {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     results = run_jobs(exp, out, split, units, "units", workers)
     md_results = run_jobs(exp, out, split, md_runs, "MD runs", workers)
-    write_report(exp, out, title, results, md_results, best_single, time.perf_counter() - start)
+    minutes = (time.perf_counter() - start) / 60
+    report = write_report(exp, out, title, results, md_results, best_single,
+                          f"{len(results)} units, {minutes:.1f} min in all")
+    write_model_cards(exp, out, report)
+
+
+def report_so_far(exp: Experiment, out: Path, title: str) -> None:
+    """The report over the units and MD runs done so far; runs nothing, and writes no model cards (they
+    would quote a partial learning curve). The grid's rounds (plan_units) keep a partial table fair."""
+    units = plan_units(exp)
+    md_runs = plan_md_runs(exp, units)
+    results = [json.loads(result_path(out, u).read_text()) for u in units if is_done(exp, out, u)]
+    md_results = [json.loads(result_path(out, r).read_text()) for r in md_runs if is_done(exp, out, r)]
+    if not results:
+        print(f"no unit of {len(units)} is done in {out} yet: nothing to report")
+        return
+    best_single = "(single not run)"
+    if "single" in exp.pretrain.methods:
+        probe_done = start_model(out, "joint", exp.pretrain.seeds[0]).exists()
+        best_single = choose_single_task(exp, out, make_split(exp, out)) if probe_done else "(not chosen yet)"
+    write_report(exp, out, title, results, md_results, best_single,
+                 f"interim: {len(results)} of {len(units)} units, {len(md_results)} of {len(md_runs)} MD runs done")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -389,7 +420,9 @@ class MdRun:
 
 
 def plan_units(exp: Experiment) -> list[Unit]:
-    """Fine-tune units of every start (zero-shot once per seed), then MACE units when MACE can run."""
+    """Fine-tune units of every start (zero-shot once per seed) and MACE units when MACE can run, in rounds:
+    every method at every N for seed 0, subset 0 first, then the next subset and seed, so a grid stopped
+    midway (or its interim --report) compares all methods on the same draws."""
     starts = ["none", *exp.pretrain.methods]
     units = [Unit(method, seed, n, subset) for method in starts for seed in exp.pretrain.seeds
              for n in [0, *exp.finetune.sizes] for subset in (exp.finetune.subsets if n else exp.finetune.subsets[:1])]
@@ -399,7 +432,7 @@ def plan_units(exp: Experiment) -> list[Unit]:
         at_md_n = [u for u in mace if exp.md is not None and u.n == exp.md.n]
         runs = {u: len(range(i, exp.md.runs, len(at_md_n))) for i, u in enumerate(at_md_n)}
         units += [dataclasses.replace(u, md_runs=runs.get(u, 0)) for u in mace]
-    return units
+    return sorted(units, key=lambda u: (exp.pretrain.seeds.index(u.seed), exp.finetune.subsets.index(u.subset), u.n))
 
 
 def plan_md_runs(exp: Experiment, units: list[Unit]) -> list[MdRun]:
@@ -646,12 +679,12 @@ def summarise(exp: Experiment, results: list[dict]) -> list[dict]:
 
 
 def write_report(exp: Experiment, out: Path, title: str, results: list[dict], md_results: list[dict],
-                 best_single: str, seconds: float) -> None:
+                 best_single: str, headline: str) -> dict:
     from mlfound.data.files import atomic_write_bytes, json_text
     from mlfound.evaluate import plot_learning_curves
 
     md = md_summaries(results, md_results)
-    lines = [*table_lines(exp, summarise(exp, results), results, best_single, seconds), *md_lines(exp, md)]
+    lines = [*table_lines(exp, summarise(exp, results), results, best_single, headline), *md_lines(exp, md)]
     table = "\n".join(line.rstrip() for line in lines)
     print(table)
     atomic_write_bytes(out / "table.txt", (table + "\n").encode())
@@ -664,8 +697,8 @@ def write_report(exp: Experiment, out: Path, title: str, results: list[dict], md
             curves.setdefault(r["method"], {}).setdefault(r["n"], []).append(r["test"])
     plot_learning_curves(curves, out / "learning_curve.png",
                          f"{title}: new head {exp.target.head} ({exp.target.file.name}), test error")
-    write_model_cards(exp, out, report)
-    print(f"wrote {out / 'table.txt'}, results.json, learning_curve.png, model_cards/")
+    print(f"wrote {out / 'table.txt'}, results.json, learning_curve.png")
+    return report
 
 
 def write_model_cards(exp: Experiment, out: Path, report: dict) -> None:
@@ -679,14 +712,15 @@ def write_model_cards(exp: Experiment, out: Path, report: dict) -> None:
             card = card_from_results(report, method, seed, command, ROOT)
             atomic_write_bytes(out / "model_cards" / f"{method}_s{seed}.json",
                                json_text(card.model_dump(mode="json")).encode())
+    print(f"wrote {out / 'model_cards'}/")
 
 
-def table_lines(exp: Experiment, rows: list[dict], results: list[dict], best_single: str, seconds: float) -> list:
+def table_lines(exp: Experiment, rows: list[dict], results: list[dict], best_single: str, headline: str) -> list:
     ft, p = exp.finetune, exp.pretrain
     tuned = [r for r in results if r["n"] and r["method"] != "mace"]
     at_cap = sum(r["best_step"] == ft.max_steps for r in tuned)
     recipes = "; ".join(f"{name} {json.dumps(recipe)}" for name, recipe in ft.recipes.items())
-    lines = [f"# {len(results)} units, {seconds / 60:.1f} min in all; best single LoT: {best_single}",
+    lines = [f"# {headline}; best single LoT: {best_single}",
              f"# pretraining: {p.grad_steps} gradient steps per rank, config {_shown(p.config)} {p.overrides}",
              f"# fine-tuning recipes, at most {ft.max_steps} steps each: {recipes}",
              "# each fine-tune keeps the recipe with the lowest validation loss; only that one is tested; "

@@ -92,6 +92,27 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
     assert "12 units, 0 to run" in again.stdout and "4 MD runs, 0 to run" in again.stdout
     assert "pretrained" not in again.stdout
 
+    missing = out / "results" / "reptile_k5_s1_n10_sub1.json"  # an interim report of a grid stopped midway
+    missing.unlink()
+    interim = run(experiment, out, "finetune.sizes=[10]", "--report")
+    assert interim.returncode == 0, interim.stderr[-3000:]
+    assert "to run" not in interim.stdout and not missing.exists()  # it ran nothing
+    table = (out / "table.txt").read_text()
+    assert table.startswith("# interim: 11 of 12 units, 4 of 4 MD runs done")
+    assert f"{'reptile_k5':<13}{10:>4}{3:>5}" in table and f"{'none':<13}{10:>4}{4:>5}" in table
+
+
+def test_units_run_in_rounds_so_a_grid_stopped_midway_compares_every_method(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    from paper_experiment import load_experiment, plan_units
+
+    exp = load_experiment(ROOT / "configs" / "experiments" / "e2.yaml", ["mace.enabled=false"])
+    units = plan_units(exp)
+    draws = [(u.seed, u.subset) for u in units]
+    assert draws == sorted(draws) and draws[0] == (0, 0)
+    first_round = {(u.method, u.n) for u in units if (u.seed, u.subset) == (0, 0)}
+    assert first_round == {(m, n) for m in ("none", *exp.pretrain.methods) for n in (0, *exp.finetune.sizes)}
+
 
 def test_unknown_recipe_key_fails_before_anything_runs(tmp_path):
     recipes = {"cosine": {"lr": 1.0e-2}, "low_trunk": {"lr": 1.0e-2, "lr_trunc": 1.0e-3}}
