@@ -30,7 +30,8 @@ its last checkpoint, written every 5% of the run):
 Outputs: <out>/table.txt (mean ± std over seeds x subsets), results.json, learning_curve.png, and
 model_cards/<method>_s<seed>.json for every pretrained start (`mlfound export MODEL --card ...` attaches one).
 Units run in rounds (every method and N at seed 0, subset 0, then the next draw), so `--report` gives a fair
-interim table of a grid still running or stopped midway: it runs nothing and says how much of the plan it covers.
+interim table of a grid still running or stopped midway: it runs nothing, reports the draws whose every unit is
+done, and says how much of the plan they cover.
 """
 import argparse
 import concurrent.futures as cf
@@ -213,21 +214,27 @@ def run_experiment(exp: Experiment, out: Path, workers: int, title: str) -> None
 
 
 def report_so_far(exp: Experiment, out: Path, title: str) -> None:
-    """The report over the units and MD runs done so far; runs nothing, and writes no model cards (they
-    would quote a partial learning curve). The grid's rounds (plan_units) keep a partial table fair."""
+    """The report over the draws (seed, subset) whose every unit is done, so that every method is compared
+    on the same draws, and the MD runs done; runs nothing, and writes no model cards (they would quote a
+    partial learning curve)."""
     units = plan_units(exp)
     md_runs = plan_md_runs(exp, units)
-    results = [json.loads(result_path(out, u).read_text()) for u in units if is_done(exp, out, u)]
+    draws: dict[tuple[int, int], list[Unit]] = {}
+    for unit in units:
+        draws.setdefault((unit.seed, unit.subset), []).append(unit)
+    complete = [draw for draw, draw_units in draws.items() if all(is_done(exp, out, u) for u in draw_units)]
+    results = [json.loads(result_path(out, u).read_text()) for draw in complete for u in draws[draw]]
     md_results = [json.loads(result_path(out, r).read_text()) for r in md_runs if is_done(exp, out, r)]
     if not results:
-        print(f"no unit of {len(units)} is done in {out} yet: nothing to report")
+        print(f"no draw (seed, subset) has all its units done in {out} yet: nothing to report")
         return
     best_single = "(single not run)"
     if "single" in exp.pretrain.methods:
         probe_done = start_model(out, "joint", exp.pretrain.seeds[0]).exists()
         best_single = choose_single_task(exp, out, make_split(exp, out)) if probe_done else "(not chosen yet)"
     write_report(exp, out, title, results, md_results, best_single,
-                 f"interim: {len(results)} of {len(units)} units, {len(md_results)} of {len(md_runs)} MD runs done")
+                 f"interim: {len(complete)} of {len(draws)} draws (seed, subset) complete {complete}, "
+                 f"{len(results)} of {len(units)} units; {len(md_results)} of {len(md_runs)} MD runs done")
 
 
 # -- data --------------------------------------------------------------------------------------
