@@ -732,7 +732,7 @@ def table_lines(exp: Experiment, rows: list[dict], results: list[dict], best_sin
              f"# fine-tuning recipes, at most {ft.max_steps} steps each: {recipes}",
              "# each fine-tune keeps the recipe with the lowest validation loss; only that one is tested; "
              f"{at_cap} of {len(tuned)} kept fine-tunes were best at the last step",
-             f"# test errors mean ± std over {len(p.seeds)} seeds x {len(ft.subsets)} subsets "
+             f"# test errors mean ± std over `runs` draws of {len(p.seeds)} seeds x {len(ft.subsets)} subsets "
              "(n = 0: zero-shot, refitted references; mace: MACE from scratch, same splits)",
              f"{'method':<13}{'N':>4}{'runs':>5}{'E MAE meV/atom':>18}{'F MAE meV/Å':>16}{'train F MAE':>14}"
              f"{'scan d2 err meV':>18}{'spurious':>11}  recipe chosen"]
