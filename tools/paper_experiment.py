@@ -16,22 +16,28 @@ repository root; --out defaults to runs/<experiment>/paper.
 Stages, each skipping what <out> already holds (rerun the command to resume; a pretraining run goes on from
 its last checkpoint, written every 5% of the run):
   shards    pretrain.corpus/*.extxyz into pretrain.shards (10% validation) when a task has none
-  pretrain  2 DeepSpeed ranks per run, pretrain.grad_steps gradient steps per rank, every method at every
-            seed: `single` (the LoT whose head `auto` picks for the target after a joint run), `joint`
-            (multi-head Adam) and `reptile_k<k>`; `none` is the model at its random initialisation
+  pretrain  2 DeepSpeed ranks per run, pretrain.grad_steps gradient steps per rank, every method at each
+            seed before that seed's units: `single` (the LoT whose head `auto` picks for the target after a
+            joint run), `joint` (multi-head Adam) and `reptile_k<k>`; `none` is the model at its random
+            initialisation
   finetune  a new head for the target LoT, `init=auto`, on N structures of a fixed pool (finetune.subsets
             draws per N); every recipe of finetune.recipes runs and the one whose kept weights have the lowest
             validation loss (one loss form for all) is alone tested (test split, torsion scan); scratch goes
             through the same grid. N = 0: zero-shot (references refitted on 50 pool structures, no training)
   mace      MACE from scratch on the same train subsets, validation and test splits
             (tools/peers/mace_cli.py in .venv-mace; left out with a note when that venv is missing)
-  md        md.runs Langevin runs per method from the first test structure, with models fine-tuned on
-            N = md.n; run i has seed i and uses that method's unit i mod (its number of units at md.n)
+  md        inside the units at N = md.n: md.runs Langevin runs per method (mlfound and MACE alike) from the
+            first test structure, split over the method's units at md.n, seeds 0, 1, ... within each unit
 Outputs: <out>/table.txt (mean ± std over seeds x subsets), results.json, learning_curve.png, and
 model_cards/<method>_s<seed>.json for every pretrained start (`mlfound export MODEL --card ...` attaches one).
 Units run in rounds (every method and N at seed 0, subset 0, then the next draw), so `--report` gives a fair
 interim table of a grid still running or stopped midway: it runs nothing, reports the draws whose every unit is
 done, and says how much of the plan they cover.
+
+A grid longer than one machine's life is kept in git: with --out under docs/experiments/ (its .gitignore keeps
+out the bulky, remade parts), the start models and every unit's result are committed as they come, and the same
+command in a fresh clone goes on from there. Paths in the record are relative to the repository, and a unit's
+result holds its start model's sha256, so a result is reused only with the model it was made from.
 """
 import argparse
 import concurrent.futures as cf
@@ -198,33 +204,34 @@ def main(argv=None) -> int:
 
 
 def run_experiment(exp: Experiment, out: Path, workers: int, title: str) -> None:
+    """Seed by seed: that seed's pretraining runs, then its units, so a grid stopped midway holds whole
+    draws rather than every pretraining run and no fine-tune."""
     start = time.perf_counter()
     split = make_split(exp, out)
     units = plan_units(exp)
-    md_runs = plan_md_runs(exp, units)
-    print_plan(exp, units, md_runs)
-    best_single = pretrain_all(exp, out, split)
-    print(f"pretraining done after {(time.perf_counter() - start) / 60:.1f} min", flush=True)
-    results = run_jobs(exp, out, split, units, "units", workers)
-    md_results = run_jobs(exp, out, split, md_runs, "MD runs", workers)
+    print_plan(exp, units)
+    best_single = prepare_starts(exp, out, split)
+    for seed in exp.pretrain.seeds:
+        for method in exp.pretrain.methods:
+            pretrain(exp, out, method, seed, best_single if method == "single" else None)
+        print(f"seed {seed}: pretrained, {(time.perf_counter() - start) / 60:.1f} min in", flush=True)
+        run_jobs(exp, out, split, [u for u in units if u.seed == seed], f"units of seed {seed}", workers)
+    results = [json.loads(result_path(out, unit).read_text()) for unit in units]
     minutes = (time.perf_counter() - start) / 60
-    report = write_report(exp, out, title, results, md_results, best_single,
-                          f"{len(results)} units, {minutes:.1f} min in all")
+    report = write_report(exp, out, title, results, best_single, f"{len(results)} units, {minutes:.1f} min in all")
     write_model_cards(exp, out, report)
 
 
 def report_so_far(exp: Experiment, out: Path, title: str) -> None:
     """The report over the draws (seed, subset) whose every unit is done, so that every method is compared
-    on the same draws, and the MD runs done; runs nothing, and writes no model cards (they would quote a
+    on the same draws (MD runs included); runs nothing, and writes no model cards (they would quote a
     partial learning curve)."""
     units = plan_units(exp)
-    md_runs = plan_md_runs(exp, units)
     draws: dict[tuple[int, int], list[Unit]] = {}
     for unit in units:
         draws.setdefault((unit.seed, unit.subset), []).append(unit)
     complete = [draw for draw, draw_units in draws.items() if all(is_done(exp, out, u) for u in draw_units)]
     results = [json.loads(result_path(out, u).read_text()) for draw in complete for u in draws[draw]]
-    md_results = [json.loads(result_path(out, r).read_text()) for r in md_runs if is_done(exp, out, r)]
     if not results:
         print(f"no draw (seed, subset) has all its units done in {out} yet: nothing to report")
         return
@@ -232,9 +239,10 @@ def report_so_far(exp: Experiment, out: Path, title: str) -> None:
     if "single" in exp.pretrain.methods:
         probe_done = start_model(out, "joint", exp.pretrain.seeds[0]).exists()
         best_single = choose_single_task(exp, out, make_split(exp, out)) if probe_done else "(not chosen yet)"
-    write_report(exp, out, title, results, md_results, best_single,
+    md_done = sum(len(r["md"]["runs"]) for r in results if r.get("md"))
+    write_report(exp, out, title, results, best_single,
                  f"interim: {len(complete)} of {len(draws)} draws (seed, subset) complete {complete}, "
-                 f"{len(results)} of {len(units)} units; {len(md_results)} of {len(md_runs)} MD runs done")
+                 f"{len(results)} of {len(units)} units; {md_done} of {sum(u.md_runs for u in units)} MD runs done")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -284,8 +292,8 @@ def check_same_models(exp: Experiment, out: Path) -> None:
     """Models and splits in ``out`` are reused: refuse an ``out`` made from another corpus, config or target."""
     from mlfound.data.files import atomic_write_bytes, json_text
 
-    made_by = {"pretrain": exp.pretrain.model_dump(mode="json", exclude={"methods", "seeds", "shards"}),
-               "target": exp.target.model_dump(mode="json")}
+    made_by = portable({"pretrain": exp.pretrain.model_dump(mode="json", exclude={"methods", "seeds", "shards"}),
+                        "target": exp.target.model_dump(mode="json")})
     path = out / "models_made_by.json"
     if path.exists():
         before = json.loads(path.read_text())
@@ -332,15 +340,13 @@ def pretrain_config(exp: Experiment, method: str, run_dir: Path, seed: int, sing
     return load_config(exp.pretrain.config, run_overrides(exp, method, run_dir, seed, single_task))
 
 
-def pretrain_all(exp: Experiment, out: Path, split: dict[str, Path]) -> str:
-    """Every start model as a release in <out>/models; returns the single-task choice."""
+def prepare_starts(exp: Experiment, out: Path, split: dict[str, Path]) -> str:
+    """The scratch starts of every seed as releases in <out>/models, and the single-task choice (from the
+    first seed's joint run); returns that choice."""
     for seed in exp.pretrain.seeds:
         scratch_release(exp, out, seed)
     best_single = choose_single_task(exp, out, split) if "single" in exp.pretrain.methods else "(single not run)"
     print(f"best single LoT for the target: {best_single}", flush=True)
-    for method in exp.pretrain.methods:
-        for seed in exp.pretrain.seeds:
-            pretrain(exp, out, method, seed, best_single if method == "single" else None)
     return best_single
 
 
@@ -407,50 +413,32 @@ class Unit:
     seed: int  # the pretraining seed (MACE: its training seed)
     n: int
     subset: int
-    md_runs: int = 0  # MACE only: Langevin runs of this unit (mlfound models run MD as MdRun jobs)
+    md_runs: int = 0  # Langevin runs with this unit's model (units at md.n only)
 
     @property
     def name(self) -> str:
         return f"{self.method}_s{self.seed}_n{self.n}_sub{self.subset}"
 
 
-@dataclasses.dataclass(frozen=True)
-class MdRun:
-    """Langevin run ``index`` (seed ``index``) of ``method``, with the model fine-tuned in ``unit``."""
-    method: str
-    index: int
-    unit: Unit
-
-    @property
-    def name(self) -> str:
-        return f"md_{self.method}_run{self.index}"
-
-
 def plan_units(exp: Experiment) -> list[Unit]:
     """Fine-tune units of every start (zero-shot once per seed) and MACE units when MACE can run, in rounds:
     every method at every N for seed 0, subset 0 first, then the next subset and seed, so a grid stopped
-    midway (or its interim --report) compares all methods on the same draws."""
+    midway (or its interim --report) compares all methods on the same draws. Each method's md.runs MD runs
+    are split over its units at md.n in that order (run i in unit i mod their number)."""
     starts = ["none", *exp.pretrain.methods]
     units = [Unit(method, seed, n, subset) for method in starts for seed in exp.pretrain.seeds
              for n in [0, *exp.finetune.sizes] for subset in (exp.finetune.subsets if n else exp.finetune.subsets[:1])]
     if mace_unavailable(exp) is None:
-        mace = [Unit("mace", seed, n, subset) for seed in exp.pretrain.seeds for n in exp.finetune.sizes
-                for subset in exp.finetune.subsets]
-        at_md_n = [u for u in mace if exp.md is not None and u.n == exp.md.n]
-        runs = {u: len(range(i, exp.md.runs, len(at_md_n))) for i, u in enumerate(at_md_n)}
-        units += [dataclasses.replace(u, md_runs=runs.get(u, 0)) for u in mace]
-    return sorted(units, key=lambda u: (exp.pretrain.seeds.index(u.seed), exp.finetune.subsets.index(u.subset), u.n))
-
-
-def plan_md_runs(exp: Experiment, units: list[Unit]) -> list[MdRun]:
-    """md.runs runs per mlfound method; run i uses the method's unit i mod (its units at md.n)."""
+        units += [Unit("mace", seed, n, subset) for seed in exp.pretrain.seeds for n in exp.finetune.sizes
+                  for subset in exp.finetune.subsets]
+    units = sorted(units, key=lambda u: (exp.pretrain.seeds.index(u.seed), exp.finetune.subsets.index(u.subset), u.n))
     if exp.md is None:
-        return []
-    runs = []
-    for method in ["none", *exp.pretrain.methods]:
+        return units
+    md_runs = {}
+    for method in [*starts, "mace"]:
         at_md_n = [u for u in units if u.method == method and u.n == exp.md.n]
-        runs += [MdRun(method, i, at_md_n[i % len(at_md_n)]) for i in range(exp.md.runs)]
-    return runs
+        md_runs |= {u: len(range(i, exp.md.runs, len(at_md_n))) for i, u in enumerate(at_md_n)}
+    return [dataclasses.replace(u, md_runs=md_runs.get(u, 0)) for u in units]
 
 
 def mace_unavailable(exp: Experiment) -> str | None:
@@ -464,7 +452,7 @@ def mace_unavailable(exp: Experiment) -> str | None:
     return None
 
 
-def print_plan(exp: Experiment, units: list[Unit], md_runs: list[MdRun]) -> None:
+def print_plan(exp: Experiment, units: list[Unit]) -> None:
     p = exp.pretrain
     num_probes = int("single" in p.methods and "joint" not in p.methods)  # the single-task choice's joint run
     probe = f" + {num_probes} joint probe for the single-task choice" if num_probes else ""
@@ -474,63 +462,68 @@ def print_plan(exp: Experiment, units: list[Unit], md_runs: list[MdRun]) -> None
     print(f"plan: {num_pretrain} pretraining runs ({len(p.methods)} methods x {len(p.seeds)} seeds{probe}); "
           f"{len(tuned)} fine-tune units x {num_recipes} recipes = {len(tuned) * num_recipes} fine-tunes "
           f"+ {len(units) - len(tuned) - len(mace)} zero-shot; {len(mace)} MACE units; "
-          f"{len(md_runs) + sum(u.md_runs for u in mace)} MD runs", flush=True)
+          f"{sum(u.md_runs for u in units)} MD runs inside the units at N = md.n", flush=True)
     if mace_unavailable(exp):
         print(f"MACE rows are left out: {mace_unavailable(exp)}", flush=True)
 
 
 # -- jobs: resumable, in parallel ----------------------------------------------------------------
-def run_jobs(exp: Experiment, out: Path, split: dict[str, Path], jobs: list, what: str, workers: int) -> list[dict]:
-    """Run the jobs whose result is missing or was made with other inputs; every job's result, in order."""
-    todo = [job for job in jobs if not is_done(exp, out, job)]
-    print(f"{len(jobs)} {what}, {len(todo)} to run", flush=True)
+def run_jobs(exp: Experiment, out: Path, split: dict[str, Path], units: list[Unit], what: str, workers: int) -> None:
+    """Run the units whose result is missing or was made with other inputs."""
+    todo = [unit for unit in units if not is_done(exp, out, unit)]
+    print(f"{len(units)} {what}, {len(todo)} to run", flush=True)
     with cf.ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(run_job, exp, out, split, job) for job in todo]
+        futures = [pool.submit(run_unit, exp, out, split, unit) for unit in todo]
         for i, future in enumerate(cf.as_completed(futures), 1):
             future.result()
             if i % 10 == 0 or i == len(todo):
                 print(f"  {i}/{len(todo)} {what} done", flush=True)
-    return [json.loads(result_path(out, job).read_text()) for job in jobs]
 
 
-def result_path(out: Path, job: Unit | MdRun) -> Path:
-    return out / "results" / ("md" if isinstance(job, MdRun) else "") / f"{job.name}.json"
+def result_path(out: Path, unit: Unit) -> Path:
+    return out / "results" / f"{unit.name}.json"
 
 
 def finetuned_model(out: Path, unit: Unit) -> Path:
     return out / "finetuned" / f"{unit.name}.safetensors"
 
 
-def job_inputs(exp: Experiment, job: Unit | MdRun) -> dict:
-    """What a job's result depends on beyond the models and splits (check_same_models guards those)."""
-    if isinstance(job, MdRun):
-        md = exp.md.model_dump(exclude={"n", "runs"})  # more runs keep the first ones
-        return {"model": job.unit.name, "finetune": job_inputs(exp, job.unit), **md}
-    if job.method == "mace":
-        md = exp.md.model_dump(exclude={"n", "runs"}) if job.md_runs else None
-        return {"max_epochs": exp.mace.max_epochs, "md_runs": job.md_runs, "md": md}
-    return {"max_steps": exp.finetune.max_steps, "recipes": exp.finetune.recipes} if job.n else {"max_steps": 0}
+def unit_inputs(exp: Experiment, out: Path, unit: Unit) -> dict:
+    """What a unit's result depends on beyond the splits (check_same_models guards those): for a fine-tune,
+    its start model's sha256, so a result is never reused with a start model made again differently."""
+    from mlfound.data.files import sha256_file
+
+    md = exp.md.model_dump(exclude={"n", "runs"}) if unit.md_runs else None
+    if unit.method == "mace":
+        return {"max_epochs": exp.mace.max_epochs, "md_runs": unit.md_runs, "md": md}
+    training = {"max_steps": exp.finetune.max_steps, "recipes": exp.finetune.recipes} if unit.n else {"max_steps": 0}
+    start = {"start_sha256": sha256_file(start_model(out, unit.method, unit.seed))}
+    return portable({**training, **start, "md_runs": unit.md_runs, "md": md})
 
 
-def is_done(exp: Experiment, out: Path, job: Unit | MdRun) -> bool:
-    path = result_path(out, job)
-    if not path.exists() or (isinstance(job, Unit) and job.method != "mace" and job.n
-                             and not finetuned_model(out, job).exists()):
-        return False
-    return json.loads(path.read_text()).get("inputs") == json.loads(json.dumps(job_inputs(exp, job)))
+def is_done(exp: Experiment, out: Path, unit: Unit) -> bool:
+    path = result_path(out, unit)
+    return path.exists() and json.loads(path.read_text()).get("inputs") == unit_inputs(exp, out, unit)
 
 
-def run_job(exp: Experiment, out: Path, split: dict[str, Path], job: Unit | MdRun) -> None:
+def run_unit(exp: Experiment, out: Path, split: dict[str, Path], unit: Unit) -> None:
     from mlfound.data.files import atomic_write_bytes, json_text
 
-    if isinstance(job, MdRun):
-        row = md_run(exp, out, split, job)
-    elif job.method == "mace":
-        row = mace_unit(exp, out, split, job)
-    else:
-        row = finetune_unit(exp, out, split, job)
-    row.update(method=job.method, inputs=job_inputs(exp, job))
-    atomic_write_bytes(result_path(out, job), json_text(row).encode())
+    row = mace_unit(exp, out, split, unit) if unit.method == "mace" else finetune_unit(exp, out, split, unit)
+    row.update(method=unit.method, inputs=unit_inputs(exp, out, unit))
+    atomic_write_bytes(result_path(out, unit), json_text(row).encode())
+
+
+def portable(value):
+    """``value`` (JSON) with paths inside the repository relative to it, so that a grid's record reads the
+    same in every clone."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item) for item in value]
+    if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(ROOT):
+        return _shown(Path(value))
+    return value
 
 
 # -- fine-tuning -------------------------------------------------------------------------------
@@ -551,7 +544,8 @@ def finetune_unit(exp: Experiment, out: Path, split: dict[str, Path], unit: Unit
             "recipe": recipe, "validation_loss": validation_loss, "best_step": result.best_step,
             "seconds": time.perf_counter() - tic, "init": result.release.metadata["heads"][head]["initialised_from"],
             "train": evaluate(result.release, train, head), "test": evaluate(result.release, test, head),
-            "scan": scan_smoothness(exp, result.release), "references_only": references_only(train, test)}
+            "scan": scan_smoothness(exp, result.release), "references_only": references_only(train, test),
+            "md": md_runs(exp, split, result.release, unit.md_runs) if unit.md_runs else None}
 
 
 def best_recipe(exp: Experiment, base, train: list, val: list, unit: Unit):
@@ -632,30 +626,31 @@ def mace_unit(exp: Experiment, out: Path, split: dict[str, Path], unit: Unit) ->
             "md": report.get("md")}
 
 
-def md_run(exp: Experiment, out: Path, split: dict[str, Path], job: MdRun) -> dict:
-    """Langevin MD until the first unphysical event, from the first test structure."""
+def md_runs(exp: Experiment, split: dict[str, Path], release, runs: int) -> dict:
+    """``runs`` Langevin runs (seeds 0, 1, ...) until the first unphysical event, from the first test
+    structure; in the form tools/peers/mace_cli.py reports MACE's."""
     from ase.io import read
 
     from mlfound.calculator import MLFoundCalculator
     from mlfound.md_stability import first_unphysical_event
 
-    calc = MLFoundCalculator(str(finetuned_model(out, job.unit)), head=exp.target.head)
-    run = first_unphysical_event(read(split["test"], index=0), calc, temperature_k=exp.md.temperature_k,
-                                 steps=exp.md.steps, timestep_fs=exp.md.timestep_fs, seed=job.index)
-    return {"run": job.index, "model": job.unit.name, **dataclasses.asdict(run)}
+    calc = MLFoundCalculator(release, head=exp.target.head)
+    start = read(split["test"], index=0)
+    return {"runs": [dataclasses.asdict(first_unphysical_event(start, calc, temperature_k=exp.md.temperature_k,
+                                                               steps=exp.md.steps, timestep_fs=exp.md.timestep_fs,
+                                                               seed=seed)) for seed in range(runs)]}
 
 
-def md_summaries(results: list[dict], md_results: list[dict]) -> dict[str, dict]:
-    """stability_summary per method: mlfound methods from their MD runs, MACE from its units' runs."""
+def md_summaries(results: list[dict]) -> dict[str, dict]:
+    """stability_summary per method, over the MD runs of its units."""
     from mlfound.md_stability import StabilityRun, stability_summary
 
     fields = [field.name for field in dataclasses.fields(StabilityRun)]
     runs: dict[str, list] = {}
-    for r in md_results:
-        runs.setdefault(r["method"], []).append(StabilityRun(**{k: r[k] for k in fields}))
     for r in results:
-        if r["method"] == "mace" and r.get("md"):
-            runs.setdefault("mace", []).extend(StabilityRun(**{k: run[k] for k in fields}) for run in r["md"]["runs"])
+        if r.get("md"):
+            runs.setdefault(r["method"], []).extend(StabilityRun(**{k: run[k] for k in fields})
+                                                    for run in r["md"]["runs"])
     return {method: stability_summary(method_runs) for method, method_runs in runs.items()}
 
 
@@ -685,18 +680,18 @@ def summarise(exp: Experiment, results: list[dict]) -> list[dict]:
     return rows
 
 
-def write_report(exp: Experiment, out: Path, title: str, results: list[dict], md_results: list[dict],
-                 best_single: str, headline: str) -> dict:
+def write_report(exp: Experiment, out: Path, title: str, results: list[dict], best_single: str,
+                 headline: str) -> dict:
     from mlfound.data.files import atomic_write_bytes, json_text
     from mlfound.evaluate import plot_learning_curves
 
-    md = md_summaries(results, md_results)
+    md = md_summaries(results)
     lines = [*table_lines(exp, summarise(exp, results), results, best_single, headline), *md_lines(exp, md)]
     table = "\n".join(line.rstrip() for line in lines)
     print(table)
     atomic_write_bytes(out / "table.txt", (table + "\n").encode())
-    report = {"experiment": exp.model_dump(mode="json"), "best_single": best_single, "units": results,
-              "md_runs": md_results, "md_summary": md}
+    report = {"experiment": portable(exp.model_dump(mode="json")), "best_single": best_single, "units": results,
+              "md_summary": md}
     atomic_write_bytes(out / "results.json", json_text(report).encode())
     curves = {}
     for r in results:
@@ -755,8 +750,8 @@ def md_lines(exp: Experiment, summaries: dict[str, dict]) -> list[str]:
     md = exp.md
     lines = [f"# MD stability: {md.runs} Langevin runs per method at {md.temperature_k:g} K, {md.steps} steps of "
              f"{md.timestep_fs:g} fs from the first test structure, models fine-tuned on N = {md.n} "
-             "(run i: seed i, the method's unit i mod its units; mace: the runs split over its units, seeds from 0 "
-             "in each); times to the first unphysical event, a stable run "
+             "(the runs split over the method's units at that N, seeds from 0 in each); "
+             "times to the first unphysical event, a stable run "
              f"counting at its full length ({md.steps * md.timestep_fs:g} fs)",
              f"{'method':<13}{'stable':>8}{'median fs':>11}{'min fs':>9}  events"]
     for method in ["none", *exp.pretrain.methods, "mace"]:

@@ -47,8 +47,9 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
     experiment, out = toy_experiment(tmp_path, RECIPES), tmp_path / "paper"
     first = run(experiment, out, "finetune.sizes=[10]")  # the command line overrides the YAML's [10, 25]
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "12 units, 12 to run" in first.stdout  # (none, reptile_k5) x 2 seeds x (zero-shot, 2 subsets)
-    assert "4 MD runs, 4 to run" in first.stdout  # 2 per method
+    for seed in (0, 1):  # seed by seed: (none, reptile_k5) x (zero-shot, 2 subsets)
+        assert f"6 units of seed {seed}, 6 to run" in first.stdout
+    assert "4 MD runs inside the units at N = md.n" in first.stdout  # 2 per method
     assert "MACE rows are left out: mace.enabled is false" in first.stdout
     report = json.loads((out / "results.json").read_text())
     units = report["units"]
@@ -73,8 +74,8 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
     assert "lowest validation loss" in table and "references" in table
     assert (out / "learning_curve.png").stat().st_size > 0
 
-    assert sorted((r["method"], r["run"], r["model"]) for r in report["md_runs"]) == sorted(
-        (m, i, f"{m}_s0_n10_sub{i}") for m in ("none", "reptile_k5") for i in (0, 1))  # run i: unit i mod 4
+    md_runs = {(r["method"], r["seed"], r["subset"]): len(r["md"]["runs"]) for r in units if r["md"]}
+    assert md_runs == {(m, 0, sub): 1 for m in ("none", "reptile_k5") for sub in (0, 1)}  # run i: unit i mod 4
     assert {m: s["num_runs"] for m, s in report["md_summary"].items()} == {"none": 2, "reptile_k5": 2}
     assert "# MD stability" in table and all(f"{m:<13}" in table.split("# MD stability")[1]
                                              for m in ("none", "reptile_k5"))
@@ -89,8 +90,11 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
 
     again = run(experiment, out, "finetune.sizes=[10]")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "12 units, 0 to run" in again.stdout and "4 MD runs, 0 to run" in again.stdout
-    assert "pretrained" not in again.stdout
+    assert "6 units of seed 0, 0 to run" in again.stdout and "6 units of seed 1, 0 to run" in again.stdout
+    assert "pretrained reptile" not in again.stdout
+    # the record reads the same in any clone (it is kept in git for grids longer than a machine's life)
+    for record in [out / "models_made_by.json", *(out / "results").glob("*.json")]:
+        assert str(ROOT) not in record.read_text(), record
 
     missing = out / "results" / "reptile_k5_s1_n10_sub1.json"  # an interim report of a grid stopped midway
     missing.unlink()
@@ -103,6 +107,12 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
                             "4 of 4 MD runs done")
     assert f"{'reptile_k5':<13}{10:>4}{3:>5}" in table and f"{'none':<13}{10:>4}{3:>5}" in table
 
+    models = out / "models"  # a start model made again differently: the results made from the old one are not reused
+    (models / "reptile_k5_s0.safetensors").write_bytes((models / "none_s0.safetensors").read_bytes())
+    changed = run(experiment, out, "finetune.sizes=[10]", "--report")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert (out / "table.txt").read_text().startswith("# interim: 1 of 4 draws (seed, subset) complete [(1, 0)]")
+
 
 def test_units_run_in_rounds_so_a_grid_stopped_midway_compares_every_method(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "tools"))
@@ -114,6 +124,9 @@ def test_units_run_in_rounds_so_a_grid_stopped_midway_compares_every_method(monk
     assert draws == sorted(draws) and draws[0] == (0, 0)
     first_round = {(u.method, u.n) for u in units if (u.seed, u.subset) == (0, 0)}
     assert first_round == {(m, n) for m in ("none", *exp.pretrain.methods) for n in (0, *exp.finetune.sizes)}
+    for method in ("none", *exp.pretrain.methods):  # md.runs per method, in its first units at md.n
+        runs = [u.md_runs for u in units if u.method == method and u.n == exp.md.n]
+        assert sum(runs) == exp.md.runs and runs == sorted(runs, reverse=True)
 
 
 def test_unknown_recipe_key_fails_before_anything_runs(tmp_path):
