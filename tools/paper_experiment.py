@@ -7,8 +7,9 @@ per experiment (configs/experiments/):
     python tools/paper_experiment.py --experiment configs/experiments/e2.yaml     # E2: 109 drug-like molecules
     python tools/paper_experiment.py --experiment configs/experiments/e1.yaml finetune.sizes=[10,50] md.runs=4
 
-Corpora: data/demo is committed; `python tools/make_qm_dataset.py --recipe e1-one-molecule --out data/e1
---workers 2` (e2-many-molecules, data/e2) makes the others. Dotted overrides follow the file (defaults <
+Corpora: data/demo and data/e1 are committed, data/e2 as corpus.tar.xz (`tar -xJf data/e2/corpus.tar.xz -C
+data/e2`); `python tools/make_qm_dataset.py --recipe e1-one-molecule --out data/e1 --workers 2`
+(e2-many-molecules, data/e2) makes them again. Dotted overrides follow the file (defaults <
 YAML < command line; unknown keys are errors naming the key, and every fine-tuning recipe is checked
 against FinetuneConfig before anything runs). Relative paths in the YAML are relative to the
 repository root; --out defaults to runs/<experiment>/paper.
@@ -254,8 +255,11 @@ def make_shards(exp: Experiment) -> None:
         return
     sources = sorted(corpus.glob("*.extxyz"))
     if not sources:
+        packed = corpus / "corpus.tar.xz"
+        make = f"unpack it first: tar -xJf {packed} -C {corpus}" if packed.exists() else \
+            "make the corpus first (tools/make_qm_dataset.py)"
         raise ConfigError(f"pretrain.corpus {corpus} has no *.extxyz and pretrain.shards {shards} lacks the tasks "
-                          f"{_missing_tasks(shards, tasks)}: make the corpus first (tools/make_qm_dataset.py)")
+                          f"{_missing_tasks(shards, tasks)}: {make}")
     cmd = [sys.executable, str(ROOT / "tools" / "shard_dataset.py"), *map(str, sources), "--out", str(shards),
            "--val-fraction", "0.1"]
     subprocess.run(cmd, check=True)
