@@ -71,12 +71,13 @@ def card_from_results(report: dict, method: str, seed: int, command: str, root: 
     """The card of start ``method`` (pretraining seed ``seed``) from a paper_experiment results.json.
 
     Each point is the mean test error over the training subsets (and, for the baselines, the pretraining
-    seed's scratch model and MACE runs with that seed); paths are shown relative to ``root``."""
+    seed's scratch model and MACE runs with that seed); relative paths in the report are relative to ``root``
+    (the tool writes paths inside the repository so), and paths are shown relative to it."""
     from mlfound.data.readers import SourceSpec, lot_label, lot_metadata
 
     exp, units = report["experiment"], report["units"]
     pretrain, target, finetune = exp["pretrain"], exp["target"], exp["finetune"]
-    corpus = Path(pretrain["corpus"])
+    corpus, target_file = root / pretrain["corpus"], root / target["file"]
     manifest = corpus / "SHA256SUMS"
     points = []
     for n in finetune["sizes"]:
@@ -90,15 +91,15 @@ def card_from_results(report: dict, method: str, seed: int, command: str, root: 
         if baseline:
             points.append(_point("references only", n, baseline))
     recipes = ", ".join(f"{name} {json.dumps(recipe)}" for name, recipe in finetune["recipes"].items())
-    lot = lot_label(lot_metadata(SourceSpec(path=Path(target["file"]), task=target["head"])))
+    lot = lot_label(lot_metadata(SourceSpec(path=target_file, task=target["head"])))
     return ModelCard(
         summary=f"{method} pretrained on {_shown(corpus, root)}: a start for fine-tuning a new head at a new LoT",
         corpus=_shown(corpus, root),
         corpus_sha256=hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None,
         pretraining=f"{method}, {pretrain['grad_steps']} gradient steps per rank on 2 ranks, seed {seed}, "
-                    f"config {_shown(Path(pretrain['config']), root)} {' '.join(pretrain['overrides'])}".strip(),
+                    f"config {_shown(root / pretrain['config'], root)} {' '.join(pretrain['overrides'])}".strip(),
         learning_curve=LearningCurve(
-            target=f"{_shown(Path(target['file']), root)}, new head {target['head']}", lot=lot,
+            target=f"{_shown(target_file, root)}, new head {target['head']}", lot=lot,
             test_structures=target["test"], validation_structures=target["val"],
             protocol=f"at most {finetune['max_steps']} steps; recipes {recipes}, the lowest validation loss kept "
                      "(scratch alike)" + ("; MACE through its own CLI on the same structures"

@@ -34,7 +34,8 @@ def report(demo_dir, tmp_path):
     units = [_unit("reptile_k5", 0, 10, 0, 130.0), _unit("reptile_k5", 0, 10, 1, 150.0, 3.0),
              _unit("reptile_k5", 1, 10, 0, 999.0), _unit("none", 0, 10, 0, 200.0), _unit("none", 0, 10, 1, 220.0),
              _unit("reptile_k5", 0, 0, 0, 400.0), _unit("mace", 0, 10, 0, 190.0), _unit("mace", 1, 10, 0, 1.0)]
-    experiment = {"pretrain": {"corpus": str(corpus), "config": str(tmp_path / "configs" / "demo.yaml"),
+    # the corpus relative to the root, as the tool writes paths inside the repository
+    experiment = {"pretrain": {"corpus": "corpus", "config": str(tmp_path / "configs" / "demo.yaml"),
                                "overrides": ["model.correlation=3"], "grad_steps": 12000},
                   "target": {"file": str(demo_dir / "hf_631g.extxyz"), "head": "hf_631g", "test": 50, "val": 25},
                   "finetune": {"sizes": [10], "max_steps": 3000, "recipes": {"cosine": {"lr": 0.01}}}}
@@ -108,13 +109,16 @@ def test_default_names_the_one_release_marked_default(tmp_path, monkeypatch):
         register("default", first)
 
 
-def test_the_shipped_default_release_carries_a_card_of_the_committed_corpus(demo_dir):
-    """models/registry.json marks one default; its card names the E2 corpus by the committed SHA256SUMS and
-    holds the learning curve next to scratch and MACE at N = 10 and 50."""
+def test_the_shipped_default_release_carries_a_card_of_a_committed_corpus(demo_dir):
+    """models/registry.json marks one default; its card names the E2 corpus it was trained on by a committed
+    manifest (the first generation's, data/e2/SHA256SUMS.first-generation: the committed corpus.tar.xz is a second
+    generation whose PySCF files differ in their bytes, data/e2/README.md) and holds the learning curve next to
+    scratch and MACE at N = 10 and 50."""
     release = load("default")
     card = ModelCard.model_validate(release.metadata[CARD_KEY])
-    manifest = demo_dir.parent / "e2" / "SHA256SUMS"
-    assert card.corpus_sha256 == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    manifests = {hashlib.sha256(path.read_bytes()).hexdigest(): path.name
+                 for path in (demo_dir.parent / "e2").glob("SHA256SUMS*")}
+    assert manifests.get(card.corpus_sha256) == "SHA256SUMS.first-generation"
     starts = {(p.start, p.num_train) for p in card.learning_curve.points}
     assert {(s, n) for s in ("this model", "mlfound from scratch", "MACE from scratch") for n in (10, 50)} <= starts
     assert release.model.config.correlation == 3 and release.heads[0] == "gfn2_xtb"
