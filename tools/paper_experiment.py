@@ -24,7 +24,10 @@ its last checkpoint, written every 5% of the run):
   finetune  a new head for the target LoT, `init=auto`, on N structures of a fixed pool (finetune.subsets
             draws per N); every recipe of finetune.recipes runs and the one whose kept weights have the lowest
             validation loss (one loss form for all) is alone tested (test split, torsion scan); scratch goes
-            through the same grid. N = 0: zero-shot (references refitted on 50 pool structures, no training)
+            through the same grid with the recipes that train on the target alone, and `cotrain`, the scratch
+            start with the recipes that replay pretraining data (corpus and target trained together from
+            random weights), is a baseline of its own. N = 0: zero-shot (references refitted on 50 pool
+            structures, no training)
   mace      MACE from scratch on the same train subsets, validation and test splits
             (tools/peers/mace_cli.py in .venv-mace; left out with a note when that venv is missing)
   md        inside the units at N = md.n: md.runs Langevin runs per method (mlfound and MACE alike) from the
@@ -71,6 +74,7 @@ SET_BY_THE_TOOL = {"head": "it is target.head", "max_steps": "set finetune.max_s
                    "seed": "the subset index seeds each fine-tune"}
 DEFAULT_ENERGY_WEIGHT = FinetuneConfig.model_fields["energy_weight"].default  # of the recipe-independent
 DEFAULT_FORCES_WEIGHT = FinetuneConfig.model_fields["forces_weight"].default  # validation loss recipes compete on
+COTRAIN = "cotrain"  # the scratch start fine-tuned with the replay recipes: corpus and target from random weights
 RECIPE_FIELDS = [field for field in FinetuneConfig.model_fields if field not in SET_BY_THE_TOOL]
 
 
@@ -173,7 +177,25 @@ def load_experiment(path: Path, overrides: list[str] = ()) -> Experiment:
             pretrain_config(exp, method, Path("check"), seed=0)
         except ConfigError as err:
             raise ConfigError(f"invalid experiment {path}: pretrain.overrides as `{method}` runs them: {err}") from None
+    if not recipes_for(exp, "none"):
+        raise ConfigError(f"invalid experiment {path}: every recipe of finetune.recipes replays pretraining data, "
+                          "so scratch (trained on the target alone) has none: add one without `replay`")
     return exp
+
+
+def recipes_for(exp: Experiment, start: str) -> dict[str, dict[str, Any]]:
+    """The recipes a start is fine-tuned with: a pretrained start, all. Replay trains on the pretraining corpus,
+    so with it the scratch start is no longer trained from scratch: `none` gets the recipes without replay (the
+    from-scratch baseline) and `cotrain` those with it."""
+    if start not in ("none", COTRAIN):
+        return exp.finetune.recipes
+    return {name: recipe for name, recipe in exp.finetune.recipes.items()
+            if (recipe.get("replay") is not None) == (start == COTRAIN)}
+
+
+def starts(exp: Experiment) -> list[str]:
+    """Every start fine-tuned: scratch, co-training when a recipe replays, the pretraining methods."""
+    return ["none", *([COTRAIN] if recipes_for(exp, COTRAIN) else []), *exp.pretrain.methods]
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -355,7 +377,7 @@ def prepare_starts(exp: Experiment, out: Path, split: dict[str, Path]) -> str:
 
 
 def start_model(out: Path, method: str, seed: int) -> Path:
-    return out / "models" / f"{method}_s{seed}.safetensors"
+    return out / "models" / f"{'none' if method == COTRAIN else method}_s{seed}.safetensors"
 
 
 def pretrain(exp: Experiment, out: Path, method: str, seed: int, single_task: str | None = None) -> Path:
@@ -413,7 +435,7 @@ def choose_single_task(exp: Experiment, out: Path, split: dict[str, Path]) -> st
 @dataclasses.dataclass(frozen=True)
 class Unit:
     """One start model fine-tuned on N structures of one subset (N = 0: zero-shot), or MACE trained on them."""
-    method: str  # "none", a pretraining method, or "mace"
+    method: str  # "none", "cotrain", a pretraining method, or "mace"
     seed: int  # the pretraining seed (MACE: its training seed)
     n: int
     subset: int
@@ -429,9 +451,9 @@ def plan_units(exp: Experiment) -> list[Unit]:
     every method at every N for seed 0, subset 0 first, then the next subset and seed, so a grid stopped
     midway (or its interim --report) compares all methods on the same draws. Each method's md.runs MD runs
     are split over its units at md.n in that order (run i in unit i mod their number)."""
-    starts = ["none", *exp.pretrain.methods]
-    units = [Unit(method, seed, n, subset) for method in starts for seed in exp.pretrain.seeds
-             for n in [0, *exp.finetune.sizes] for subset in (exp.finetune.subsets if n else exp.finetune.subsets[:1])]
+    sizes = {method: [*([0] if method != COTRAIN else []), *exp.finetune.sizes] for method in starts(exp)}
+    units = [Unit(method, seed, n, subset) for method in starts(exp) for seed in exp.pretrain.seeds
+             for n in sizes[method] for subset in (exp.finetune.subsets if n else exp.finetune.subsets[:1])]
     if mace_unavailable(exp) is None:
         units += [Unit("mace", seed, n, subset) for seed in exp.pretrain.seeds for n in exp.finetune.sizes
                   for subset in exp.finetune.subsets]
@@ -439,7 +461,7 @@ def plan_units(exp: Experiment) -> list[Unit]:
     if exp.md is None:
         return units
     md_runs = {}
-    for method in [*starts, "mace"]:
+    for method in [*starts(exp), "mace"]:
         at_md_n = [u for u in units if u.method == method and u.n == exp.md.n]
         md_runs |= {u: len(range(i, exp.md.runs, len(at_md_n))) for i, u in enumerate(at_md_n)}
     return [dataclasses.replace(u, md_runs=md_runs.get(u, 0)) for u in units]
@@ -462,9 +484,10 @@ def print_plan(exp: Experiment, units: list[Unit]) -> None:
     probe = f" + {num_probes} joint probe for the single-task choice" if num_probes else ""
     tuned = [u for u in units if u.method != "mace" and u.n]
     mace = [u for u in units if u.method == "mace"]
-    num_recipes, num_pretrain = len(exp.finetune.recipes), len(p.methods) * len(p.seeds) + num_probes
+    num_pretrain = len(p.methods) * len(p.seeds) + num_probes
     print(f"plan: {num_pretrain} pretraining runs ({len(p.methods)} methods x {len(p.seeds)} seeds{probe}); "
-          f"{len(tuned)} fine-tune units x {num_recipes} recipes = {len(tuned) * num_recipes} fine-tunes "
+          f"{len(tuned)} fine-tune units ({', '.join(starts(exp))}) with their recipes = "
+          f"{sum(len(recipes_for(exp, u.method)) for u in tuned)} fine-tunes "
           f"+ {len(units) - len(tuned) - len(mace)} zero-shot; {len(mace)} MACE units; "
           f"{sum(u.md_runs for u in units)} MD runs inside the units at N = md.n", flush=True)
     if mace_unavailable(exp):
@@ -500,7 +523,8 @@ def unit_inputs(exp: Experiment, out: Path, unit: Unit) -> dict:
     md = exp.md.model_dump(exclude={"n", "runs"}) if unit.md_runs else None
     if unit.method == "mace":
         return {"max_epochs": exp.mace.max_epochs, "md_runs": unit.md_runs, "md": md}
-    training = {"max_steps": exp.finetune.max_steps, "recipes": exp.finetune.recipes} if unit.n else {"max_steps": 0}
+    training = {"max_steps": exp.finetune.max_steps, "recipes": recipes_for(exp, unit.method)} if unit.n else \
+        {"max_steps": 0}
     start = {"start_sha256": sha256_file(start_model(out, unit.method, unit.seed))}
     return portable({**training, **start, "md_runs": unit.md_runs, "md": md})
 
@@ -561,7 +585,7 @@ def best_recipe(exp: Experiment, base, train: list, val: list, unit: Unit):
         cfg = FinetuneConfig(head=exp.target.head, max_steps=0, seed=unit.subset)
         return finetune(base, train, val, cfg, progress=False), None, {}
     best, validation_loss = None, {}
-    for name, recipe in exp.finetune.recipes.items():
+    for name, recipe in recipes_for(exp, unit.method).items():
         cfg = FinetuneConfig(**recipe, head=exp.target.head, max_steps=exp.finetune.max_steps, seed=unit.subset)
         result = finetune(base, train, val, cfg, progress=False)
         validation_loss[name] = validation_loss_of_kept_weights(result)
@@ -668,7 +692,7 @@ METRICS = {"e_mae": ("test", "energy_mae_mev_atom"), "f_mae": ("test", "forces_m
 def summarise(exp: Experiment, results: list[dict]) -> list[dict]:
     """Mean and std of every metric per (method, N) over seeds x subsets, and how often each recipe won."""
     rows = []
-    for method in ["none", *exp.pretrain.methods, "mace"]:
+    for method in [*starts(exp), "mace"]:
         for n in [0, *exp.finetune.sizes]:
             runs = [r for r in results if r["method"] == method and r["n"] == n]
             if not runs:
@@ -678,8 +702,8 @@ def summarise(exp: Experiment, results: list[dict]) -> list[dict]:
                 values = [r[part][metric] for r in runs if r.get(part) and r[part].get(metric) is not None]
                 cell[key] = (float(np.mean(values)), float(np.std(values))) if values else None
             chosen = [r.get("recipe") for r in runs]
-            cell["recipes"] = ", ".join(f"{name} {chosen.count(name)}/{len(runs)}" for name in exp.finetune.recipes
-                                        ) if all(chosen) else ""
+            cell["recipes"] = ", ".join(f"{name} {chosen.count(name)}/{len(runs)}"
+                                        for name in recipes_for(exp, method)) if all(chosen) else ""
             rows.append(cell)
     return rows
 
@@ -725,10 +749,14 @@ def table_lines(exp: Experiment, rows: list[dict], results: list[dict], best_sin
     ft, p = exp.finetune, exp.pretrain
     tuned = [r for r in results if r["n"] and r["method"] != "mace"]
     at_cap = sum(r["best_step"] == ft.max_steps for r in tuned)
-    recipes = "; ".join(f"{name} {json.dumps(recipe)}" for name, recipe in ft.recipes.items())
+    recipes = "; ".join(f"{name} {json.dumps(portable(recipe))}" for name, recipe in ft.recipes.items())
+    scratch = ", ".join(recipes_for(exp, "none"))
+    cotrain = f", {COTRAIN} (the scratch start with {', '.join(recipes_for(exp, COTRAIN))}: corpus and target " \
+        "trained together from random weights)" if COTRAIN in starts(exp) else ""
     lines = [f"# {headline}; best single LoT: {best_single}",
              f"# pretraining: {p.grad_steps} gradient steps per rank, config {_shown(p.config)} {p.overrides}",
              f"# fine-tuning recipes, at most {ft.max_steps} steps each: {recipes}",
+             f"# pretrained starts run every recipe, scratch (none) only {scratch}{cotrain}",
              "# each fine-tune keeps the recipe with the lowest validation loss; only that one is tested; "
              f"{at_cap} of {len(tuned)} kept fine-tunes were best at the last step",
              f"# test errors mean ± std over `runs` draws of {len(p.seeds)} seeds x {len(ft.subsets)} subsets "
@@ -758,7 +786,7 @@ def md_lines(exp: Experiment, summaries: dict[str, dict]) -> list[str]:
              "times to the first unphysical event, a stable run "
              f"counting at its full length ({md.steps * md.timestep_fs:g} fs)",
              f"{'method':<13}{'stable':>8}{'median fs':>11}{'min fs':>9}  events"]
-    for method in ["none", *exp.pretrain.methods, "mace"]:
+    for method in [*starts(exp), "mace"]:
         s = summaries.get(method)
         if s:
             lines.append(f"{method:<13}{s['num_stable']:>4}/{s['num_runs']:<3}{s['median_time_fs']:>11.0f}"

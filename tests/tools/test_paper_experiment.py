@@ -123,10 +123,29 @@ def test_units_run_in_rounds_so_a_grid_stopped_midway_compares_every_method(monk
     draws = [(u.seed, u.subset) for u in units]
     assert draws == sorted(draws) and draws[0] == (0, 0)
     first_round = {(u.method, u.n) for u in units if (u.seed, u.subset) == (0, 0)}
-    assert first_round == {(m, n) for m in ("none", *exp.pretrain.methods) for n in (0, *exp.finetune.sizes)}
-    for method in ("none", *exp.pretrain.methods):  # md.runs per method, in its first units at md.n
+    assert first_round == {(m, n) for m in ("none", *exp.pretrain.methods) for n in (0, *exp.finetune.sizes)} | {
+        ("cotrain", n) for n in exp.finetune.sizes}  # co-training's zero-shot would be scratch's
+    for method in ("none", "cotrain", *exp.pretrain.methods):  # md.runs per method, in its first units at md.n
         runs = [u.md_runs for u in units if u.method == method and u.n == exp.md.n]
         assert sum(runs) == exp.md.runs and runs == sorted(runs, reverse=True)
+
+
+def test_scratch_trains_on_the_target_alone_and_cotrain_replays_the_corpus_from_scratch(monkeypatch, tmp_path):
+    """A replay recipe trains on the pretraining corpus: given to the scratch start it would make scratch a
+    co-training baseline. Scratch runs the other recipes, `cotrain` (same start model) the replay ones, and the
+    pretrained starts all of them."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    from paper_experiment import load_experiment, recipes_for, start_model
+
+    from mlfound.config import ConfigError
+
+    exp = load_experiment(ROOT / "configs" / "experiments" / "e2.yaml")
+    assert list(recipes_for(exp, "none")) == ["cosine"] and list(recipes_for(exp, "cotrain")) == ["replay"]
+    assert list(recipes_for(exp, "reptile_k5")) == ["cosine", "replay"]
+    assert start_model(tmp_path, "cotrain", 2) == start_model(tmp_path, "none", 2)
+    with pytest.raises(ConfigError, match="scratch .* has none: add one without `replay`"):
+        load_experiment(ROOT / "configs" / "experiments" / "e2.yaml", ["finetune.recipes={replay: {lr: 1.0e-2, "
+                        "replay: {shard_root: runs/e2/shards, tasks: [gfn2_xtb]}}}"])
 
 
 def test_unknown_recipe_key_fails_before_anything_runs(tmp_path):
