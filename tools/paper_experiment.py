@@ -537,7 +537,10 @@ def is_done(exp: Experiment, out: Path, unit: Unit) -> bool:
 def run_unit(exp: Experiment, out: Path, split: dict[str, Path], unit: Unit) -> None:
     from mlfound.data.files import atomic_write_bytes, json_text
 
-    row = mace_unit(exp, out, split, unit) if unit.method == "mace" else finetune_unit(exp, out, split, unit)
+    try:
+        row = mace_unit(exp, out, split, unit) if unit.method == "mace" else finetune_unit(exp, out, split, unit)
+    except Exception as err:  # the pool re-raises it in the parent, which should say which unit failed
+        raise RuntimeError(f"unit {unit.name} failed: {type(err).__name__}: {err}") from err
     row.update(method=unit.method, inputs=unit_inputs(exp, out, unit))
     atomic_write_bytes(result_path(out, unit), json_text(row).encode())
 

@@ -9,14 +9,17 @@ gives a model that is wrong by a factor of 27. Three checks, each independent of
 * **All-electron energies in Hartree.** All-electron data (HF, DFT) in eV has ρ ≈ 27.2; read from
   Hartree it has ρ ≈ 1.00, a window eV data does not hit.
 * **Energies against forces.** For nearby structures of one molecule, ΔE ≈ -½ (F_a + F_b)·(x_b - x_a).
-  Real data of any LoT gives a slope of 0.8-1.0 (demo corpus, 0.15-0.18 Å apart); energies in
-  Hartree with forces in eV/Å give 1/27, forces in Hartree/Bohr 51. Between periodic structures whose
+  Real data of any LoT gives a slope of 0.8-1.0 over many pairs (demo and E1 corpora, 0.1-0.25 Å apart),
+  but single pairs scatter by 10-50%, so the data is refused only when the slope's 99.9% interval misses
+  0.6-1.6; energies in Hartree with forces in eV/Å give 1/27, forces in Hartree/Bohr 51, and those shift
+  every pair alike. Between periodic structures whose
   cells differ, the strain's work counts too: ΔE ≈ -½ (F_a + F_b)·Δx_non-affine + ½ (V_a σ_a + V_b σ_b):ε;
   without stress labels such pairs are skipped.
 """
 from __future__ import annotations
 
 import numpy as np
+import scipy.stats
 
 from mlfound.data.record import DataError, Record
 from mlfound.data.units import ENERGY_TO_EV
@@ -30,8 +33,9 @@ HARTREE_EV = ENERGY_TO_EV["hartree"]
 MAX_RATIO_TO_ATOMS = 1.1 * HARTREE_EV  # correlation energy is ~1%; a 10% margin
 HARTREE_WINDOW = (0.95, 1.05)  # ρ of all-electron energies in Hartree
 SLOPE_WINDOW = (0.6, 1.6)  # ΔE / (force-implied ΔE) of consistent labels
+SLOPE_CONFIDENCE = 0.9995  # refused only if the slope's two-sided 99.9% interval (Student t) misses the window
 MAX_PAIR_DISPLACEMENT_A = 0.25  # RMS; the trapezoid rule is accurate to a few per cent below this
-MIN_PAIRS = 5
+MIN_PAIRS = 5  # distinct pairs
 MAX_RECORDS_PER_MOLECULE = 200  # nearest neighbours by brute force: bounded cost on large sets
 OVERRIDE = "if the units are right, pass --no-unit-check (check_units=False in Python)"
 
@@ -60,28 +64,42 @@ def _check_ratio_to_atoms(records: list[Record], what: str) -> None:
 
 
 def _check_energy_force_slope(records: list[Record], what: str) -> None:
-    observed, implied = [], []
+    """Refuse only when the slope is decisively off: a few pairs far apart scatter widely (3 pairs 0.2 Å apart
+    in 25 MD frames of real HF data gave 0.15), while a unit mistake moves the slope of every pair alike."""
+    pairs = _nearby_pairs(records)
+    if len(pairs) < MIN_PAIRS:
+        return
+    observed = np.array([b.energy_ev - a.energy_ev for a, b, _ in pairs])
+    implied = np.array([work_ev for _, _, work_ev in pairs])
+    slope = float((observed * implied).sum() / (implied**2).sum())
+    slope_std = float(np.sqrt(((observed - slope * implied) ** 2).sum() / (len(pairs) - 1) / (implied**2).sum()))
+    half_width = float(scipy.stats.t.ppf(SLOPE_CONFIDENCE, len(pairs) - 1)) * slope_std
+    if slope + half_width < SLOPE_WINDOW[0] or slope - half_width > SLOPE_WINDOW[1]:
+        a, b, work_ev = max(pairs, key=lambda pair: abs(pair[2]))
+        raise DataError(f"{what}: energy differences between nearby structures are {slope:.3g}x what their forces "
+                        f"imply ({slope - half_width:.3g}-{slope + half_width:.3g}x over {len(pairs)} pairs; "
+                        f"consistent labels give 0.8-1.0; e.g. {b.where} minus {a.where}: "
+                        f"{b.energy_ev - a.energy_ev:.4g} eV, forces imply {work_ev:.4g} eV): energies and forces "
+                        "are not both in eV and eV/Å; "
+                        f"{_likely_unit(slope)} (or the forces are off by a factor {1 / slope:.3g}); {OVERRIDE}")
+
+
+def _nearby_pairs(records: list[Record]) -> list[tuple[Record, Record, float]]:
+    """(a, b, E_b - E_a implied by the labels) for each structure and its nearest frame of the same molecule
+    within MAX_PAIR_DISPLACEMENT_A, every pair once (two frames nearest to each other are one pair)."""
+    pairs = {}
     for group in _same_molecule(records).values():
         positions = np.stack([r.pos_a for r in group])
         for a, rec in enumerate(group):
             rms = np.sqrt(((positions - rec.pos_a) ** 2).sum(-1).mean(-1))
             rms[rms == 0] = np.inf  # itself, and duplicates: no displacement to integrate along
             b = int(np.argmin(rms))
-            if rms[b] <= MAX_PAIR_DISPLACEMENT_A:
-                other = group[b]
-                work_ev = _implied_energy_change(rec, other)
+            key = (id(group), min(a, b), max(a, b))
+            if rms[b] <= MAX_PAIR_DISPLACEMENT_A and key not in pairs:
+                work_ev = _implied_energy_change(rec, group[b])
                 if work_ev is not None:
-                    implied.append(work_ev)
-                    observed.append(other.energy_ev - rec.energy_ev)
-    if len(implied) < MIN_PAIRS:
-        return
-    observed, implied = np.array(observed), np.array(implied)
-    slope = float((observed * implied).sum() / (implied**2).sum())
-    if not SLOPE_WINDOW[0] <= slope <= SLOPE_WINDOW[1]:
-        raise DataError(f"{what}: energy differences between nearby structures are {slope:.3g}x what their forces "
-                        f"imply ({len(implied)} pairs; consistent labels give 0.8-1.0): energies and forces are not "
-                        f"both in eV and eV/Å; {_likely_unit(slope)} (or the forces are off by a factor "
-                        f"{1 / slope:.3g}); {OVERRIDE}")
+                    pairs[key] = (rec, group[b], work_ev)
+    return list(pairs.values())
 
 
 def _implied_energy_change(a: Record, b: Record) -> float | None:

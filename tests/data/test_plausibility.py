@@ -38,3 +38,19 @@ def test_strained_cells_pass_with_their_stress_and_energies_in_kcal_do_not():
         check_units(in_kcal, "cu")
     without_stress = [dataclasses.replace(r, stress_ev_a3=None, energy_ev=r.energy_ev * 1000) for r in records]
     check_units(without_stress, "cu")  # no stress: pairs across cells cannot be judged, so none are
+
+
+def test_a_few_nearby_pairs_cannot_refuse_real_data_and_many_still_catch_a_wrong_unit(paracetamol):
+    """25 real HF/6-31G MD frames (the E1 grid's N = 25, subset 1) hold only 3 pairs within 0.25 Å, all about
+    0.2 Å apart; their slope, 0.15, once stopped the grid as a unit mistake. Their interval is wide enough to
+    prove nothing, while a wrong energy unit shifts every pair alike and is caught from as many pairs."""
+    from mlfound.data.sets import split_records, subset
+
+    pool = split_records(paracetamol, {"test": 50, "val": 25, "pool": None}, seed=0)["pool"]
+    few_apart = subset(pool, 25, seed=107)
+    check_units(few_apart, "hf")
+    in_kcal = [dataclasses.replace(r, energy_ev=r.energy_ev / energy_factor("kcal/mol")) for r in pool[:40]]
+    refused = r"hf: energy differences between nearby structures are 2\d.\dx .* over \d+ pairs; .* e\.g\. " \
+              r".*hf_631g\.extxyz record \d+ minus .*likely in kcal/mol"
+    with pytest.raises(DataError, match=refused):
+        check_units(in_kcal, "hf")
