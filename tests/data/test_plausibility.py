@@ -3,6 +3,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from ase import units
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
@@ -54,3 +55,11 @@ def test_a_few_nearby_pairs_cannot_refuse_real_data_and_many_still_catch_a_wrong
               r".*hf_631g\.extxyz record \d+ minus .*likely in kcal/mol"
     with pytest.raises(DataError, match=refused):
         check_units(in_kcal, "hf")
+
+
+@pytest.mark.parametrize("forces_factor", [units.Bohr, 1 / units.Bohr])
+def test_forces_per_bohr_read_as_per_angstrom_are_caught_from_50_real_frames(paracetamol, forces_factor):
+    """The smallest unit mistake the slope sees (1.89x), from the first 50 demo frames (34 pairs)."""
+    per_bohr = [dataclasses.replace(r, forces_ev_a=r.forces_ev_a / forces_factor) for r in paracetamol[:50]]
+    with pytest.raises(DataError, match=r"hf: energy differences between nearby structures are (0\.5|1\.8)"):
+        check_units(per_bohr, "hf")
