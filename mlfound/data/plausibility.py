@@ -12,9 +12,8 @@ gives a model that is wrong by a factor of 27. Three checks, each independent of
   Real data of any LoT gives a slope of 0.8-1.0 over many pairs (demo and E1 corpora, 0.1-0.25 Å apart),
   but single pairs scatter by 10-50%, so the data is refused only when the slope's 99.9% interval misses
   0.6-1.6; energies in Hartree with forces in eV/Å give 1/27, forces in Hartree/Bohr 51, and those shift
-  every pair alike. Between periodic structures whose
-  cells differ, the strain's work counts too: ΔE ≈ -½ (F_a + F_b)·Δx_non-affine + ½ (V_a σ_a + V_b σ_b):ε;
-  without stress labels such pairs are skipped.
+  every pair alike. Between periodic structures whose cells differ, the strain's work counts too:
+  ΔE ≈ -½ (F_a + F_b)·Δx_non-affine + ½ (V_a σ_a + V_b σ_b):ε; without stress labels such pairs are skipped.
 """
 from __future__ import annotations
 
