@@ -87,13 +87,13 @@ def _nearby_pairs(records: list[Record]) -> list[tuple[Record, Record, float]]:
     """(a, b, E_b - E_a implied by the labels) for each structure and its nearest frame of the same molecule
     within MAX_PAIR_DISPLACEMENT_A, every pair once (two frames nearest to each other are one pair)."""
     pairs = {}
-    for group in _same_molecule(records).values():
+    for molecule, group in _same_molecule(records).items():
         positions = np.stack([r.pos_a for r in group])
         for a, rec in enumerate(group):
             rms = np.sqrt(((positions - rec.pos_a) ** 2).sum(-1).mean(-1))
             rms[rms == 0] = np.inf  # itself, and duplicates: no displacement to integrate along
             b = int(np.argmin(rms))
-            key = (id(group), min(a, b), max(a, b))
+            key = (molecule, min(a, b), max(a, b))
             if rms[b] <= MAX_PAIR_DISPLACEMENT_A and key not in pairs:
                 work_ev = _implied_energy_change(rec, group[b])
                 if work_ev is not None:
