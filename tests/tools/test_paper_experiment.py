@@ -12,8 +12,12 @@ import pytest
 import torch
 import yaml
 
+from mlfound.config import ConfigError
+from mlfound.experiment.config import load_experiment, recipes_for, run_overrides
+from mlfound.experiment.plan import plan_units, start_model
+from mlfound.experiment.prepare import make_shards, pretrain
 from mlfound.model_card import read_card
-from mlfound.release import read_metadata
+from mlfound.release import load, read_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 # "slow" comes first: a tool that always kept the first recipe would keep it, and fail the test below
@@ -114,10 +118,7 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
     assert (out / "table.txt").read_text().startswith("# interim: 1 of 4 draws (seed, subset) complete [(1, 0)]")
 
 
-def test_units_run_in_rounds_so_a_grid_stopped_midway_compares_every_method(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "tools"))
-    from paper_experiment import load_experiment, plan_units
-
+def test_units_run_in_rounds_so_a_grid_stopped_midway_compares_every_method():
     exp = load_experiment(ROOT / "configs" / "experiments" / "e2.yaml", ["mace.enabled=false"])
     units = plan_units(exp)
     draws = [(u.seed, u.subset) for u in units]
@@ -130,15 +131,10 @@ def test_units_run_in_rounds_so_a_grid_stopped_midway_compares_every_method(monk
         assert sum(runs) == exp.md.runs and runs == sorted(runs, reverse=True)
 
 
-def test_scratch_trains_on_the_target_alone_and_cotrain_replays_the_corpus_from_scratch(monkeypatch, tmp_path):
+def test_scratch_trains_on_the_target_alone_and_cotrain_replays_the_corpus_from_scratch(tmp_path):
     """A replay recipe trains on the pretraining corpus: given to the scratch start it would make scratch a
     co-training baseline. Scratch runs the other recipes, `cotrain` (same start model) the replay ones, and the
     pretrained starts all of them."""
-    monkeypatch.syspath_prepend(str(ROOT / "tools"))
-    from paper_experiment import load_experiment, recipes_for, start_model
-
-    from mlfound.config import ConfigError
-
     exp = load_experiment(ROOT / "configs" / "experiments" / "e2.yaml")
     assert list(recipes_for(exp, "none")) == ["cosine"] and list(recipes_for(exp, "cotrain")) == ["replay"]
     assert list(recipes_for(exp, "reptile_k5")) == ["cosine", "replay"]
@@ -161,10 +157,7 @@ def test_unknown_recipe_key_fails_before_anything_runs(tmp_path):
 def test_the_shipped_experiments_load_and_replay_reads_shards_from_the_repository_root(monkeypatch, tmp_path):
     """e1/e2.yaml validate as written; a replay recipe's relative shard_root is the repository's, like every
     path of the experiment, whatever the working directory."""
-    monkeypatch.syspath_prepend(str(ROOT / "tools"))
     monkeypatch.chdir(tmp_path)
-    from paper_experiment import load_experiment
-
     for name in ("e1", "e2"):
         exp = load_experiment(ROOT / "configs" / "experiments" / f"{name}.yaml")
         assert exp.finetune.recipes["replay"]["replay"]["shard_root"] == str(ROOT / "runs" / name / "shards")
@@ -175,12 +168,7 @@ def test_a_pretraining_run_stopped_midway_goes_on_from_its_checkpoint(monkeypatc
     """A long grid outlives jobs: a pretraining run stopped after 2 of its 4 outer steps (as a killed job
     leaves it: checkpoints, no release) is resumed by the tool, not redone, and its release equals an
     uninterrupted run's bit for bit."""
-    monkeypatch.syspath_prepend(str(ROOT / "tools"))
     monkeypatch.setenv("MLFOUND_NO_SHM_OP", "1")
-    from paper_experiment import load_experiment, make_shards, pretrain, run_overrides
-
-    from mlfound.release import load
-
     exp = load_experiment(toy_experiment(tmp_path, RECIPES), ["pretrain.grad_steps=20", "pretrain.seeds=[0]"])
     make_shards(exp)
     stopped = tmp_path / "stopped"
