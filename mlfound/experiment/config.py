@@ -84,12 +84,22 @@ class Md(_Strict):
     timestep_fs: float = Field(0.5, gt=0)
 
 
+class Goal(_Strict):
+    """What the report checks (issue 12, item 5): at N = n the best pretrained start's test force MAE is
+    ``below_scratch`` (a fraction) under scratch's and ``better_than_mace`` times under MACE's, and every
+    Reptile start is ahead of joint. The report says which hold; with no results at N = n it says so."""
+    n: int = Field(50, ge=1)
+    below_scratch: float = Field(0.30, gt=0, lt=1)
+    better_than_mace: float = Field(1.5, gt=0)
+
+
 class Experiment(_Strict):
     pretrain: Pretrain
     target: Target
     finetune: Finetune
     mace: Mace = Mace()
     md: Md | None = None  # None: no MD stability runs
+    goal: Goal = Goal()
 
 
 def _check_recipe(name: str, recipe: dict[str, Any]) -> dict[str, Any]:

@@ -49,8 +49,9 @@ def report_so_far(exp: Experiment, out: Path, title: str) -> None:
         probe_done = start_model(out, "joint", exp.pretrain.seeds[0]).exists()
         best_single = choose_single_task(exp, out, make_split(exp, out)) if probe_done else "(not chosen yet)"
     md_done = sum(len(r["md"]["runs"]) for r in results if r.get("md"))
+    interim = "interim: " if len(complete) < len(draws) else ""
     write_report(exp, out, title, results, best_single,
-                 f"interim: {len(complete)} of {len(draws)} draws (seed, subset) complete {complete}, "
+                 f"{interim}{len(complete)} of {len(draws)} draws (seed, subset) complete {complete}, "
                  f"{len(results)} of {len(units)} units; {md_done} of {sum(u.md_runs for u in units)} MD runs done")
 
 

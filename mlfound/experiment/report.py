@@ -1,5 +1,6 @@
-"""The grid's report: mean ± std over seeds x subsets per method and N (table.txt), every unit's result
-(results.json), the learning curves (learning_curve.png), MD stability, and a model card per pretrained start."""
+"""The grid's report: mean ± std over seeds x subsets per method and N (table.txt, and the force table as
+markdown in table.md), the verdict on the experiment's goal, every unit's result (results.json), the learning
+curves (learning_curve.png), MD stability, and a model card per pretrained start."""
 import dataclasses
 import json
 import shlex
@@ -53,11 +54,16 @@ def summarise(exp: Experiment, results: list[dict]) -> list[dict]:
 
 def write_report(exp: Experiment, out: Path, title: str, results: list[dict], best_single: str,
                  headline: str) -> dict:
-    md = md_summaries(results)
-    lines = [*table_lines(exp, summarise(exp, results), results, best_single, headline), *md_lines(exp, md)]
+    md, rows = md_summaries(results), summarise(exp, results)
+    verdict = verdict_lines(exp, rows)
+    lines = [*table_lines(exp, rows, results, best_single, headline), *md_lines(exp, md),
+             *(f"# {line}" for line in verdict)]
     table = "\n".join(line.rstrip() for line in lines)
     print(table)
     atomic_write_bytes(out / "table.txt", (table + "\n").encode())
+    markdown = [f"<!-- {headline} -->", *markdown_lines(exp, rows, best_single), "",
+                *(f"- {line}" for line in verdict)]
+    atomic_write_bytes(out / "table.md", ("\n".join(markdown) + "\n").encode())
     report = {"experiment": portable(exp.model_dump(mode="json")), "best_single": best_single, "units": results,
               "md_summary": md}
     atomic_write_bytes(out / "results.json", json_text(report).encode())
@@ -67,7 +73,7 @@ def write_report(exp: Experiment, out: Path, title: str, results: list[dict], be
             curves.setdefault(r["method"], {}).setdefault(r["n"], []).append(r["test"])
     plot_learning_curves(curves, out / "learning_curve.png",
                          f"{title}: new head {exp.target.head} ({exp.target.file.name}), test error")
-    print(f"wrote {out / 'table.txt'}, results.json, learning_curve.png")
+    print(f"wrote {out / 'table.txt'}, table.md, results.json, learning_curve.png")
     return report
 
 
@@ -129,6 +135,63 @@ def md_lines(exp: Experiment, summaries: dict[str, dict]) -> list[str]:
             lines.append(f"{method:<13}{s['num_stable']:>4}/{s['num_runs']:<3}{s['median_time_fs']:>11.0f}"
                          f"{s['min_time_fs']:>9.0f}  {_event_kinds(s['events'])}")
     return lines
+
+
+def verdict_lines(exp: Experiment, rows: list[dict]) -> list[str]:
+    """The goal (exp.goal) as measured: at N = goal.n the pretrained start with the lowest mean test force MAE
+    against scratch and MACE, and each Reptile start against joint at every N; met or missed, with the numbers."""
+    goal = exp.goal
+    f_mae = {(r["method"], r["n"]): r["f_mae"][0] for r in rows if r["n"] and r["f_mae"]}
+    pretrained = {m: f_mae[m, goal.n] for m in exp.pretrain.methods if (m, goal.n) in f_mae}
+    if not pretrained or ("none", goal.n) not in f_mae:
+        return [f"goal: no pretrained start and scratch fine-tuned on N = {goal.n} yet, so no verdict"]
+    best = min(pretrained, key=pretrained.get)
+    below = 1 - pretrained[best] / f_mae["none", goal.n]
+    lines = [f"goal at N = {goal.n}: the best pretrained start, {best}, {pretrained[best]:.0f} meV/Å; scratch "
+             f"{f_mae['none', goal.n]:.0f}: {below:.0%} lower (goal ≥ {goal.below_scratch:.0%}: "
+             f"{_met(below >= goal.below_scratch)})"]
+    if ("mace", goal.n) in f_mae:
+        ratio = f_mae["mace", goal.n] / pretrained[best]
+        lines.append(f"MACE from scratch {f_mae['mace', goal.n]:.0f} meV/Å: {ratio:.2f}× the best pretrained start's "
+                     f"(goal ≥ {goal.better_than_mace:g}×: {_met(ratio >= goal.better_than_mace)})")
+    else:
+        lines.append("MACE from scratch: no results at this N (mace.enabled false or not run yet), no verdict")
+    sizes = [n for n in exp.finetune.sizes if ("joint", n) in f_mae]
+    for method in (m for m in exp.pretrain.methods if m.startswith("reptile") and sizes):
+        change = {n: f_mae[method, n] / f_mae["joint", n] - 1 for n in sizes if (method, n) in f_mae}
+        ahead = all(c < 0 for c in change.values())
+        lines.append(f"{method} vs joint, force MAE change at N = {', '.join(map(str, change))}: "
+                     f"{', '.join(f'{c:+.0%}' for c in change.values())} "
+                     f"(goal ahead at every N: {_met(ahead and len(change) == len(sizes))})")
+    return lines
+
+
+def markdown_lines(exp: Experiment, rows: list[dict], best_single: str) -> list[str]:
+    """Test force MAE per start and N as a markdown table, the lowest mlfound mean of each N in bold."""
+    sizes = exp.finetune.sizes
+    cells = {(r["method"], r["n"]): r for r in rows if r["n"] and r["f_mae"]}
+    runs = sorted({r["runs"] for r in cells.values()})
+    best = {n: min((round(r["f_mae"][0]) for (m, size), r in cells.items() if size == n and m != "mace"),
+                   default=None) for n in sizes}
+    labels = {"none": "scratch (`none`, target alone)", COTRAIN: f"co-training (`{COTRAIN}`)",
+              "single": f"single ({best_single})", "joint": "joint", "mace": "MACE from scratch"}
+    lines = [f"| test F MAE meV/Å, {'/'.join(map(str, runs))} runs | " + " | ".join(f"N = {n}" for n in sizes) + " |",
+             "|---" * (len(sizes) + 1) + "|"]
+    for method in [*starts(exp), "mace"]:
+        if not any((method, n) in cells for n in sizes):
+            continue
+        label = labels.get(method) or f"Reptile k = {method.removeprefix('reptile_k')}"
+        row = []
+        for n in sizes:
+            mean_std = cells[method, n]["f_mae"] if (method, n) in cells else None
+            text = _pm(mean_std, 0)
+            row.append(f"**{text}**" if mean_std and method != "mace" and round(mean_std[0]) == best[n] else text)
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _met(held: bool) -> str:
+    return "met" if held else "missed"
 
 
 def _event_kinds(events: list[str | None]) -> str:

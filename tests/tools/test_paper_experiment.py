@@ -16,6 +16,7 @@ from mlfound.config import ConfigError
 from mlfound.experiment.config import load_experiment, recipes_for, run_overrides
 from mlfound.experiment.plan import plan_units, start_model
 from mlfound.experiment.prepare import make_shards, pretrain
+from mlfound.experiment.report import markdown_lines, verdict_lines
 from mlfound.model_card import read_card
 from mlfound.release import load, read_metadata
 
@@ -76,6 +77,9 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
         row = next(line for line in table.splitlines() if line.startswith(f"{method:<13}{10:>4}{4:>5}"))
         assert row.endswith(f"slow {chosen.count('slow')}/4, fast {chosen.count('fast')}/4")
     assert "lowest validation loss" in table and "references" in table
+    assert "# goal: no pretrained start and scratch fine-tuned on N = 50 yet, so no verdict" in table  # N = 10 only
+    markdown = (out / "table.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in markdown[3:5]] == ["| scratch (`none`, target alone)", "| Reptile k = 5"]
     assert (out / "learning_curve.png").stat().st_size > 0
 
     md_runs = {(r["method"], r["seed"], r["subset"]): len(r["md"]["runs"]) for r in units if r["md"]}
@@ -116,6 +120,31 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
     changed = run(experiment, out, "finetune.sizes=[10]", "--report")
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert (out / "table.txt").read_text().startswith("# interim: 1 of 4 draws (seed, subset) complete [(1, 0)]")
+
+
+def test_the_verdict_on_the_goal_reads_the_numbers_it_is_given():
+    """Item 5 checked on made-up cells whose answers are known by hand: 70 against scratch 100 is 30% lower
+    (met at 30%, missed at 31%), MACE 105 is 1.5x it; Reptile k = 5 loses to joint at N = 25."""
+    exp = load_experiment(ROOT / "configs" / "experiments" / "e2.yaml", ["finetune.sizes=[25,50]",
+                                                                          "pretrain.methods=[joint,reptile_k1,reptile_k5]"])
+    f_mae = {("none", 25): 120, ("none", 50): 100, ("joint", 25): 90, ("joint", 50): 80, ("reptile_k1", 25): 85,
+             ("reptile_k1", 50): 70, ("reptile_k5", 25): 91, ("reptile_k5", 50): 75, ("mace", 50): 105}
+    rows = [{"method": m, "n": n, "runs": 6, "f_mae": (value, 1.0)} for (m, n), value in f_mae.items()]
+    assert verdict_lines(exp, rows) == [
+        "goal at N = 50: the best pretrained start, reptile_k1, 70 meV/Å; scratch 100: 30% lower (goal ≥ 30%: met)",
+        "MACE from scratch 105 meV/Å: 1.50× the best pretrained start's (goal ≥ 1.5×: met)",
+        "reptile_k1 vs joint, force MAE change at N = 25, 50: -6%, -12% (goal ahead at every N: met)",
+        "reptile_k5 vs joint, force MAE change at N = 25, 50: +1%, -6% (goal ahead at every N: missed)"]
+    stricter = load_experiment(ROOT / "configs" / "experiments" / "e2.yaml", [
+        "finetune.sizes=[25,50]", "pretrain.methods=[joint,reptile_k1,reptile_k5]", "goal.below_scratch=0.31"])
+    assert verdict_lines(stricter, rows)[0].endswith("(goal ≥ 31%: missed)")
+    without_mace = [r for r in rows if r["method"] != "mace"]
+    assert "no results at this N" in verdict_lines(exp, without_mace)[1]
+    table = markdown_lines(exp, rows, "hf_sto3g")
+    assert table[0] == "| test F MAE meV/Å, 6 runs | N = 25 | N = 50 |"
+    assert table[2:] == ["| scratch (`none`, target alone) | 120 ± 1 | 100 ± 1 |", "| joint | 90 ± 1 | 80 ± 1 |",
+                         "| Reptile k = 1 | **85 ± 1** | **70 ± 1** |", "| Reptile k = 5 | 91 ± 1 | 75 ± 1 |",
+                         "| MACE from scratch |  | 105 ± 1 |"]
 
 
 def test_units_run_in_rounds_so_a_grid_stopped_midway_compares_every_method():
