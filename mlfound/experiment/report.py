@@ -175,7 +175,8 @@ def markdown_lines(exp: Experiment, rows: list[dict], best_single: str) -> list[
                    default=None) for n in sizes}
     labels = {"none": "scratch (`none`, target alone)", COTRAIN: f"co-training (`{COTRAIN}`)",
               "single": f"single ({best_single})", "joint": "joint", "mace": "MACE from scratch"}
-    lines = [f"| test F MAE meV/Å, {'/'.join(map(str, runs))} runs | " + " | ".join(f"N = {n}" for n in sizes) + " |",
+    header = f"| test F MAE meV/Å, {'/'.join(map(str, runs))} run{'s' * (runs != [1])} | "
+    lines = [header + " | ".join(f"N = {n}" for n in sizes) + " |",
              "|---" * (len(sizes) + 1) + "|"]
     for method in [*starts(exp), "mace"]:
         if not any((method, n) in cells for n in sizes):
@@ -184,7 +185,7 @@ def markdown_lines(exp: Experiment, rows: list[dict], best_single: str) -> list[
         row = []
         for n in sizes:
             mean_std = cells[method, n]["f_mae"] if (method, n) in cells else None
-            text = _pm(mean_std, 0)
+            text = f"{mean_std[0]:.0f}" if mean_std and runs == [1] else _pm(mean_std, 0)  # one run: no spread
             row.append(f"**{text}**" if mean_std and method != "mace" and round(mean_std[0]) == best[n] else text)
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     return lines

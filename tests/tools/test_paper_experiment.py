@@ -145,6 +145,9 @@ def test_the_verdict_on_the_goal_reads_the_numbers_it_is_given():
     assert table[2:] == ["| scratch (`none`, target alone) | 120 ± 1 | 100 ± 1 |", "| joint | 90 ± 1 | 80 ± 1 |",
                          "| Reptile k = 1 | **85 ± 1** | **70 ± 1** |", "| Reptile k = 5 | 91 ± 1 | 75 ± 1 |",
                          "| MACE from scratch |  | 105 ± 1 |"]
+    one_draw = markdown_lines(exp, [{**r, "runs": 1} for r in rows], "hf_sto3g")
+    assert one_draw[0].startswith("| test F MAE meV/Å, 1 run |")
+    assert one_draw[4] == "| Reptile k = 1 | **85** | **70** |"
 
 
 def test_units_run_in_rounds_so_a_grid_stopped_midway_compares_every_method():
