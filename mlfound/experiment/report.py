@@ -157,12 +157,11 @@ def verdict_lines(exp: Experiment, rows: list[dict]) -> list[str]:
     else:
         lines.append("MACE from scratch: no results at this N (mace.enabled false or not run yet), no verdict")
     sizes = [n for n in exp.finetune.sizes if ("joint", n) in f_mae]
-    for method in (m for m in exp.pretrain.methods if m.startswith("reptile") and sizes):
+    for method in [m for m in exp.pretrain.methods if m.startswith("reptile")] if sizes else []:
         change = {n: f_mae[method, n] / f_mae["joint", n] - 1 for n in sizes if (method, n) in f_mae}
-        ahead = all(c < 0 for c in change.values())
+        ahead = len(change) == len(sizes) and all(c < 0 for c in change.values())
         lines.append(f"{method} vs joint, force MAE change at N = {', '.join(map(str, change))}: "
-                     f"{', '.join(f'{c:+.0%}' for c in change.values())} "
-                     f"(goal ahead at every N: {_met(ahead and len(change) == len(sizes))})")
+                     f"{', '.join(f'{c:+.0%}' for c in change.values())} (goal ahead at every N: {_met(ahead)})")
     return lines
 
 
