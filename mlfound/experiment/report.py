@@ -102,15 +102,18 @@ def table_lines(exp: Experiment, rows: list[dict], results: list[dict], best_sin
              f"# pretraining: {p.grad_steps} gradient steps per rank, config {repo_relative(p.config)} {p.overrides}",
              f"# fine-tuning recipes, at most {ft.max_steps} steps each: {recipes}",
              f"# pretrained starts run every recipe, scratch (none) only {scratch}{cotrain}",
-             "# each fine-tune keeps the recipe with the lowest validation loss; only that one is tested; "
+             "# each fine-tune keeps the recipe with the lowest validation loss (val loss: the fine-tuning loss on "
+             "the target's validation split); only that one is tested; "
              f"{at_cap} of {len(tuned)} kept fine-tunes were best at the last step",
              f"# test errors mean ± std over `runs` draws of {len(p.seeds)} seeds x {len(ft.subsets)} subsets "
              "(n = 0: zero-shot, refitted references; mace: MACE from scratch, same splits)",
              f"{'method':<13}{'N':>4}{'runs':>5}{'E MAE meV/atom':>18}{'F MAE meV/Å':>16}{'train F MAE':>14}"
-             f"{'scan d2 err meV':>18}{'spurious':>11}  recipe chosen"]
+             f"{'val loss x1e3':>16}{'scan d2 err meV':>18}{'spurious':>11}  recipe chosen"]
     for r in rows:
+        val = tuple(1e3 * v for v in r["val"]) if r.get("val") else None
         lines.append(f"{r['method']:<13}{r['n']:>4}{r['runs']:>5}{_pm(r['e_mae']):>18}{_pm(r['f_mae'], 0):>16}"
-                     f"{_pm(r['f_train'], 0):>14}{_pm(r['d2']):>18}{_pm(r['spurious']):>11}  {r['recipes']}")
+                     f"{_pm(r['f_train'], 0):>14}{_pm(val):>16}{_pm(r['d2']):>18}{_pm(r['spurious']):>11}"
+                     f"  {r['recipes']}")
     lines.append("# references only (no network), fitted on the same N structures")
     for n in ft.sizes:
         cell = next((r for r in rows if r["n"] == n and r["ref_e"]), None)
