@@ -96,6 +96,21 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
         assert [(p.start, p.runs) for p in points[:2]] == [("this model", 2), ("mlfound from scratch", 2)]
         assert points[0].forces_mae_mev_a == pytest.approx(sum(ours) / 2, rel=1e-12)
 
+    # tools/probe_two_stage.py on this record: Reptile's start moved to a pretraining LoT, then the grid's fine-tune
+    probe = subprocess.run([sys.executable, ROOT / "tools" / "probe_two_stage.py", "--experiment", experiment,
+                            "--record", out, "--start", "reptile_k5", "--near", "gfn2_xtb", "--steps", "100",
+                            "--sizes", "10", "--out", tmp_path / "two-stage", "finetune.sizes=[10]"], cwd=ROOT,
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert "stage 1, seed 0: " in probe.stdout
+    probed = [json.loads((tmp_path / "two-stage" / f"two_stage_s0_n10_sub{sub}.json").read_text()) for sub in (0, 1)]
+    assert all(r["recipe"] == min(r["validation_loss"], key=r["validation_loss"].get) for r in probed)
+    moved = load(tmp_path / "two-stage" / "reptile_k5_s0_gfn2_xtb.safetensors").model.state_dict()
+    assert any(not torch.equal(moved[k], v) for k, v in load(out / "models" / "reptile_k5_s0.safetensors")
+               .model.state_dict().items())
+    assert [line.split()[:2] for line in probe.stdout.splitlines()[-3:]] == [
+        ["none", "10"], ["reptile_k5", "10"], ["two-stage", "10"]]
+
     again = run(experiment, out, "finetune.sizes=[10]")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "6 units of seed 0, 0 to run" in again.stdout and "6 units of seed 1, 0 to run" in again.stdout
