@@ -19,12 +19,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+from mlfound.config import ConfigError  # noqa: E402
 from mlfound.data.files import atomic_write_bytes, json_text  # noqa: E402
 from mlfound.data.sets import load_records, split_records  # noqa: E402
 from mlfound.evaluate import evaluate  # noqa: E402
-from mlfound.experiment.config import load_experiment  # noqa: E402
+from mlfound.experiment.config import ROOT, load_experiment  # noqa: E402
 from mlfound.experiment.plan import Unit  # noqa: E402
-from mlfound.experiment.prepare import train_subset  # noqa: E402
+from mlfound.experiment.prepare import check_same_models, make_shards, make_split, train_subset  # noqa: E402
 from mlfound.experiment.units import best_recipe  # noqa: E402
 from mlfound.finetune import FinetuneConfig, finetune  # noqa: E402
 from mlfound.release import load, save_release  # noqa: E402
@@ -52,7 +53,8 @@ def target_unit(exp, record: Path, base_path: Path, start: str, seed: int, n: in
     if path.exists():
         return json.loads(path.read_text())
     head = exp.target.head
-    pool, val, test = (load_records(record / "target" / f"{k}.extxyz", head) for k in ("pool", "val", "test"))
+    split = make_split(exp, record)  # the grid's split of the target (made again in a fresh clone)
+    pool, val, test = (load_records(split[k], head) for k in ("pool", "val", "test"))
     result, recipe, losses = best_recipe(exp, load(base_path), train_subset(pool, n, subset), val,
                                          Unit(start, seed, n, subset))
     row = {"seed": seed, "n": n, "subset": subset, "recipe": recipe, "validation_loss": losses,
@@ -73,12 +75,19 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="default: runs/<experiment>/two-stage")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the experiment, as the grid was run with")
     args = p.parse_args()
-    exp = load_experiment(args.experiment, args.overrides)
-    out = args.out or Path("runs") / args.experiment.stem / "two-stage"
+    try:
+        exp = load_experiment(args.experiment, args.overrides)
+        if args.start not in exp.pretrain.methods:
+            raise ConfigError(f"--start {args.start} is not a pretraining method of {args.experiment}: "
+                              f"{exp.pretrain.methods}")
+        if not (args.record / "models_made_by.json").exists():
+            raise ConfigError(f"{args.record} holds no run of an experiment: give the grid's --out")
+        check_same_models(exp, args.record)  # the record was made by this experiment, with these overrides
+        make_shards(exp)  # the replay recipes read them
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}")
+    out = args.out or ROOT / "runs" / args.experiment.stem / "two-stage"
     out.mkdir(parents=True, exist_ok=True)
-    if args.start not in exp.pretrain.methods:
-        raise SystemExit(f"--start {args.start} is not a pretraining method of {args.experiment}: "
-                         f"{exp.pretrain.methods}")
     compared = ["none", *(m for m in ("single", args.start) if m in exp.pretrain.methods)]
     rows = {}
     for seed in args.seeds:
