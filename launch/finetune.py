@@ -14,9 +14,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from mlfound.data import DataError  # noqa: E402
 from mlfound.data.presets import add_reading_arguments  # noqa: E402
-from mlfound.release import ReleaseError  # noqa: E402
+from mlfound.errors import run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -60,26 +59,25 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
+    from mlfound.data.files import refuse_overwriting_inputs
     from mlfound.finetune import FinetuneConfig, ReplayConfig, finetune
-    from mlfound.release import load, save_release
+    from mlfound.release import load, resolve, save_release
 
-    try:
-        train, val, lot = read_data(args)
-        replay = (ReplayConfig(shard_root=args.replay_shards, tasks=args.replay_tasks, every=args.replay_every,
-                               shard_url_template=args.replay_url_template) if args.replay_shards else None)
-        cfg = FinetuneConfig(head=args.head, init=args.init, lot=lot, freeze=args.freeze, lr=args.lr,
-                             lr_schedule=args.lr_schedule, lr_final_ratio=args.lr_final_ratio,
-                             lr_trunk=args.lr_trunk, lr_head=args.lr_head, warmup_steps=args.warmup_steps,
-                             ema_decay=args.ema_decay, max_steps=args.max_steps,
-                             eval_every=args.eval_every, patience=args.patience or None,
-                             max_atoms_per_batch=args.max_atoms, energy_weight=args.energy_weight,
-                             forces_weight=args.forces_weight, stress_weight=args.stress_weight, seed=args.seed,
-                             replay=replay, device=args.device,
-                             check_units=not args.no_unit_check)
-        result = finetune(load(args.model), train, val, cfg)
-    except (DataError, ReleaseError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model_path = resolve(args.model)  # a registry name is a file too: never the output
+    refuse_overwriting_inputs({"--out": args.out}, {"--model": model_path, "--train": args.train, "--val": args.val})
+    train, val, lot = read_data(args)
+    replay = (ReplayConfig(shard_root=args.replay_shards, tasks=args.replay_tasks, every=args.replay_every,
+                           shard_url_template=args.replay_url_template) if args.replay_shards else None)
+    cfg = FinetuneConfig(head=args.head, init=args.init, lot=lot, freeze=args.freeze, lr=args.lr,
+                         lr_schedule=args.lr_schedule, lr_final_ratio=args.lr_final_ratio,
+                         lr_trunk=args.lr_trunk, lr_head=args.lr_head, warmup_steps=args.warmup_steps,
+                         ema_decay=args.ema_decay, max_steps=args.max_steps,
+                         eval_every=args.eval_every, patience=args.patience or None,
+                         max_atoms_per_batch=args.max_atoms, energy_weight=args.energy_weight,
+                         forces_weight=args.forces_weight, stress_weight=args.stress_weight, seed=args.seed,
+                         replay=replay, device=args.device,
+                         check_units=not args.no_unit_check)
+    result = finetune(load(model_path), train, val, cfg)
     print_summary(result)
     save_release(result.release.model, result.release.metadata, args.out)
     print(f"wrote {args.out}")
@@ -125,4 +123,4 @@ def print_summary(result) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

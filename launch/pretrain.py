@@ -10,7 +10,8 @@ import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: the deepspeed launcher leaves it unset
 
-from mlfound.config import ConfigError, load_config
+from mlfound.config import load_config
+from mlfound.errors import run_main
 
 
 def main(argv=None) -> int:
@@ -20,20 +21,16 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. meta.inner_steps=5")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after --resume
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from mlfound.data import DataError
+    cfg = load_config(args.config, args.overrides)
     from mlfound.train.trainer import Trainer  # after the config is known good: importing DeepSpeed is slow
 
+    trainer = None
     try:
-        Trainer(cfg).train(resume=args.resume)
-    except (DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.train()
     finally:
+        if trainer is not None:
+            trainer.close()
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -42,4 +39,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

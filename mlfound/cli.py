@@ -8,7 +8,8 @@
     mlfound evaluate MODEL DATA --head H [--scan] [--json OUT]
     mlfound learning-curve MODEL... --data TEST --head H --out curve.png
 
-Errors in the user's input (bad data, a file that is not a release) print one line and exit with 2.
+Errors in the user's input (bad data, a file that is not a release) print one line and exit with 2; no command
+writes over one of its own inputs.
 """
 from __future__ import annotations
 
@@ -17,12 +18,17 @@ import os
 import sys
 from pathlib import Path
 
-from mlfound.data.files import atomic_write_bytes, json_text
+from mlfound.data.files import atomic_write_bytes, json_text, refuse_overwriting_inputs
 from mlfound.data.presets import add_reading_arguments
 from mlfound.data.record import DataError
+from mlfound.errors import run_main
 
 
 def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parser = argparse.ArgumentParser(prog="mlfound", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--description", help="registry description (default: the name's current one, if registered)")
     p.add_argument("--default", action="store_true", help="with --register: make it the release named 'default'")
     p.add_argument("--card", type=Path, help="model card (JSON, as tools/paper_experiment.py writes them) to attach")
+    p.add_argument("--allow-untrained", action="store_true",
+                   help="export a checkpoint whose weights no step has updated (refused otherwise)")
     p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("deploy", help="one head of a release as a TorchScript file that runs without mlfound")
@@ -79,16 +87,9 @@ def main(argv=None) -> int:
     p.set_defaults(run=cmd_learning_curve)
 
     args = parser.parse_args(argv)
-    from mlfound.model_card import CardError
-    from mlfound.release import ReleaseError
-
     if getattr(args, "default", False) and not args.register:
         parser.error("--default needs --register NAME")
-    try:
-        return args.run(args)
-    except (DataError, ReleaseError, CardError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return args.run(args)
 
 
 def _reading(args) -> tuple[dict, dict]:
@@ -114,6 +115,7 @@ def cmd_export(args) -> int:
     from mlfound.model_card import CARD_KEY, read_card
     from mlfound.release import load, save_release
 
+    refuse_overwriting_inputs({"--out": args.out}, {"CHECKPOINT": args.checkpoint, "--card": args.card})
     # a bad card fails before anything is written
     card = {CARD_KEY: read_card(args.card).model_dump(mode="json")} if args.card else {}
     if args.checkpoint.is_file():
@@ -121,7 +123,7 @@ def cmd_export(args) -> int:
     else:
         from mlfound.train.export import export
 
-        release = load(export(args.checkpoint, args.out))
+        release = load(export(args.checkpoint, args.out, args.allow_untrained))
     path = save_release(release.model, {**release.metadata, **card}, args.out)
     print(f"wrote {path}")
     if args.register:
@@ -135,9 +137,11 @@ def cmd_export(args) -> int:
 
 def cmd_deploy(args) -> int:
     from mlfound.deploy import METADATA_FILE, deploy
-    from mlfound.release import load
+    from mlfound.release import load, resolve
 
-    path = deploy(load(args.model), args.head, args.out, args.dtype)
+    model_path = resolve(args.model)
+    refuse_overwriting_inputs({"--out": args.out}, {"MODEL": model_path})
+    path = deploy(load(model_path), args.head, args.out, args.dtype)
     print(f"wrote {path}: head {args.head!r}, {args.dtype}; inputs and units in its {METADATA_FILE} and "
           "in mlfound/deploy.py")
     return 0
@@ -200,6 +204,7 @@ def cmd_split(args) -> int:
         if not name or not count or not (count == "rest" or count.isdigit()):
             raise DataError(f"--sizes item {item!r}: expected name=count or name=rest")
         sizes[name] = None if count == "rest" else int(count)
+    refuse_overwriting_inputs({f"--out {name}": args.out / f"{name}.extxyz" for name in sizes}, {"DATA": args.data})
     records = _records(args, args.data, task=args.data.stem)
     how, preset_lot = _reading(args)
     file_lot = lot_metadata(SourceSpec(path=args.data, task=args.data.stem, **how)) if args.data.is_file() else {}
@@ -216,6 +221,7 @@ def cmd_evaluate(args) -> int:
     from mlfound.release import load
 
     release = load(args.model)
+    refuse_overwriting_inputs({"--plot": args.plot, "--json": args.json}, {"MODEL": release.path, "DATA": args.data})
     release.check_head(args.head)
     records = _records(args, args.data, args.head)
     results = {"model": str(release.path), "data": str(args.data), "head": args.head,
@@ -242,6 +248,8 @@ def cmd_learning_curve(args) -> int:
     from mlfound.evaluate import evaluate, num_finetune_structures, plot_learning_curves
     from mlfound.release import load
 
+    models = {f"MODEL {item}": item.rpartition("=")[2] for item in args.models}
+    refuse_overwriting_inputs({"--out": args.out, "--json": args.json}, {"--data": args.data, **models})
     records = _records(args, args.data, args.head)
     curves: dict[str, dict[int, list[dict]]] = {}
     print(f"{'curve':<16}{'N':>6}{'E MAE':>10}{'F MAE':>10}  model")

@@ -15,7 +15,7 @@ import numpy as np
 from mlfound.data.files import atomic_write
 from mlfound.data.record import Record
 from mlfound.metrics import error_table
-from mlfound.predict import head_batches, predict
+from mlfound.predict import check_head_elements, head_batches, predict
 from mlfound.release import Release
 
 SCAN_ANGLE_KEY = "scan_angle_deg"
@@ -25,6 +25,7 @@ def evaluate(release: Release, records: list[Record], head: str, max_atoms: int 
     """Energy (meV/atom) and force (meV/Å) MAE/RMSE of ``head`` on ``records``."""
     release.check_head(head)
     model = release.model
+    check_head_elements(model, head, {int(z) for rec in records for z in rec.z})
     batches = head_batches(records, head, model.task_names, model.config.cutoff_a, max_atoms)
     return error_table(model, {head: batches}, next(model.parameters()).device)[head]
 

@@ -36,7 +36,8 @@ from mlfound.meta.loss import LossWeights, potential_loss
 from mlfound.metrics import error_table
 from mlfound.model import Potential
 from mlfound.predict import head_batches, network_energy, predict
-from mlfound.release import Release, release_metadata
+from mlfound.release import Release, ReleaseError, release_metadata
+from mlfound.train.guards import TrainingError
 
 
 class ReplayConfig(BaseModel):
@@ -197,6 +198,9 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
         if replay and step % cfg.replay.every == 0:
             loss = loss + potential_loss(model, next(replay[step // cfg.replay.every % len(replay)]).to(cfg.device),
                                          weights)[0]
+        if not torch.isfinite(loss):
+            raise TrainingError(f"fine-tuning head {cfg.head!r}, step {step}: the loss is {loss.item()}; stopped "
+                                "before applying it, nothing written. Lower --lr (or --lr-trunk/--lr-head)")
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -266,7 +270,7 @@ def _replay_batchers(cfg: FinetuneConfig, model: Potential) -> list[AtomBudgetBa
         return []
     missing = [t for t in cfg.replay.tasks if t not in model.task_names]
     if missing:
-        raise ValueError(f"replay tasks {missing} have no head in this model; its heads are {model.task_names}")
+        raise ReleaseError(f"replay tasks {missing} have no head in this model; its heads are {model.task_names}")
     return [AtomBudgetBatcher(TaskStream(cfg.replay.shard_root / task, cfg.seed,
                                          shard_url_template=cfg.replay.shard_url_template), cfg.max_atoms_per_batch,
                               model.config.cutoff_a, model.task_names) for task in cfg.replay.tasks]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mlfound.data.batching import GraphBatch, atom_budget_batches, collate
-from mlfound.data.record import Record
+from mlfound.data.record import DataError, Record
 
 DEFAULT_MAX_ATOMS = 512
 
@@ -33,12 +33,15 @@ def predict(model, records: list[Record], head: str, compute_forces: bool = True
 
 
 def check_head_elements(model, head: str, elements: set[int]) -> None:
-    """A ValueError unless the model knows every element and ``head`` has a reference energy for each. Checked
-    on the host: on an accelerator the model can only assert."""
-    model.check_elements(elements)
+    """A DataError unless the model knows every element and ``head`` has a reference energy for each. Checked
+    on the host: on an accelerator the model can only assert. Every consumer (calculator, evaluate, MD) calls it."""
+    try:
+        model.check_elements(elements)
+    except ValueError as err:
+        raise DataError(str(err)) from None
     missing = model.missing_references(head, elements) if head in model.task_names else []
     if missing:
-        raise ValueError(f"head {head!r} has no reference energy for elements {missing}: its training data contained "
+        raise DataError(f"head {head!r} has no reference energy for elements {missing}: its training data contained "
                          "none, so its absolute energies are undefined there. Use another head, or fine-tune this one "
                          "on data containing them")
 

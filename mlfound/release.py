@@ -116,6 +116,10 @@ def release_metadata(model: Potential, heads: dict[str, dict], training: dict | 
 def save_release(model: Potential, metadata: dict, path: Path) -> Path:
     """Write ``model`` and ``metadata`` as one safetensors file, atomically (temporary name, then rename)."""
     path = Path(path)
+    diverged = non_finite_parameters(model)
+    if diverged:
+        raise ReleaseError(f"refusing to write {path}: parameters {diverged} hold NaN or inf (the training "
+                           "diverged); a release must predict finite energies")
     tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
     tensors = {name: value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
                for name, value in tensors.items()}
@@ -124,6 +128,11 @@ def save_release(model: Potential, metadata: dict, path: Path) -> Path:
     payload = safetensors_bytes(tensors, metadata={METADATA_KEY: metadata_text,
                                                    INTEGRITY_KEY: json.dumps(integrity, sort_keys=True)})
     return atomic_write_bytes(path, payload)
+
+
+def non_finite_parameters(model: Potential, shown: int = 5) -> list[str]:
+    """Names of (up to ``shown``) parameters holding NaN or inf; references may be NaN by design, weights never."""
+    return [name for name, value in model.named_parameters() if not torch.isfinite(value).all()][:shown]
 
 
 def content_hashes(tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
@@ -228,6 +237,10 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> Release:
         if not ((loaded == value) | (loaded.isnan() & value.isnan())).all():  # bit-equal, NaN where undefined
             raise ReleaseError(f"{path}: {name} in the metadata and in the weights differ; "
                                "the file was edited or corrupted, re-export it")
+    diverged = non_finite_parameters(model)
+    if diverged:
+        raise ReleaseError(f"{path}: parameters {diverged} hold NaN or inf; the model is from a diverged run "
+                           "and would predict nothing finite")
     return Release(model.to(device).eval(), metadata, path, verified)
 
 

@@ -9,6 +9,7 @@ alternate per system count, so a change in the machine's load hits both columns 
 """
 import argparse
 import itertools
+import sys
 import time
 
 import torch
@@ -19,6 +20,7 @@ from ase.units import fs
 
 from mlfound.batched_md import TorchSimModel
 from mlfound.calculator import MLFoundCalculator
+from mlfound.errors import run_main
 from mlfound.release import load
 
 TIMESTEP_FS = 0.5
@@ -84,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mlfound.data.throughput import format_table, measure
+from mlfound.errors import run_main
 
 
 def main(argv=None) -> int:
@@ -39,4 +40,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -27,6 +27,7 @@ import torch
 
 from mlfound.config import load_config
 from mlfound.data.throughput import loader_pace
+from mlfound.errors import run_main
 from mlfound.train.build import build_loader, build_sampler, load_manifests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,4 +113,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mlfound.errors import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = {"mlfound": (".venv", "time_mlfound.py"), "nequip": (".venv-nequip", "time_nequip.py"),
            "mace": (".venv-mace", "time_mace.py")}
@@ -160,4 +162,4 @@ def accuracy(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

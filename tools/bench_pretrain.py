@@ -16,6 +16,7 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from mlfound.config import load_config  # noqa: E402
+from mlfound.errors import run_main  # noqa: E402
 from mlfound.train.trainer import Trainer  # noqa: E402
 
 
@@ -78,4 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -26,6 +26,8 @@ import numpy as np
 import psutil
 from ase.io import read
 
+from mlfound.errors import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 DISPLACEMENT_A = 0.02
 BYTES_PER_ATOM = 300  # extxyz text + bucket files + shards, per atom of the corpus: for the disk check
@@ -161,4 +163,4 @@ def format_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

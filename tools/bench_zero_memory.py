@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from mlfound.config import load_config  # noqa: E402
+from mlfound.errors import run_main  # noqa: E402
 from mlfound.train.trainer import Trainer  # noqa: E402
 
 EXTRAPOLATE_RANKS = (2, 8, 64, 512)
@@ -88,4 +89,4 @@ def _size(num_bytes: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

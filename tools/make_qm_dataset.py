@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlfound.data.files import atomic_write_bytes, sha256_file
+from mlfound.data.files import FolderLock, atomic_write_bytes, sha256_file
+from mlfound.errors import run_main
 from mlfound.qmdata.corpus import make_corpus
 from mlfound.qmdata.recipes import RECIPES
 from mlfound.qmdata.scans import SCANS, make_scan
@@ -28,11 +29,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.recipe and not args.scan:
         parser.error("name at least one --recipe or --scan")
-    for name in args.scan:
-        print(f"wrote {make_scan(name, SCANS[name], args.out, args.workers)}")
-    summary = {}
-    for name in args.recipe:
-        summary.update(make_corpus(name, RECIPES[name], args.out, args.workers))
+    with FolderLock(args.out, "tools/make_qm_dataset.py run"):  # one generator per folder: they share work files
+        for name in args.scan:
+            print(f"wrote {make_scan(name, SCANS[name], args.out, args.workers)}")
+        summary = {}
+        for name in args.recipe:
+            summary.update(make_corpus(name, RECIPES[name], args.out, args.workers))
     if summary:
         print(f"{'task':<14}{'structures':>11}{'molecules':>10}{'rejected':>9}  forces")
     for task, row in summary.items():
@@ -49,4 +51,4 @@ def write_checksums(folder: Path) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

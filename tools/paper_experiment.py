@@ -53,6 +53,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from mlfound.config import ConfigError  # noqa: E402
+from mlfound.data.files import FolderLock
+from mlfound.errors import run_main  # noqa: E402
 from mlfound.experiment.config import ROOT, load_experiment  # noqa: E402
 from mlfound.experiment.grid import report_so_far, run_experiment  # noqa: E402
 from mlfound.experiment.prepare import check_same_models, make_shards  # noqa: E402
@@ -67,23 +69,20 @@ def main(argv=None) -> int:
                    help="write the report from the results <out> holds so far; run nothing (an interim look)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the experiment, e.g. finetune.sizes=[10]")
     args = p.parse_args(argv)
-    try:
-        exp = load_experiment(args.experiment, args.overrides)
-        out = args.out or ROOT / "runs" / args.experiment.stem / "paper"
-        if args.report and not (out / "models_made_by.json").exists():
-            raise ConfigError(f"{out} holds no run of an experiment: give the grid's --out, or run it first")
-        if not args.report:
-            make_shards(exp)
-        check_same_models(exp, out)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    exp = load_experiment(args.experiment, args.overrides)
+    out = args.out or ROOT / "runs" / args.experiment.stem / "paper"
     if args.report:
+        if not (out / "models_made_by.json").exists():
+            raise ConfigError(f"{out} holds no run of an experiment: give the grid's --out, or run it first")
+        check_same_models(exp, out)
         report_so_far(exp, out, title=args.experiment.stem)
-    else:
+        return 0
+    with FolderLock(out, "tools/paper_experiment.py grid"):
+        make_shards(exp)
+        check_same_models(exp, out)
         run_experiment(exp, out, args.workers, title=args.experiment.stem)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

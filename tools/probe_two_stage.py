@@ -12,6 +12,7 @@ with the record's scratch, single and source start on the same draws; decide on 
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,8 +21,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from mlfound.config import ConfigError  # noqa: E402
-from mlfound.data.files import atomic_write_bytes, json_text  # noqa: E402
+from mlfound.data.files import FolderLock, atomic_write_bytes, json_text  # noqa: E402
 from mlfound.data.sets import load_records, split_records  # noqa: E402
+from mlfound.errors import run_main  # noqa: E402
 from mlfound.evaluate import evaluate  # noqa: E402
 from mlfound.experiment.config import ROOT, load_experiment  # noqa: E402
 from mlfound.experiment.plan import Unit  # noqa: E402
@@ -75,19 +77,20 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="default: runs/<experiment>/two-stage")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the experiment, as the grid was run with")
     args = p.parse_args()
-    try:
-        exp = load_experiment(args.experiment, args.overrides)
-        if args.start not in exp.pretrain.methods:
-            raise ConfigError(f"--start {args.start} is not a pretraining method of {args.experiment}: "
-                              f"{exp.pretrain.methods}")
-        if not (args.record / "models_made_by.json").exists():
-            raise ConfigError(f"{args.record} holds no run of an experiment: give the grid's --out")
-        check_same_models(exp, args.record)  # the record was made by this experiment, with these overrides
-        make_shards(exp)  # the replay recipes read them
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}")
+    exp = load_experiment(args.experiment, args.overrides)
+    if args.start not in exp.pretrain.methods:
+        raise ConfigError(f"--start {args.start} is not a pretraining method of {args.experiment}: "
+                          f"{exp.pretrain.methods}")
+    if not (args.record / "models_made_by.json").exists():
+        raise ConfigError(f"{args.record} holds no run of an experiment: give the grid's --out")
+    check_same_models(exp, args.record)  # the record was made by this experiment, with these overrides
     out = args.out or ROOT / "runs" / args.experiment.stem / "two-stage"
-    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "tools/probe_two_stage.py run"):
+        make_shards(exp)  # the replay recipes read them
+        return _probe(args, exp, out)
+
+
+def _probe(args, exp, out: Path) -> None:
     compared = ["none", *(m for m in ("single", args.start) if m in exp.pretrain.methods)]
     rows = {}
     for seed in args.seeds:
@@ -99,7 +102,7 @@ def main() -> None:
                 for method in compared:
                     result = args.record / "results" / f"{method}_s{seed}_n{n}_sub{subset}.json"
                     if not result.exists():
-                        raise SystemExit(f"{result} is missing: run the experiment's grid at seed {seed} first")
+                        raise FileNotFoundError(f"{result} is missing: run the experiment's grid at seed {seed} first")
                     rows[method, seed, n, subset] = json.loads(result.read_text())
     print(f"two-stage = {args.start}, then {args.steps} steps at {args.near}; means over "
           f"{len(args.seeds)} seeds x {len(exp.finetune.subsets)} subsets; val loss x1e3 (choose on it), test MAE")
@@ -118,4 +121,4 @@ def _pm(values: list[float], digits: int) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -16,6 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+from mlfound.errors import run_main
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,14 +42,12 @@ def main(argv=None) -> int:
     from ase.md.verlet import VelocityVerlet
 
     from mlfound.calculator import MLFoundCalculator, thermalize
-    from mlfound.data.files import atomic_write
-    from mlfound.release import ReleaseError
+    from mlfound.data.files import atomic_write, refuse_overwriting_inputs
+    from mlfound.release import resolve
 
-    try:
-        calc = MLFoundCalculator(args.model, head=args.head, dtype=args.dtype)
-    except ReleaseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model_path = resolve(args.model)
+    refuse_overwriting_inputs({"--out": args.out}, {"MODEL": model_path, "--structure": args.structure})
+    calc = MLFoundCalculator(model_path, head=args.head, dtype=args.dtype)
     atoms = read(args.structure, index=args.index)
     atoms.calc = calc
     rng = np.random.default_rng(args.seed)
@@ -82,4 +82,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

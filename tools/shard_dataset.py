@@ -30,6 +30,7 @@ from mlfound.data.presets import describe_presets, preset_sources, reading_optio
 from mlfound.data.readers import READERS, SourceSpec, lot_label
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A
 from mlfound.data.shards import DEFAULT_SHUFFLE_BUFFER_MB, REJECTS_NAME, ShardOptions, shard_tasks
+from mlfound.errors import run_main
 
 
 def parse_args(argv):
@@ -75,27 +76,23 @@ def main(argv=None) -> int:
     given_lot = {f"lot_{k}": v for k, v in (("method", args.method), ("basis", args.basis), ("code", args.code)) if v}
     # killed (a scheduler's SIGTERM) or interrupted: stop the workers and remove the temporaries before exiting
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    try:
-        by_task = sources_by_task(args)
-        width = max(14, *(len(task) + 2 for task in by_task))
-        print(f"{'task':<{width}}{'records':>8}{'val':>6}{'rejected':>9}{'unlabelled':>11}{'shards':>7}{'atoms':>8}"
-              f"{'forces':>7}{'ref RMS eV':>11}  LoT")
-        lots = {task: {**lot, **given_lot} for task, (_, lot) in by_task.items()}
-        results = shard_tasks({task: specs for task, (specs, _) in by_task.items()}, args.out, options, lots,
-                              workers=args.workers, shuffle_buffer_mb=args.shuffle_buffer_mb)
-        with contextlib.closing(results):
-            for task, m in results:
-                print(f"{task:<{width}}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}"
-                      f"{m['num_unlabelled']:>11}{len(m['shards']):>7}{m['num_atoms_total']:>8}"
-                      f"{m['num_with_forces']:>7}{m['stats']['residual_rms_ev']:>11.4f}  {lot_label(m['lot'])}")
-                for note in m["reference_notes"]:
-                    print(f"  warning ({task}): {note}")
-                if m["num_rejected"]:
-                    print(f"  {task}: {m['num_rejected']} rejected records listed in "
-                          f"{args.out / task / REJECTS_NAME}")
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    by_task = sources_by_task(args)
+    width = max(14, *(len(task) + 2 for task in by_task))
+    print(f"{'task':<{width}}{'records':>8}{'val':>6}{'rejected':>9}{'unlabelled':>11}{'shards':>7}{'atoms':>8}"
+          f"{'forces':>7}{'ref RMS eV':>11}  LoT")
+    lots = {task: {**lot, **given_lot} for task, (_, lot) in by_task.items()}
+    results = shard_tasks({task: specs for task, (specs, _) in by_task.items()}, args.out, options, lots,
+                          workers=args.workers, shuffle_buffer_mb=args.shuffle_buffer_mb)
+    with contextlib.closing(results):
+        for task, m in results:
+            print(f"{task:<{width}}{m['num_records']:>8}{m['num_validation_records']:>6}{m['num_rejected']:>9}"
+                  f"{m['num_unlabelled']:>11}{len(m['shards']):>7}{m['num_atoms_total']:>8}"
+                  f"{m['num_with_forces']:>7}{m['stats']['residual_rms_ev']:>11.4f}  {lot_label(m['lot'])}")
+            for note in m["reference_notes"]:
+                print(f"  warning ({task}): {note}")
+            if m["num_rejected"]:
+                print(f"  {task}: {m['num_rejected']} rejected records listed in "
+                      f"{args.out / task / REJECTS_NAME}")
     return 0
 
 
@@ -117,4 +114,4 @@ def sources_by_task(args) -> dict[str, tuple[list[SourceSpec], dict]]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

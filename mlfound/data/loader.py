@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mlfound.data.batching import AtomBudgetBatcher, GraphBatch, device_neighbour_lists
+from mlfound.data.record import DataError
 
 
 @dataclasses.dataclass
@@ -115,7 +116,10 @@ class StepLoader:
         if self._iterators is None:
             self._start(step)
         if not self._pending:
-            item = next(self._iterators[self.lane_of[task]])
+            try:
+                item = next(self._iterators[self.lane_of[task]])
+            except DataError as err:  # from a worker, torch prefixes the worker's traceback: keep the message
+                raise DataError(str(err).rsplit("DataError: ", 1)[-1].strip()) from None
             self._pending_step = (item.step, item.task)
             self._pending.extend(zip(item.batches, item.stream_states))
         assert self._pending_step == (step, task), \

@@ -37,7 +37,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from mlfound.data import shard_format
-from mlfound.data.files import atomic_write, atomic_write_bytes, sha256_file
+from mlfound.data.files import FolderLock, atomic_write, atomic_write_bytes, sha256_file
 from mlfound.data.plausibility import check_units
 from mlfound.data.readers import BadRecord, SourceSpec, Unlabelled, lot_metadata, read_entries
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, validate_record
@@ -90,7 +90,8 @@ def shard_tasks(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, opt
     training manifest in the order given, as it is written. ``lots_by_task`` gives a task's LoT metadata (a
     preset's, the user's), over what its sources say. A bad record (without ``skip_bad``) or a failed
     unit check stops the run before any shard is written. ``shuffle_buffer_mb`` bounds the records held in
-    memory while shuffling; it changes neither the output nor the fingerprint. With ``workers > 1`` call
+    memory while shuffling; it changes neither the output nor the fingerprint. ``out_dir`` is locked while this
+    runs: a second writer gets FolderInUseError. With ``workers > 1`` call
     this under ``if __name__ == "__main__":``, as for any multiprocessing: workers import the main module."""
     if workers < 1 or shuffle_buffer_mb <= 0:
         raise ValueError(f"workers must be >= 1 and shuffle_buffer_mb > 0, got {workers} and {shuffle_buffer_mb}")
@@ -101,6 +102,7 @@ def shard_tasks(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, opt
             if not Path(spec.path).is_file():
                 raise DataError(f"{spec.path}: no such file")
     todo: list[_Plan] = []
+    lock = FolderLock(out_dir, "tools/shard_dataset.py run").acquire()  # one writer per shard root
     try:
         with _worker_pool(workers) as pool:  # stopped before the temporaries it writes to are removed
             run = _Execution(pool, workers, int(shuffle_buffer_mb * 2**20), progress)
@@ -112,6 +114,7 @@ def shard_tasks(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, opt
     finally:
         for plan in todo:
             shutil.rmtree(plan.tmp_dir, ignore_errors=True)
+        lock.release()
 
 
 def is_validation(rec: Record, val_fraction: float) -> bool:
@@ -120,17 +123,51 @@ def is_validation(rec: Record, val_fraction: float) -> bool:
 
 
 def load_manifest(task_dir: Path) -> dict:
-    path = Path(task_dir) / MANIFEST_NAME
+    """A task's manifest, checked for what can be checked without its shards: readable, of a known version, the
+    fields the loader uses present, the task its folder names, and its record count the sum of its shards'
+    (the shards themselves: ``TaskStream.verify``)."""
+    task_dir = Path(task_dir)
+    path = task_dir / MANIFEST_NAME
     if not path.exists():
         raise DataError(f"{path}: no manifest; run tools/shard_dataset.py to create the shards for this task")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") not in READABLE_MANIFEST_VERSIONS:
-        raise DataError(f"{path}: manifest format {manifest.get('format_version')} is not one this version reads "
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not readable JSON ({err}); the manifest is truncated or corrupted, "
+                        "re-run tools/shard_dataset.py") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_MANIFEST_VERSIONS:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: manifest format {version} is not one this version reads "
                         f"{READABLE_MANIFEST_VERSIONS}; re-shard the sources with this version of "
                         "tools/shard_dataset.py, or update mlfound")
+    _check_manifest(path, manifest, task_dir.parent.name if task_dir.name == VALIDATION_DIR else task_dir.name)
     manifest.setdefault("num_with_stress", 0)  # version 1 had no stress
     manifest["references_ev"] = {int(z): e for z, e in manifest["references_ev"].items()}
     return manifest
+
+
+_MANIFEST_FIELDS = {"task": str, "fingerprint": str, "num_records": int, "shards": list, "references_ev": dict,
+                    "stats": dict, "lot": dict, "sources": list}
+_SHARD_FIELDS = {"name": str, "sha256": str, "num_records": int}
+
+
+def _check_manifest(path: Path, manifest: dict, task: str) -> None:
+    """A manifest edited by hand, or one of another task, fails here naming the field, not deep in a loader."""
+    advice = "the manifest was edited or corrupted: re-run tools/shard_dataset.py"
+    for key, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise DataError(f"{path}: field {key!r} is missing or not a {kind.__name__}; {advice}")
+    for i, shard in enumerate(manifest["shards"]):
+        for key, kind in _SHARD_FIELDS.items():
+            if not isinstance(shard, dict) or not isinstance(shard.get(key), kind):
+                raise DataError(f"{path}: shards[{i}] field {key!r} is missing or not a {kind.__name__}; {advice}")
+    if manifest["task"] != task:
+        raise DataError(f"{path}: the manifest is task {manifest['task']!r}, but its folder names task {task!r}; "
+                        "a task's shards must stay in the folder tools/shard_dataset.py wrote them to")
+    listed = sum(shard["num_records"] for shard in manifest["shards"])
+    if manifest["num_records"] != listed:
+        raise DataError(f"{path}: field 'num_records' is {manifest['num_records']}, but its shards list {listed} "
+                        f"records; {advice}")
 
 
 # -- planning --------------------------------------------------------------------------------

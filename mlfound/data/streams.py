@@ -148,10 +148,11 @@ class TaskStream:
                             f"({type(err).__name__}: {err})") from err
 
     def verify(self) -> None:
-        """Check every shard of the task against the manifest now, not when first read: all ranks reach
-        the same verdict before training (validation splits are small enough to fetch twice)."""
+        """Check every shard of the task against the manifest (sha256 and record count) now, not when first read
+        in a loader worker: every rank reaches the same verdict before training, and the sampler's task weights
+        rest on counts that hold."""
         for shard in range(len(self.manifest["shards"])):
-            self._fetch(shard)
+            self._read_shard(shard)
 
     def _location(self, shard: int) -> str:
         """The shard's local path, or its URL under ``shard_url_template``."""

@@ -16,6 +16,11 @@ from mlfound.model import Potential
 
 
 def load_manifests(cfg: RunConfig) -> dict[str, dict]:
+    """Each task's manifest; with local shards, every shard is checked against it here (sha256, record count),
+    in the training process. Remote shards are checked as they stream in (fetching a corpus twice costs)."""
+    if cfg.data.shard_url_template is None:
+        for task in cfg.data.tasks:
+            TaskStream(cfg.data.shard_root / task, cfg.seed).verify()
     return {task: load_manifest(cfg.data.shard_root / task) for task in cfg.data.tasks}
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import torch
 
-from mlfound.data.files import atomic_write
+from mlfound.data.files import DiskFullError, atomic_write, free_bytes, is_disk_full
 
 LATEST = "latest"
 MODEL_INFO = "model_info.json"
@@ -33,17 +34,36 @@ def save(engine, run_dir: Path, step: int, client_state: dict, rank_state: dict,
          model_info: dict) -> Path:
     root = checkpoint_dir(run_dir)
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    atomic_write(root / tag / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
-    if os.environ.get(FAILPOINT_ENV) == f"save:{step}:{rank}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    torch.distributed.barrier()
-    if rank == 0:
-        atomic_write(root / tag / MODEL_INFO, lambda f: f.write(json.dumps(model_info, indent=1).encode()))
-        atomic_write(root / tag / "complete.json", lambda f: f.write(json.dumps({"step": step}).encode()))
-        atomic_write(root / LATEST, lambda f: f.write(tag.encode()))
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        atomic_write(root / tag / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
+        if os.environ.get(FAILPOINT_ENV) == f"save:{step}:{rank}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.distributed.barrier()
+        if rank == 0:
+            atomic_write(root / tag / MODEL_INFO, lambda f: f.write(json.dumps(model_info, indent=1).encode()))
+            atomic_write(root / tag / "complete.json", lambda f: f.write(json.dumps({"step": step}).encode()))
+            atomic_write(root / LATEST, lambda f: f.write(tag.encode()))
+    except (OSError, RuntimeError) as err:
+        if not is_disk_full(err, root):
+            raise
+        raise _disk_full(run_dir, root / tag) from err
     torch.distributed.barrier()
     return root / tag
+
+
+def _disk_full(run_dir: Path, partial: Path) -> DiskFullError:
+    """The error for a save that ran out of space, after removing its partial folder (never resumed from, and
+    the space is wanted back). What it needs: the size of the last complete checkpoint, else what was written."""
+    written = _folder_bytes(partial)
+    shutil.rmtree(partial, ignore_errors=True)
+    last = latest_tag(run_dir)
+    needed = _folder_bytes(checkpoint_dir(run_dir) / last) if last else None
+    return DiskFullError(partial, needed or written, free_bytes(partial.parent), at_least=needed is None)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
 
 
 def latest_tag(run_dir: Path) -> str | None:
@@ -61,6 +81,19 @@ def complete_dir(run_or_checkpoint: Path) -> Path:
                                     f"with {checkpoint_dir(path) / LATEST}")
         path = checkpoint_dir(path) / tag
     return path
+
+
+def saved_config(run_dir: Path, tag: str) -> dict:
+    """The run config checkpoint ``tag`` was written with (from its model_info.json), before any state is loaded."""
+    ckpt = checkpoint_dir(run_dir) / tag
+    if not (ckpt / "complete.json").exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} is incomplete or missing; resume from "
+                                f"{latest_tag(run_dir)!r} (--resume auto) instead")
+    info = ckpt / MODEL_INFO
+    if not info.exists():
+        raise FileNotFoundError(f"{info} missing: the checkpoint was written by an older mlfound, so what it was "
+                                "trained as cannot be checked; start a new run_dir")
+    return json.loads(info.read_text())["config"]
 
 
 def restore(engine, run_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:

@@ -24,6 +24,8 @@ def init_distributed() -> tuple[int, int]:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    if get_accelerator().device_name() != "cpu":  # collectives before the engine exists need this rank's device
+        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 

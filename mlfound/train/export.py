@@ -12,14 +12,17 @@ import torch
 
 from mlfound.config import RunConfig
 from mlfound.model import Potential
-from mlfound.release import release_metadata, save_release
+from mlfound.release import ReleaseError, release_metadata, save_release
 from mlfound.train import checkpoint
+from mlfound.train.guards import weights_digest
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
-def export(run_or_checkpoint: Path, out: Path) -> Path:
-    """Write the release of a run's latest complete checkpoint (or of the checkpoint folder given)."""
+def export(run_or_checkpoint: Path, out: Path, allow_untrained: bool = False) -> Path:
+    """Write the release of a run's latest complete checkpoint (or of the checkpoint folder given). Weights no
+    step has moved (every step skipped, or zero steps) are refused unless ``allow_untrained`` (a from-scratch
+    baseline); non-finite weights always are (``save_release``)."""
     ckpt = checkpoint.complete_dir(run_or_checkpoint)
     info_path = ckpt / checkpoint.MODEL_INFO
     if not info_path.exists():
@@ -30,6 +33,10 @@ def export(run_or_checkpoint: Path, out: Path) -> Path:
     model = Potential(cfg.model, info["elements"], info["tasks"], {t: {} for t in info["tasks"]},
                       {t: 1.0 for t in info["tasks"]})
     model.load_state_dict(_fp32_state(ckpt, cfg))
+    if not allow_untrained and weights_digest(model) == info.get("initial_weights_sha256"):
+        raise ReleaseError(f"{ckpt}: its weights are still the initial ones (step {info['step']}: no step updated "
+                           "them), so a release of it would be an untrained model; export it anyway with "
+                           "--allow-untrained (e.g. as a from-scratch baseline)")
     history = [{"stage": "pretrain", "mode": cfg.meta.mode, "outer_steps": info["step"],
                 "inner_steps": cfg.meta.inner_steps, "tasks": info["tasks"], "checkpoint": str(ckpt)}]
     metadata = release_metadata(model, info["heads"], training={"config": info["config"], "step": info["step"]},

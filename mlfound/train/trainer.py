@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mlfound.config import RunConfig
-from mlfound.data.files import atomic_write_bytes
+from mlfound.data.files import FolderInUseError, FolderLock, atomic_write_bytes
 from mlfound.data.loader import StepLoader
 from mlfound.meta.loss import LossWeights, potential_loss
 from mlfound.meta.reptile import inner_loop, scale_task_heads, surrogate_loss
@@ -27,6 +27,7 @@ from mlfound.train.build import (
     with_data_normalisers,
 )
 from mlfound.train.engine import build_engine, init_distributed
+from mlfound.train.guards import TrainingError, all_finite, resume_changes, stop_unless_finite, weights_digest
 from mlfound.train.validation import validation_batches
 
 HEAD_PREFIX = "heads.heads."
@@ -51,34 +52,87 @@ class _TimedBatches:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    """One pretraining run in ``cfg.run_dir``, which it owns (a lock held by rank 0 until ``close``).
+    ``resume`` ('auto' or a checkpoint tag) continues a checkpoint of the same run: its config must agree with
+    ``cfg`` in everything that shapes the model and the data (mlfound/train/guards.py)."""
+
+    def __init__(self, cfg: RunConfig, resume: str | None = None):
         self.rank, self.world_size = init_distributed()
+        self.run_dir = Path(cfg.run_dir)
+        self._lock = self._lock_run_dir()  # before anything in run_dir is read or written
+        try:
+            self._build(cfg, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: RunConfig, resume: str | None) -> None:
         torch.manual_seed(cfg.seed)
-        self.manifests = load_manifests(cfg)
-        self.cfg = cfg = with_data_normalisers(cfg, self.manifests)
+        self.resume_tag = checkpoint.latest_tag(self.run_dir) if resume == "auto" else resume
+        if resume == "auto" and self.resume_tag is None and self.rank == 0:
+            print(f"no checkpoint in {checkpoint.checkpoint_dir(self.run_dir)}; starting fresh", flush=True)
+        manifests = load_manifests(cfg)  # every local shard checked against its manifest
+        cfg = with_data_normalisers(cfg, manifests)
+        if self.resume_tag is not None:
+            cfg = self._config_to_resume(cfg)
+        self.cfg, self.manifests = cfg, {task: manifests[task] for task in cfg.data.tasks}
         model = build_potential(cfg, self.manifests)
         self.work = copy.deepcopy(model)  # the plain per-rank inner copy: no DeepSpeed hooks
         self.engine = build_engine(cfg, model)
         self.device = self.engine.device  # CPU, or this rank's GPU
         self.work.to(self.device)
         self.param_names = [n for n, _ in self.engine.module.named_parameters()]
+        self.initial_weights = weights_digest(self.engine.module)  # export refuses a run that never moved them
         self.sampler = build_sampler(cfg, self.manifests)
         self.loader = build_loader(cfg, self.rank, self.world_size, self.sampler, self.device)
         self.weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight, cfg.loss.stress_weight)
         self.step = 0
-        self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._skipped_steps = 0
         self._window = self._new_window()
         self._validation_batches = validation_batches(  # now: a bad validation shard fails before training
             validation_dirs(cfg), cfg.data.tasks, cfg.model.cutoff_a, cfg.data.max_atoms_per_batch,
             self.rank, self.world_size, cfg.data.shard_url_template)
         self._evaluation: tuple[int | None, dict] = (None, {})  # (step, table) of the latest evaluation
 
-    def train(self, resume: str | None = None) -> dict:
+    def _lock_run_dir(self) -> FolderLock | None:
+        """Rank 0 locks run_dir; every rank learns the verdict (one tiny all-reduce), so all stop together."""
+        lock, refused = None, None
+        if self.rank == 0:
+            try:
+                lock = FolderLock(self.run_dir, "pretraining run").acquire()
+            except FolderInUseError as err:
+                refused = err
+        flag = torch.tensor([refused is not None], dtype=torch.float32, device=_collective_device())
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flag)
+        if refused is not None:
+            raise refused
+        if flag.item():
+            raise FolderInUseError(f"{self.run_dir} is in use by another pretraining run (rank 0 says which)")
+        if lock is not None and lock.stale_note():
+            print(lock.stale_note(), flush=True)
+        return lock
+
+    def _config_to_resume(self, cfg: RunConfig) -> RunConfig:
+        """``cfg`` checked against the checkpoint's config, in the checkpoint's task order; what may change on
+        resume (learning rates, steps, cadence, task order) is listed, anything else stops the run."""
+        saved = checkpoint.saved_config(self.run_dir, self.resume_tag)
+        changes = resume_changes(saved, cfg.model_dump(mode="json"), self.resume_tag)
+        if self.rank == 0 and changes:
+            print(f"resume: changed since checkpoint {self.resume_tag}: {'; '.join(changes)}", flush=True)
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"tasks": saved["data"]["tasks"]})})
+
+    def close(self) -> None:
+        """Release run_dir (the launcher calls this in ``finally``)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def train(self) -> dict:
         """Run to ``train.outer_steps``; returns the final validation table (per task). A step is saved
         before it is evaluated, so a failing evaluation never costs that step's checkpoint."""
-        if resume:
-            self.restore(resume)
+        if self.resume_tag is not None:
+            self.restore(self.resume_tag)
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=1))
         last_step = min(self.cfg.train.outer_steps, self.cfg.train.stop_after_steps or self.cfg.train.outer_steps)
@@ -120,17 +174,35 @@ class Trainer:
             theta0 = [p.detach().clone() for p in self.engine.module.parameters()]
             inner = torch.optim.Adam(self.work.parameters(), lr=self.cfg.meta.inner_lr, betas=(0.0, 0.999))
             delta = inner_loop(self.work, theta0, batches, self.cfg.meta.inner_steps, inner, loss_fn)
+            self._stop_unless_finite(all_finite(delta), tasks)
             scale_task_heads(delta, self.param_names, HEAD_PREFIX, task, self.world_size / tasks.count(task))
             loss = surrogate_loss(list(self.engine.module.parameters()), delta)
         else:
             loss = loss_fn(self.engine.module, next(batches))
+            self._stop_unless_finite(torch.isfinite(loss), tasks)
         self.engine.backward(loss)
         self.engine.step()
+        self._check_update()
         self._window["tasks"].extend(tasks)  # every rank's task: known here without communication
         position = self.cfg.data.tasks.index(task)  # losses stay on the device until a log step: no sync here
         self._window["loss_sum"][position] += sum(p["energy_mse"] + p.get("forces_mse", 0.0) + p.get("stress_mse", 0.0)
                                                   for p in parts)
         self._window["loss_count"][position] += len(parts)
+
+    def _stop_unless_finite(self, finite: torch.Tensor, tasks: list[str]) -> None:
+        stop_unless_finite(finite, self.step + 1, tasks, self.rank, self.world_size, checkpoint.latest_tag(self.run_dir))
+
+    def _check_update(self) -> None:
+        """No overflow step is tolerated: mlfound trains in fp32 or bf16 (fp16 is refused), which need no loss
+        scaling, so a step DeepSpeed skips as an overflow, or weights that stop being finite, mean the run
+        diverged. The weights are the same on every rank, so every rank stops here at the same step."""
+        skipped, self._skipped_steps = self.engine.skipped_steps - self._skipped_steps, self.engine.skipped_steps
+        if skipped or not all_finite(self.engine.module.parameters()).item():
+            raise TrainingError(f"step {self.step + 1}: the update is not finite ("
+                                f"{'DeepSpeed skipped it as an overflow' if skipped else 'non-finite weights'}); "
+                                f"stopped, nothing saved past the last good checkpoint "
+                                f"({checkpoint.latest_tag(self.run_dir) or 'none yet'}). Lower meta.outer_lr, or set "
+                                "deepspeed.gradient_clipping")
 
     # -- logging, evaluation, checkpoints ---------------------------------------------------------
     def _new_window(self) -> dict:
@@ -185,6 +257,7 @@ class Trainer:
 
     def save(self) -> Path:
         client_state = {"step": self.step, "config": self.cfg.model_dump(mode="json"),
+                        "initial_weights_sha256": self.initial_weights,
                         "manifest_fingerprints": {t: m["fingerprint"] for t, m in self.manifests.items()}}
         rank_state = {"streams": self.loader.state_dict(),  # of the batches consumed, not prefetched
                       "torch_rng": torch.get_rng_state()}
@@ -195,23 +268,20 @@ class Trainer:
         """What a release needs besides the weights; see mlfound/train/export.py."""
         module = self.engine.module
         return {"step": self.step, "elements": module.elements, "tasks": module.task_names,
-                "config": self.cfg.model_dump(mode="json"),
+                "config": self.cfg.model_dump(mode="json"), "initial_weights_sha256": self.initial_weights,
                 "heads": {task: {"lot": m["lot"], "data": manifest_provenance(m)}
                           for task, m in self.manifests.items()}}
 
-    def restore(self, resume: str) -> None:
-        tag = checkpoint.latest_tag(self.run_dir) if resume == "auto" else resume
-        if tag is None:
-            if self.rank == 0:
-                print(f"no checkpoint in {checkpoint.checkpoint_dir(self.run_dir)}; starting fresh", flush=True)
-            return
+    def restore(self, tag: str) -> None:
         client_state, rank_state = checkpoint.restore(self.engine, self.run_dir, tag, self.rank)
         changed = [t for t, m in self.manifests.items()
                    if client_state["manifest_fingerprints"].get(t) != m["fingerprint"]]
         if changed:
-            raise ValueError(f"the shards of tasks {changed} changed since checkpoint {tag}; exact resume is "
-                             "impossible. Re-shard the original sources or start a new run_dir")
+            raise TrainingError(f"the shards of tasks {changed} changed since checkpoint {tag}; exact resume is "
+                                "impossible. Re-shard the original sources or start a new run_dir")
         self.step = client_state["step"]
+        self._skipped_steps = self.engine.skipped_steps
+        self.initial_weights = client_state.get("initial_weights_sha256", self.initial_weights)
         self.loader.load_state_dict(rank_state["streams"])
         torch.set_rng_state(rank_state["torch_rng"])
         self._forget_logs_after_step()
@@ -227,6 +297,13 @@ class Trainer:
         kept = drop_lines_after(validation, self.step) if self.rank == 0 else read_jsonl(validation, self.step)
         if kept and kept[-1]["step"] == self.step:
             self._evaluation = (self.step, kept[-1]["tasks"])
+
+
+def _collective_device() -> torch.device:
+    """Where this rank's collectives live before the engine exists: its accelerator, or the CPU (gloo)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def read_jsonl(path: Path, last_step: int) -> list[dict]:
