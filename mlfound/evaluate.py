@@ -16,7 +16,7 @@ from mlfound.data.files import atomic_write
 from mlfound.data.record import Record
 from mlfound.metrics import error_table
 from mlfound.predict import check_head_elements, head_batches, predict
-from mlfound.release import Release
+from mlfound.release import Release, ReleaseError
 
 SCAN_ANGLE_KEY = "scan_angle_deg"
 
@@ -124,7 +124,7 @@ def num_finetune_structures(release: Release, head: str) -> int:
     """How many structures ``head`` was fine-tuned on, from the release's metadata."""
     data = release.metadata["heads"][head].get("finetune_data")
     if data is None:
-        raise ValueError(f"{release.path}: head {head!r} was not fine-tuned; a learning curve needs fine-tuned models")
+        raise ReleaseError(f"{release.path}: head {head!r} was not fine-tuned; a learning curve needs fine-tuned models")
     return data["num_train"]
 
 

@@ -122,3 +122,25 @@ def test_evaluate_refuses_hartree_labels_unless_told_the_unit(demo_dir, tmp_path
     assert mlfound(["evaluate", "demo-reptile", str(data), "--head", "hf_sto3g"]) == 2
     assert "likely in hartree" in capsys.readouterr().err
     assert mlfound(["evaluate", "demo-reptile", str(data), "--head", "hf_sto3g", "--energy-unit", "hartree"]) == 0
+
+
+@pytest.mark.faults
+def test_an_element_the_model_does_not_know_is_one_line(tiny_release_path, tmp_path, capsys):
+    """Sulfur for an H/C/N/O model: the same one-line error as the calculator, from evaluate and learning-curve."""
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    atoms = molecule("CH3SH")
+    atoms.calc = SinglePointCalculator(atoms, energy=-10.0, forces=np.zeros((len(atoms), 3)))
+    data = tmp_path / "with_sulfur.extxyz"
+    write(data, [atoms], format="extxyz")
+    expected = "elements [16] are unknown to this model; it knows [1, 6, 7, 8]"
+    assert mlfound(["evaluate", str(tiny_release_path), str(data), "--head", "gfn2_xtb", "--no-unit-check"]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    from mlfound.calculator import MLFoundCalculator
+
+    atoms.calc = MLFoundCalculator(tiny_release_path, head="gfn2_xtb")
+    with pytest.raises(ValueError) as calculator_error:
+        atoms.get_potential_energy()
+    assert str(calculator_error.value) == expected

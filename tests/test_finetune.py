@@ -242,3 +242,34 @@ def test_the_unit_guard_names_the_unit_when_forces_are_scaled_too(paracetamol, u
                                   forces_ev_a=r.forces_ev_a / energy_factor(unit)) for r in paracetamol[:30]]
     with pytest.raises(DataError, match=f"demo: .*likely in {unit}"):
         check_units(scaled, "demo")
+
+
+@pytest.mark.faults
+def test_finetune_never_writes_over_its_own_input(tiny_release_path, demo_dir, tmp_path):
+    """--out equal to --model (as given, through another spelling, or a registry name's file) is refused before
+    any work, and the input stays byte for byte."""
+    from mlfound.data.files import sha256_file
+    from mlfound.release import resolve
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(tiny_release_path.read_bytes())
+    before = sha256_file(model)
+    train = ["--head", "hf_631g", "--train", str(demo_dir / "hf_631g.extxyz"), "--num-train", "5", "--max-steps", "2"]
+    for out in (model, tmp_path / "." / "model.safetensors"):
+        done = run_finetune("--model", str(model), *train, "--out", str(out))
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "refusing to overwrite it" in done.stderr and "Traceback" not in done.stderr
+    assert sha256_file(model) == before
+    default = resolve("default")
+    done = run_finetune("--model", "default", *train, "--out", str(default))
+    assert done.returncode == 2 and f"is the input --model ({default})" in done.stderr
+
+
+@pytest.mark.faults
+def test_a_diverging_finetune_stops_and_writes_nothing(base, splits, tmp_path):
+    from mlfound.train.guards import TrainingError
+
+    train, val = splits
+    with pytest.raises(TrainingError, match=r"fine-tuning head 'hf_631g', step \d+: the loss is (nan|inf)"):
+        finetune(base, train, val, FinetuneConfig(head="hf_631g", lr=1e12, max_steps=50, eval_every=100,
+                                                  patience=None, check_units=False), progress=False)

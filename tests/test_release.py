@@ -222,3 +222,24 @@ def test_a_format_3_release_with_the_product_basis_loads_as_the_trunk_it_was(cap
     assert loaded.model.config.correlation == 3 and not loaded.model.config.product_messages_all_l
     assert mlfound(["show", str(path)]) == 0
     assert f"format 3, read as {release_module.FORMAT_VERSION}," in capsys.readouterr().out
+
+
+@pytest.mark.faults
+def test_non_finite_weights_are_never_written_nor_loaded(release_path, tmp_path):
+    """A diverged model is refused by save_release (so by export and fine-tuning alike) and by load, even when
+    its file is otherwise intact (hashes recomputed over the NaN)."""
+    model = load(release_path).model
+    with torch.no_grad():
+        next(model.trunk.parameters())[0] = float("nan")
+    out = tmp_path / "nan.safetensors"
+    with pytest.raises(ReleaseError, match=r"refusing to write .*nan.safetensors: parameters \['trunk\..*'\] hold "
+                                           "NaN or inf"):
+        save_release(model, load(release_path).metadata, out)
+    assert not out.exists()
+    tensors = {name: value.contiguous() for name, value in model.state_dict().items()}
+    header = json.loads(_header(release_path))
+    save_file(tensors, out, metadata={"mlfound": json.dumps(header),
+                                      INTEGRITY_KEY: json.dumps(content_hashes(tensors, header), sort_keys=True)})
+    with pytest.raises(ReleaseError, match=r"parameters \['trunk\..*'\] hold NaN or inf; the model is from a "
+                                           "diverged run"):
+        load(out)

@@ -71,6 +71,8 @@ def main(argv=None) -> int:
                    help="accuracy: 'val' scores on 50 held-out structures outside every training subset and the "
                         "test set, for choosing a model or recipe without looking at test")
     args = p.parse_args(argv)
+    if not args.data.is_file():
+        raise FileNotFoundError(f"--data {args.data}: no such file")
     missing = [f for f, (venv, _) in WORKERS.items() if not (ROOT / venv / "bin" / "python").exists()]
     if missing:
         print(f"# not set up, left out: {missing} (run bash tools/setup_peer_venvs.sh)")

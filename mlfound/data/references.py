@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mlfound.data.record import DataError
+
 NUM_Z = 119
 MIN_STRUCTURES_PER_ELEMENT = 3
 
@@ -55,7 +57,7 @@ class ReferenceFit:
         """Minimum-norm least-squares references and notes (rank deficiency, rare elements) to show the user."""
         elements = np.nonzero(self.structures_with)[0]
         if len(elements) == 0:
-            raise ValueError("no structures were added: cannot fit reference energies")
+            raise DataError("no structures were added: cannot fit reference energies")
         ctc = self.ctc[np.ix_(elements, elements)]
         rank = np.linalg.matrix_rank(ctc)
         refs, *_ = np.linalg.lstsq(ctc, self.cte[elements], rcond=None)

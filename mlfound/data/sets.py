@@ -50,7 +50,7 @@ def split_records(records: list[Record], sizes: dict[str, int | None], seed: int
     """Disjoint random subsets by name; one size may be None for "the rest". Same seed, same split."""
     rest = [name for name, size in sizes.items() if size is None]
     if len(rest) > 1:
-        raise ValueError(f"only one split can take the rest, got {rest}")
+        raise DataError(f"only one split can take the rest, got {rest}")
     fixed = sum(size for size in sizes.values() if size is not None)
     if fixed > len(records) or (rest and fixed == len(records)):
         raise DataError(f"{records[0].source}: {len(records)} records cannot fill the splits {sizes}")

@@ -69,9 +69,9 @@ class ShardOptions:
 
     def __post_init__(self):
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise DataError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.records_per_shard < 1:
-            raise ValueError(f"records_per_shard must be >= 1, got {self.records_per_shard}")
+            raise DataError(f"records_per_shard must be >= 1, got {self.records_per_shard}")
 
 
 def shard_task(task: str, sources: list[SourceSpec], out_dir: Path, options: ShardOptions,

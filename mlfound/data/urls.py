@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import string
 
+from mlfound.data.record import DataError
+
 FIELDS = ("task", "name")
 
 
@@ -19,17 +21,17 @@ def check_url_template(template: str) -> None:
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as err:
-        raise ValueError(f"shard URL template {template!r} is not a valid format string ({err}); "
+        raise DataError(f"shard URL template {template!r} is not a valid format string ({err}); "
                          "write literal braces as {{ and }}") from None
     fields = {field for _, field, _, _ in parts if field is not None}
     if fields - set(FIELDS):
         unknown = ", ".join(f"{{{field}}}" for field in sorted(fields - set(FIELDS)))
-        raise ValueError(f"shard URL template {template!r} has {unknown}; only {{task}} and {{name}} are filled in")
+        raise DataError(f"shard URL template {template!r} has {unknown}; only {{task}} and {{name}} are filled in")
     if any(spec or conversion for _, field, spec, conversion in parts if field is not None):
-        raise ValueError(f"shard URL template {template!r}: write the fields plainly as {{task}} and {{name}}, "
+        raise DataError(f"shard URL template {template!r}: write the fields plainly as {{task}} and {{name}}, "
                          "without conversions or format specs")
     if "name" not in fields:
-        raise ValueError(f"shard URL template {template!r} must contain {{name}}, the shard's path inside its "
+        raise DataError(f"shard URL template {template!r} must contain {{name}}, the shard's path inside its "
                          "task directory; without it every shard would be read from the same URL")
 
 

@@ -188,3 +188,38 @@ def test_validation_split_is_disjoint_stable_and_complete(demo_dir, tmp_path):
     assert again["num_validation_records"] == manifest["num_validation_records"]
     shard(source, tmp_path / "shards", records_per_shard=30)
     assert not (task_dir / "val").exists(), "a split no longer asked for is removed"
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(num_records=m["num_records"] * 1000),
+     r"field 'num_records' is \d+, but its shards list \d+ records"),
+    (lambda m: [m.update(num_records=m["num_records"] * 1000), m["shards"][0].update(num_records=m["num_records"])],
+     r"shard .*gfn2_xtb-00000.tar: 30 records, manifest says 30000"),
+    (lambda m: m["shards"][0].pop("sha256"), r"shards\[0\] field 'sha256' is missing"),
+    (lambda m: m.update(task="hf_sto3g"), "the manifest is task 'hf_sto3g', but its folder names task 'gfn2_xtb'"),
+])
+def test_a_manifest_that_disagrees_with_its_shards_stops_the_run_in_the_main_process(demo_dir, tmp_path, edit,
+                                                                                     message):
+    """The task mixture is drawn from verified counts: a hand-edited manifest fails when the run's manifests
+    are loaded, in the training process, naming the file, the shard and the field."""
+    from mlfound.config import RunConfig
+    from mlfound.train.build import load_manifests
+
+    shard(demo_slice(demo_dir, "gfn2_xtb", 30, tmp_path), tmp_path / "shards")
+    path = tmp_path / "shards" / "gfn2_xtb" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    cfg = RunConfig(run_dir=tmp_path / "run", data={"shard_root": tmp_path / "shards", "tasks": ["gfn2_xtb"]})
+    with pytest.raises(DataError, match=message):
+        load_manifests(cfg)
+
+
+@pytest.mark.faults
+def test_a_truncated_manifest_is_named(demo_dir, tmp_path):
+    shard(demo_slice(demo_dir, "gfn2_xtb", 10, tmp_path), tmp_path / "shards")
+    path = tmp_path / "shards" / "gfn2_xtb" / "manifest.json"
+    path.write_text(path.read_text()[:200])
+    with pytest.raises(DataError, match=r"manifest.json: not readable JSON .* truncated or corrupted"):
+        load_manifest(path.parent)

@@ -1,0 +1,61 @@
+"""Every entry point (`mlfound`, launch/*.py, tools/*.py) turns a user error into one line on stderr and exit
+code 2, never a traceback: each is driven here, as a user would run it, with input it must refuse."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MISSING = "no/such/file"
+pytestmark = pytest.mark.faults
+
+# entry point -> arguments that pass argparse but name input that does not exist (or cannot be used)
+BAD_INPUT = {
+    "mlfound export": ["-m", "mlfound.cli", "export", MISSING, "--out", "{tmp}/x.safetensors"],
+    "mlfound deploy": ["-m", "mlfound.cli", "deploy", MISSING, "--head", "h", "--out", "{tmp}/x.pt"],
+    "mlfound show": ["-m", "mlfound.cli", "show", MISSING],
+    "mlfound split": ["-m", "mlfound.cli", "split", MISSING, "--out", "{tmp}", "--sizes", "a=1"],
+    "mlfound evaluate": ["-m", "mlfound.cli", "evaluate", MISSING, MISSING, "--head", "h"],
+    "mlfound learning-curve": ["-m", "mlfound.cli", "learning-curve", MISSING, "--data", MISSING, "--head", "h",
+                               "--out", "{tmp}/c.png"],
+    "launch/pretrain.py": ["launch/pretrain.py", "--config", MISSING],
+    "launch/finetune.py": ["launch/finetune.py", "--model", MISSING, "--head", "h", "--train", MISSING,
+                           "--out", "{tmp}/x.safetensors"],
+    "tools/bench_batched_md.py": ["tools/bench_batched_md.py", "--model", MISSING],
+    "tools/bench_data.py": ["tools/bench_data.py", MISSING],
+    "tools/bench_loader.py": ["tools/bench_loader.py", "--config", MISSING],
+    "tools/bench_peers.py": ["tools/bench_peers.py", "--data", MISSING],
+    "tools/bench_pretrain.py": ["tools/bench_pretrain.py", "--config", MISSING],
+    "tools/bench_shard.py": ["tools/bench_shard.py", "--source", MISSING, "--sizes", "10", "--scratch", "{tmp}"],
+    "tools/bench_zero_memory.py": ["tools/bench_zero_memory.py", "--config", MISSING],
+    "tools/make_qm_dataset.py": ["tools/make_qm_dataset.py", "--recipe", "demo-target", "--out", "{file}"],
+    "tools/paper_experiment.py": ["tools/paper_experiment.py", "--experiment", MISSING],
+    "tools/probe_two_stage.py": ["tools/probe_two_stage.py", "--experiment", MISSING, "--record", MISSING,
+                                 "--near", "h"],
+    "tools/run_md.py": ["tools/run_md.py", MISSING, "--head", "h", "--structure", MISSING],
+    "tools/shard_dataset.py": ["tools/shard_dataset.py", MISSING, "--out", "{tmp}/shards"],
+}
+
+
+def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    args = [a.format(tmp=tmp_path, file=a_file) for a in args]
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1",
+                               "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)})
+
+
+def test_every_entry_point_is_covered():
+    scripts = {f"{p.parent.name}/{p.name}" for folder in ("launch", "tools") for p in (ROOT / folder).glob("*.py")}
+    assert scripts == {name for name in BAD_INPUT if not name.startswith("mlfound ")}
+
+
+@pytest.mark.parametrize("entry_point", sorted(BAD_INPUT))
+def test_bad_input_is_one_line_and_exit_2(entry_point, tmp_path):
+    done = run(BAD_INPUT[entry_point], tmp_path)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr[-3000:]
