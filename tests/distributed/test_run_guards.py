@@ -1,0 +1,162 @@
+"""A run is right or it stops, on real 2-rank DeepSpeed runs: a non-finite step stops every rank and keeps the
+last good checkpoint; export refuses weights no step moved; a resume is checked against the checkpoint (the
+task order may change, the model may not); a run owns its run_dir; a full disk during a save is named."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlfound.config import load_config
+from mlfound.data.files import FolderLock
+from mlfound.train import checkpoint
+from tests.data.test_files import fill, small_disk  # noqa: F401  (a fixture)
+from tests.distributed.conftest import TASKS
+from tests.distributed.test_pretrain import ROOT, assert_same_parameters, final_parameters, torchrun, write_config
+
+pytestmark = pytest.mark.faults
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1", "PYTHONPATH": str(ROOT)}
+
+
+def launch(config: Path, *extra: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    """A run that may fail: its exit code and output, not an assertion."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+           str(ROOT / "launch" / "pretrain.py"), "--config", str(config), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def error_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """The ranks' one-line errors; no traceback through mlfound's code (torchrun adds its own ChildFailedError
+    report for any rank that exits non-zero)."""
+    assert not any(f'File "{ROOT / part}' in done.stderr for part in ("mlfound", "launch")), done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr, done.stderr[-3000:]  # each rank's own code, in torchrun's report
+    return [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_a_non_finite_step_stops_every_rank_and_keeps_the_last_good_checkpoint(shard_root, tmp_path):
+    config = write_config(tmp_path, shard_root, deepspeed={"zero_stage": 1},
+                          train={"outer_steps": 4, "save_every": 2, "log_every": 1})
+    run_dir = load_config(config).run_dir
+    torchrun(config)
+    done = launch(config, "--resume", "auto", "train.outer_steps=8", "meta.inner_lr=1e12")
+    assert done.returncode != 0
+    errors = error_lines(done)
+    assert len(errors) == 2, done.stderr[-3000:]  # one line from each rank, the same step
+    assert all(line.startswith("error: step 5: non-finite loss or gradient on rank ") for line in errors), errors
+    assert "nothing saved past the last good checkpoint (step00000004)" in errors[0]
+    assert checkpoint.latest_tag(run_dir) == "step00000004"
+    assert sorted(p.name for p in checkpoint.checkpoint_dir(run_dir).glob("step*")) == ["step00000002", "step00000004"]
+    exported = subprocess.run([sys.executable, "-m", "mlfound.cli", "export", str(run_dir), "--out",
+                               str(tmp_path / "good.safetensors")], capture_output=True, text=True, env=ENV)
+    assert exported.returncode == 0, exported.stderr[-2000:]  # the last good state is still a release
+
+
+@pytest.mark.parametrize("meta", [{"mode": "reptile", "inner_lr": 1e12},
+                                  {"mode": "joint", "outer_lr": 1e12, "outer_lr_final": 1e12}])
+def test_a_diverging_run_saves_nothing_past_its_last_finite_step(shard_root, tmp_path, meta):
+    """Reptile with a huge inner lr is non-finite at step 1; joint with a huge outer lr takes one finite (huge)
+    Adam step and is non-finite at step 2. Saving every step, no checkpoint holds the failing step."""
+    config = write_config(tmp_path, shard_root, meta=meta, deepspeed={"zero_stage": 2},
+                          train={"outer_steps": 6, "save_every": 1})
+    done = launch(config)
+    assert done.returncode != 0
+    errors = error_lines(done)
+    failed_at = {int(re.match(r"error: step (\d+): ", line).group(1)) for line in errors}
+    assert len(failed_at) == 1 and all("not finite" in line or "non-finite" in line for line in errors), errors
+    tag = checkpoint.latest_tag(load_config(config).run_dir)
+    assert tag == (f"step{failed_at.pop() - 1:08d}" if meta["mode"] == "joint" else None)
+
+
+def test_export_refuses_weights_no_step_moved_unless_asked(shard_root, tmp_path):
+    """An outer lr far below the weights' float32 resolution: every step runs, none moves a weight."""
+    config = write_config(tmp_path, shard_root, meta={"outer_lr": 1e-30, "outer_lr_final": 1e-30},
+                          train={"outer_steps": 2})
+    run_dir = load_config(config).run_dir
+    torchrun(config)
+    export = [sys.executable, "-m", "mlfound.cli", "export", str(run_dir), "--out", str(tmp_path / "m.safetensors")]
+    refused = subprocess.run(export, capture_output=True, text=True, env=ENV)
+    assert refused.returncode == 2 and "its weights are still the initial ones" in refused.stderr, refused.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+    allowed = subprocess.run([*export, "--allow-untrained"], capture_output=True, text=True, env=ENV)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
+def test_resume_with_the_tasks_in_another_order_equals_an_uninterrupted_run(shard_root, tmp_path):
+    """State belongs to task names: heads, references, scales, streams and the sampler keep the checkpoint's
+    order, and the change is listed."""
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "split").mkdir()
+    whole = write_config(tmp_path / "whole", shard_root, deepspeed={"zero_stage": 1}, train={"outer_steps": 6})
+    split = write_config(tmp_path / "split", shard_root, deepspeed={"zero_stage": 1}, train={"outer_steps": 6})
+    torchrun(whole)
+    torchrun(split, "train.stop_after_steps=3")
+    reordered = f"data.tasks=[{','.join(reversed(TASKS))}]"
+    done = torchrun(split, "--resume", "auto", reordered, "meta.outer_lr_final=0.2")
+    assert (f"resume: changed since checkpoint step00000003: data.tasks order {list(reversed(TASKS))} "
+            f"(the checkpoint's {TASKS} is kept)") in done.stdout
+    run_dir = load_config(split).run_dir
+    assert_same_parameters(final_parameters(run_dir), final_parameters(load_config(whole).run_dir))
+    for change, named in (("model.channels=16", "model.channels 8 -> 16"),
+                          (f"data.tasks=[{TASKS[0]}]", f"data.tasks drops ['{TASKS[1]}']"),
+                          ("seed=5", "seed 4 -> 5")):
+        refused = launch(split, "--resume", "auto", change)
+        assert refused.returncode != 0
+        errors = error_lines(refused)
+        assert errors and all(line.startswith("error: cannot resume from checkpoint step00000006: the config "
+                                              "changes what it was trained as: ") and named in line
+                              for line in errors), refused.stderr[-2000:]
+
+
+def test_a_second_run_on_the_same_run_dir_is_refused_naming_the_holder(shard_root, tmp_path):
+    config = write_config(tmp_path, shard_root, train={"outer_steps": 100000, "save_every": 100000})
+    run_dir = load_config(config).run_dir
+    first = subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(config)],
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while '"pid"' not in _lock_record(run_dir):
+            assert time.monotonic() < deadline and first.poll() is None, "the first run never took its lock"
+            time.sleep(0.05)
+        second = launch(config, "seed=7")
+        assert second.returncode != 0
+        errors = error_lines(second)
+        assert any(f"is in use by another pretraining run (host {os.uname().nodename}, pid {first.pid}," in line
+                   for line in errors), second.stderr[-2000:]
+        assert not (run_dir / "metrics_rank1.jsonl").exists()  # the second run wrote nothing
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    third = torchrun(config, "train.outer_steps=1")  # the killed run's lock went with it, and is named
+    assert f"pid {first.pid}" in third.stdout and "ended without releasing it" in third.stdout
+    assert _lock_record(run_dir) == ""
+
+
+def _lock_record(run_dir: Path) -> str:
+    path = run_dir / FolderLock.NAME
+    return path.read_text() if path.exists() else ""
+
+
+def test_a_full_disk_during_a_save_is_named_and_the_run_resumes_after(shard_root, tmp_path, small_disk):  # noqa: F811
+    """The save at step 4 runs out of space: every rank stops naming the checkpoint, what it needs and "no space
+    left"; the partial checkpoint is removed and the step-2 one stays the latest; with space freed, resume ends."""
+    config = write_config(tmp_path, shard_root, train={"outer_steps": 4, "save_every": 2}, run_dir=str(small_disk))
+    torchrun(config, "train.stop_after_steps=2")
+    step2 = checkpoint.checkpoint_dir(small_disk) / "step00000002"
+    size = sum(f.stat().st_size for f in step2.rglob("*") if f.is_file())
+    fill(small_disk, leave_bytes=size // 2)
+    done = launch(config, "--resume", "auto")
+    assert done.returncode != 0
+    errors = error_lines(done)
+    assert any(f"no space left on device writing {checkpoint.checkpoint_dir(small_disk) / 'step00000004'}: it needs "
+               f"{size:,} bytes" in line for line in errors), done.stderr[-3000:]
+    assert checkpoint.latest_tag(small_disk) == "step00000002"
+    assert not (checkpoint.checkpoint_dir(small_disk) / "step00000004").exists()
+    (small_disk / "filler").unlink()
+    torchrun(config, "--resume", "auto")
+    assert checkpoint.latest_tag(small_disk) == "step00000004"
+    shutil.rmtree(checkpoint.checkpoint_dir(small_disk))
