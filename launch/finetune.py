@@ -19,6 +19,11 @@ from mlfound.errors import run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
+    """The command: a user error is one line and exit code 2 (also when called from Python)."""
+    return run_main(finetune_command, argv)
+
+
+def finetune_command(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default",
                    help="release file or registry name (default: the registry's default release)")
@@ -123,4 +128,4 @@ def print_summary(result) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

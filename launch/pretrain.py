@@ -15,6 +15,11 @@ from mlfound.errors import run_main
 
 
 def main(argv=None) -> int:
+    """The command: a user error is one line and exit code 2 (also when called from Python)."""
+    return run_main(pretrain, argv)
+
+
+def pretrain(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--resume", help="'auto' for the latest complete checkpoint, or a checkpoint tag")
@@ -39,4 +44,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -299,7 +299,18 @@ def register(name: str, path: Path, description: str | None = None, default: boo
 
 def _read_registry() -> dict:
     registry_path = REGISTRY_DIR / REGISTRY_NAME
-    return json.loads(registry_path.read_text()) if registry_path.exists() else {}
+    if not registry_path.exists():
+        return {}
+    try:
+        registry = json.loads(registry_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReleaseError(f"{registry_path} is not readable JSON ({err}); restore it from git "
+                           "(git checkout -- models/registry.json) or give the release's path") from None
+    if not isinstance(registry, dict) or not all(isinstance(e, dict) and "file" in e and "sha256" in e
+                                                 for e in registry.values()):
+        raise ReleaseError(f"{registry_path}: every entry must map a name to its file and sha256; restore it from "
+                           "git (git checkout -- models/registry.json)")
+    return registry
 
 
 def _check_framing(path: Path) -> None:

@@ -243,3 +243,31 @@ def test_non_finite_weights_are_never_written_nor_loaded(release_path, tmp_path)
     with pytest.raises(ReleaseError, match=r"parameters \['trunk\..*'\] hold NaN or inf; the model is from a "
                                            "diverged run"):
         load(out)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("content, message", [('{"default": {"file": "m.safe', "is not readable JSON"),
+                                              ('{"m": "m.safetensors"}', "every entry must map a name to its file")])
+def test_a_damaged_registry_is_named(monkeypatch, tmp_path, capsys, content, message):
+    monkeypatch.setattr(release_module, "REGISTRY_DIR", tmp_path)
+    (tmp_path / "registry.json").write_text(content)
+    assert mlfound(["show", "m"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'registry.json'}") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.faults
+def test_no_command_writes_over_the_model_or_data_it_reads(release_path, tmp_path, capsys, demo_dir):
+    """export, deploy, split, evaluate --json: an output that is an input is refused before any work."""
+    from mlfound.data.files import sha256_file
+
+    data = tmp_path / "train.extxyz"
+    data.write_bytes((demo_dir / "gfn2_xtb.extxyz").read_bytes())
+    before = {p: sha256_file(p) for p in (release_path, data)}
+    for args in (["export", str(release_path), "--out", str(release_path)],
+                 ["deploy", str(release_path), "--head", "gfn2_xtb", "--out", str(release_path)],
+                 ["split", str(data), "--out", str(tmp_path), "--sizes", "train=5", "test=rest"],
+                 ["evaluate", str(release_path), str(data), "--head", "gfn2_xtb", "--json", str(data)]):
+        assert mlfound(args) == 2, args
+        assert "refusing to overwrite it" in capsys.readouterr().err
+    assert before == {p: sha256_file(p) for p in (release_path, data)}

@@ -70,6 +70,11 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    """The command: a user error is one line and exit code 2 (also when called from Python, as the tests do)."""
+    return run_main(shard, argv)
+
+
+def shard(argv=None) -> int:
     args = parse_args(argv)
     options = ShardOptions(args.records_per_shard, args.min_distance, args.skip_bad, args.val_fraction,
                            check_units=not args.no_unit_check)
@@ -114,4 +119,4 @@ def sources_by_task(args) -> dict[str, tuple[list[SourceSpec], dict]]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

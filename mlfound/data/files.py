@@ -102,7 +102,7 @@ class FolderInUseError(OSError):
 
 class FolderLock:
     """An exclusive lock on a folder that one command fills: ``<folder>/.mlfound.lock``, an ``flock`` held for the
-    command's life, with the holder's host, pid, command and start time written in it. The operating system drops
+    command's life, with the holder's host, pid, command and start time written in it, removed at release. The operating system drops
     the lock when the holder dies, so a killed run never blocks the next one; its leftover record is reported as
     stale (``stale_holder``). A second writer gets FolderInUseError naming the holder.
 
@@ -118,16 +118,22 @@ class FolderLock:
 
     def acquire(self) -> FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise FolderInUseError(
-                f"{self.folder} is in use by another {self.what} (host {holder.get('host', '?')}, pid "
-                f"{holder.get('pid', '?')}, started {holder.get('started', '?')}): wait for it to end, or use "
-                "another folder") from None
+        path = self.folder / self.NAME
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise FolderInUseError(
+                    f"{self.folder} is in use by another {holder.get('what', self.what)} "
+                    f"(host {holder.get('host', '?')}, pid "
+                    f"{holder.get('pid', '?')}, started {holder.get('started', '?')}): wait for it to end, or use "
+                    "another folder") from None
+            if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # a holder released (and removed) the file between our open and our lock: again
         self.stale_holder = _read_holder(fd) or None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
@@ -136,9 +142,10 @@ class FolderLock:
         return self
 
     def release(self) -> None:
-        """Clear the holder record (a clean exit leaves none) and drop the lock."""
+        """Remove the lock file and drop the lock: a clean exit leaves nothing behind (a killed holder leaves its
+        record, which the next holder reports)."""
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            (self.folder / self.NAME).unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
 

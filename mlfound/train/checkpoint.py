@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mlfound.data.files import DiskFullError, atomic_write, free_bytes, is_disk_full
+from mlfound.train.guards import TrainingError
 
 LATEST = "latest"
 MODEL_INFO = "model_info.json"
@@ -93,7 +94,10 @@ def saved_config(run_dir: Path, tag: str) -> dict:
     if not info.exists():
         raise FileNotFoundError(f"{info} missing: the checkpoint was written by an older mlfound, so what it was "
                                 "trained as cannot be checked; start a new run_dir")
-    return json.loads(info.read_text())["config"]
+    try:
+        return json.loads(info.read_text())["config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise TrainingError(f"{info} is unreadable ({type(err).__name__}: {err}); {_EARLIER}") from None
 
 
 def restore(engine, run_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
@@ -102,8 +106,20 @@ def restore(engine, run_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
     if not (root / tag / "complete.json").exists():
         raise FileNotFoundError(f"checkpoint {root / tag} is incomplete or missing; resume from "
                                 f"{latest_tag(run_dir)!r} (--resume auto) instead")
-    _, client_state = engine.load_checkpoint(str(root), tag=tag)
     rank_path = root / tag / f"rank{rank}.pt"
     if not rank_path.exists():
         raise FileNotFoundError(f"{rank_path} missing: the checkpoint was written with fewer ranks")
-    return client_state, torch.load(rank_path, weights_only=True)
+    try:
+        loaded, client_state = engine.load_checkpoint(str(root), tag=tag)
+        rank_state = torch.load(rank_path, weights_only=True)
+    except Exception as err:  # torch and DeepSpeed raise many types for a damaged file; none is ours to fix
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise TrainingError(f"checkpoint {root / tag} is unreadable ({type(err).__name__}: {first_line}); "
+                            f"{_EARLIER}") from err
+    if loaded is None:  # DeepSpeed only warns when its files are missing
+        raise TrainingError(f"checkpoint {root / tag} has no DeepSpeed state; {_EARLIER}")
+    return client_state, rank_state
+
+
+_EARLIER = ("the checkpoint is damaged: resume from an earlier one with --resume <tag> (the folder names under "
+            "<run_dir>/checkpoints), or start a new run_dir")

@@ -15,6 +15,7 @@ import pytest
 from mlfound.config import load_config
 from mlfound.data.files import FolderLock
 from mlfound.train import checkpoint
+from tests.data.helpers import demo_slice, shard
 from tests.data.test_files import fill, small_disk  # noqa: F401  (a fixture)
 from tests.distributed.conftest import TASKS
 from tests.distributed.test_pretrain import ROOT, assert_same_parameters, final_parameters, torchrun, write_config
@@ -160,3 +161,39 @@ def test_a_full_disk_during_a_save_is_named_and_the_run_resumes_after(shard_root
     torchrun(config, "--resume", "auto")
     assert checkpoint.latest_tag(small_disk) == "step00000004"
     shutil.rmtree(checkpoint.checkpoint_dir(small_disk))
+
+
+@pytest.mark.parametrize("damage, how", [("mp_rank_00_model_states.pt", "truncated"), ("rank0.pt", "truncated"),
+                                         ("model_info.json", "truncated"), ("model_info.json", "missing")])
+def test_a_damaged_checkpoint_is_named_not_resumed(shard_root, tmp_path, damage, how):
+    """A damaged file, or a checkpoint of an older mlfound (no model_info.json: its config cannot be checked)."""
+    config = write_config(tmp_path, shard_root, train={"outer_steps": 2, "save_every": 2})
+    run_dir = load_config(config).run_dir
+    done = launch(config, ranks=1)
+    assert done.returncode == 0, done.stderr[-2000:]
+    path = checkpoint.checkpoint_dir(run_dir) / "step00000002" / damage
+    if how == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    resumed = launch(config, "--resume", "auto", "train.outer_steps=4", ranks=1)
+    assert resumed.returncode != 0
+    errors = error_lines(resumed)
+    said = "written by an older mlfound" if how == "missing" else "is unreadable"
+    assert len(errors) == 1 and "step00000002" in errors[0] and said in errors[0], resumed.stderr[-2000:]
+
+
+def test_resume_from_other_shards_is_refused(shard_root, demo_dir, tmp_path):
+    """The same task names over re-sharded data: the checkpoint's streams and references mean nothing there."""
+    root = tmp_path / "shards"
+    shutil.copytree(shard_root, root)
+    (tmp_path / "cfg").mkdir()
+    config = write_config(tmp_path / "cfg", root, train={"outer_steps": 2, "save_every": 2})
+    assert launch(config, ranks=1).returncode == 0
+    shutil.rmtree(root / TASKS[0])
+    shard(demo_slice(demo_dir, TASKS[0], 40, tmp_path), root, val_fraction=0.2, records_per_shard=8)
+    resumed = launch(config, "--resume", "auto", "train.outer_steps=4", ranks=1)
+    assert resumed.returncode != 0
+    errors = error_lines(resumed)
+    assert errors == [f"error: the shards of tasks ['{TASKS[0]}'] changed since checkpoint step00000002; exact "
+                      "resume is impossible. Re-shard the original sources or start a new run_dir"], errors

@@ -59,3 +59,26 @@ def test_bad_input_is_one_line_and_exit_2(entry_point, tmp_path):
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, done.stderr[-3000:]
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "run").write_text("a file where the run folder should be\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{shard_root: {tmp_path}, tasks: [a]}}\n")
+    done = run(["launch/pretrain.py", "--config", str(config)], tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == f"error: [Errno 17] File exists: '{tmp_path / 'run'}'"
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("tools/make_qm_dataset.py", ["--recipe", "demo-target", "--out", "{out}"]),
+    ("tools/paper_experiment.py", ["--experiment", "configs/experiments/demo.yaml", "--out", "{out}"]),
+])
+def test_folder_writers_refuse_a_folder_another_process_writes(tool, args, tmp_path):
+    from mlfound.data.files import FolderLock
+
+    out = tmp_path / "out"
+    with FolderLock(out, "test holder"):
+        done = run([tool, *(a.format(out=out) for a in args)], tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"{out} is in use by another test holder (host " in done.stderr and "Traceback" not in done.stderr
