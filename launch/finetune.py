@@ -14,6 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from mlfound.data import DataError  # noqa: E402
 from mlfound.data.presets import add_reading_arguments  # noqa: E402
 from mlfound.errors import run_main  # noqa: E402
 
@@ -70,6 +71,9 @@ def finetune_command(argv=None) -> int:
 
     model_path = resolve(args.model)  # a registry name is a file too: never the output
     refuse_overwriting_inputs({"--out": args.out}, {"--model": model_path, "--train": args.train, "--val": args.val})
+    if args.val is not None and args.val.resolve() == args.train.resolve():
+        raise DataError(f"--val {args.val} is the training data: early stopping would choose on what it trains on; "
+                        "give held-out structures (mlfound split makes them)")
     train, val, lot = read_data(args)
     replay = (ReplayConfig(shard_root=args.replay_shards, tasks=args.replay_tasks, every=args.replay_every,
                            shard_url_template=args.replay_url_template) if args.replay_shards else None)

@@ -31,6 +31,14 @@ class DataConfig(_Strict):
     max_graphs_per_batch: int | None = Field(None, ge=1)
     shard_url_template: str | None = None  # stream shards from a mirror of shard_root: mlfound/data/urls.py
 
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[str]) -> list[str]:
+        repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+        if repeated:
+            raise ValueError(f"tasks {repeated} are listed more than once; each task has one head")
+        return tasks
+
     @field_validator("shard_url_template")
     @classmethod
     def _url_template(cls, template: str | None) -> str | None:

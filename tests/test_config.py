@@ -73,3 +73,9 @@ def test_loader_settings(recwarn):
         load_config(None, ["data.loader_workers=-1"], base=BASE)
     with pytest.warns(UserWarning, match="data.loader_prefetch does nothing with data.loader_workers=0"):
         load_config(None, ["data.loader_workers=0", "data.loader_prefetch=4"], base=BASE)
+
+
+@pytest.mark.faults
+def test_a_task_listed_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"data.tasks: tasks \['a'\] are listed more than once"):
+        load_config(None, base={**BASE, "data": {"shard_root": "shards", "tasks": ["a", "b", "a"]}})

@@ -273,3 +273,11 @@ def test_a_diverging_finetune_stops_and_writes_nothing(base, splits, tmp_path):
     with pytest.raises(TrainingError, match=r"fine-tuning head 'hf_631g', step \d+: the loss is (nan|inf)"):
         finetune(base, train, val, FinetuneConfig(head="hf_631g", lr=1e12, max_steps=50, eval_every=100,
                                                   patience=None, check_units=False), progress=False)
+
+
+@pytest.mark.faults
+def test_validation_data_that_is_the_training_data_is_refused(tiny_release_path, demo_dir, tmp_path):
+    data = str(demo_dir / "hf_631g.extxyz")
+    done = run_finetune("--model", str(tiny_release_path), "--head", "hf_631g", "--train", data, "--val", data,
+                        "--out", str(tmp_path / "x.safetensors"))
+    assert done.returncode == 2 and "is the training data: early stopping would choose on" in done.stderr

@@ -185,8 +185,9 @@ class TaskStream:
     def _read_shard(self, shard: int) -> list[bytes]:
         """The shard's encoded records, as many as the manifest says."""
         info, location = self.manifest["shards"][shard], self._location(shard)
+        data = self._fetch(shard)
         try:
-            payloads = shard_format.payloads(self._fetch(shard), location)
+            payloads = shard_format.payloads(data, location)
         except (tarfile.TarError, OSError, ValueError, KeyError) as err:
             raise DataError(f"shard {location}: cannot read ({type(err).__name__}: {err})") from err
         if len(payloads) != info["num_records"]:

@@ -201,7 +201,7 @@ def test_a_step_is_saved_before_it_is_evaluated(tmp_path):
     trainer = Trainer.__new__(Trainer)  # the loop alone: its parts are recorded, not run
     trainer.cfg = load_config(None, ["train.outer_steps=2", "train.eval_every=1", "train.save_every=1"],
                               base={"run_dir": str(tmp_path), "data": {"shard_root": "none", "tasks": TASKS}})
-    trainer.rank, trainer.world_size, trainer.step, trainer.run_dir = 0, 1, 0, tmp_path
+    trainer.rank, trainer.world_size, trainer.step, trainer.run_dir, trainer.resume_tag = 0, 1, 0, tmp_path, None
     trainer.tasks_of_step = lambda step: TASKS[:1]
     trainer.outer_step = lambda tasks: calls.append("step")
     trainer.save = lambda: calls.append(f"save {trainer.step}")

@@ -105,7 +105,7 @@ def test_resume_with_the_tasks_in_another_order_equals_an_uninterrupted_run(shar
     for change, named in (("model.channels=16", "model.channels 8 -> 16"),
                           (f"data.tasks=[{TASKS[0]}]", f"data.tasks drops ['{TASKS[1]}']"),
                           ("seed=5", "seed 4 -> 5")):
-        refused = launch(split, "--resume", "auto", change)
+        refused = launch(split, "--resume", "auto", change, ranks=1)  # refused before any state loads
         assert refused.returncode != 0
         errors = error_lines(refused)
         assert errors and all(line.startswith("error: cannot resume from checkpoint step00000006: the config "
@@ -163,36 +163,49 @@ def test_a_full_disk_during_a_save_is_named_and_the_run_resumes_after(shard_root
     shutil.rmtree(checkpoint.checkpoint_dir(small_disk))
 
 
-@pytest.mark.parametrize("damage, how", [("mp_rank_00_model_states.pt", "truncated"), ("rank0.pt", "truncated"),
-                                         ("model_info.json", "truncated"), ("model_info.json", "missing")])
-def test_a_damaged_checkpoint_is_named_not_resumed(shard_root, tmp_path, damage, how):
-    """A damaged file, or a checkpoint of an older mlfound (no model_info.json: its config cannot be checked)."""
-    config = write_config(tmp_path, shard_root, train={"outer_steps": 2, "save_every": 2})
-    run_dir = load_config(config).run_dir
+@pytest.fixture(scope="module")
+def two_step_run(shard_root, tmp_path_factory):
+    """One rank, 2 steps, checkpointed at step 2, over a private copy of the shards: each test below damages
+    a copy of it."""
+    root = tmp_path_factory.mktemp("two_step")
+    shutil.copytree(shard_root, root / "shards")
+    config = write_config(root, root / "shards", train={"outer_steps": 2, "save_every": 2})
     done = launch(config, ranks=1)
     assert done.returncode == 0, done.stderr[-2000:]
-    path = checkpoint.checkpoint_dir(run_dir) / "step00000002" / damage
+    return load_config(config).run_dir, root / "shards"
+
+
+def copy_of(run: tuple[Path, Path], tmp_path: Path) -> Path:
+    """A config over a copy of ``run``'s run_dir (and its shards)."""
+    run_dir, shards = run
+    shutil.copytree(run_dir, tmp_path / "run")
+    shutil.copytree(shards, tmp_path / "shards")
+    return write_config(tmp_path, tmp_path / "shards", train={"outer_steps": 4, "save_every": 2})
+
+
+@pytest.mark.parametrize("damage, how", [("mp_rank_00_model_states.pt", "truncated"), ("rank0.pt", "truncated"),
+                                         ("model_info.json", "truncated"), ("model_info.json", "missing")])
+def test_a_damaged_checkpoint_is_named_not_resumed(two_step_run, tmp_path, damage, how):
+    """A damaged file, or a checkpoint of an older mlfound (no model_info.json: its config cannot be checked)."""
+    config = copy_of(two_step_run, tmp_path)
+    path = checkpoint.checkpoint_dir(tmp_path / "run") / "step00000002" / damage
     if how == "missing":
         path.unlink()
     else:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    resumed = launch(config, "--resume", "auto", "train.outer_steps=4", ranks=1)
+    resumed = launch(config, "--resume", "auto", ranks=1)
     assert resumed.returncode != 0
     errors = error_lines(resumed)
     said = "written by an older mlfound" if how == "missing" else "is unreadable"
     assert len(errors) == 1 and "step00000002" in errors[0] and said in errors[0], resumed.stderr[-2000:]
 
 
-def test_resume_from_other_shards_is_refused(shard_root, demo_dir, tmp_path):
+def test_resume_from_other_shards_is_refused(two_step_run, demo_dir, tmp_path):
     """The same task names over re-sharded data: the checkpoint's streams and references mean nothing there."""
-    root = tmp_path / "shards"
-    shutil.copytree(shard_root, root)
-    (tmp_path / "cfg").mkdir()
-    config = write_config(tmp_path / "cfg", root, train={"outer_steps": 2, "save_every": 2})
-    assert launch(config, ranks=1).returncode == 0
-    shutil.rmtree(root / TASKS[0])
-    shard(demo_slice(demo_dir, TASKS[0], 40, tmp_path), root, val_fraction=0.2, records_per_shard=8)
-    resumed = launch(config, "--resume", "auto", "train.outer_steps=4", ranks=1)
+    config = copy_of(two_step_run, tmp_path)
+    shutil.rmtree(tmp_path / "shards" / TASKS[0])
+    shard(demo_slice(demo_dir, TASKS[0], 40, tmp_path), tmp_path / "shards", val_fraction=0.2, records_per_shard=8)
+    resumed = launch(config, "--resume", "auto", ranks=1)
     assert resumed.returncode != 0
     errors = error_lines(resumed)
     assert errors == [f"error: the shards of tasks ['{TASKS[0]}'] changed since checkpoint step00000002; exact "
