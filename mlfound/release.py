@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from mlfound.data.files import atomic_write_bytes, json_text, sha256_file
+from mlfound.data.files import FolderLock, atomic_write_bytes, json_text, sha256_file
 from mlfound.data.readers import lot_label
 from mlfound.model import ModelConfig, Potential
 
@@ -282,18 +282,19 @@ def register(name: str, path: Path, description: str | None = None, default: boo
     if path.parent != REGISTRY_DIR.resolve():
         raise ReleaseError(f"{path}: a registered release must lie in the registry folder {REGISTRY_DIR}")
     heads = read_metadata(path)["heads"]
-    registry = _read_registry()
-    if description is None:
-        description = registry.get(name, {}).get("description", "")
-    entry = {"file": path.name, "sha256": sha256_file(path), "description": description,
-             "lots": {h: lot_label(d.get("lot", {})) for h, d in heads.items()}}
-    if default:
-        registry = {n: {k: v for k, v in e.items() if k != "default"} for n, e in registry.items()}
-        entry["default"] = True
-    elif registry.get(name, {}).get("default"):
-        entry["default"] = True  # re-registering the default keeps it the default
-    registry[name] = entry
-    atomic_write_bytes(REGISTRY_DIR / REGISTRY_NAME, (json.dumps(registry, indent=1) + "\n").encode())
+    with FolderLock(REGISTRY_DIR, "registry update"):  # read, change, write: two at once would lose one
+        registry = _read_registry()
+        if description is None:
+            description = registry.get(name, {}).get("description", "")
+        entry = {"file": path.name, "sha256": sha256_file(path), "description": description,
+                 "lots": {h: lot_label(d.get("lot", {})) for h, d in heads.items()}}
+        if default:
+            registry = {n: {k: v for k, v in e.items() if k != "default"} for n, e in registry.items()}
+            entry["default"] = True
+        elif registry.get(name, {}).get("default"):
+            entry["default"] = True  # re-registering the default keeps it the default
+        registry[name] = entry
+        atomic_write_bytes(REGISTRY_DIR / REGISTRY_NAME, (json.dumps(registry, indent=1) + "\n").encode())
     return entry
 
 

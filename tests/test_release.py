@@ -271,3 +271,18 @@ def test_no_command_writes_over_the_model_or_data_it_reads(release_path, tmp_pat
         assert mlfound(args) == 2, args
         assert "refusing to overwrite it" in capsys.readouterr().err
     assert before == {p: sha256_file(p) for p in (release_path, data)}
+
+
+@pytest.mark.faults
+def test_two_registry_updates_at_once_do_not_lose_one(release_path, tmp_path, monkeypatch):
+    """Registering reads, changes and writes registry.json: while another update holds the registry, it waits
+    for no one and is refused naming the holder (never a silently lost entry)."""
+    from mlfound.data.files import FolderInUseError, FolderLock
+
+    monkeypatch.setattr(release_module, "REGISTRY_DIR", tmp_path)
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(release_path.read_bytes())
+    with FolderLock(tmp_path, "registry update"), pytest.raises(FolderInUseError, match="registry update"):
+        release_module.register("m", model)
+    assert release_module.register("m", model)["file"] == "m.safetensors"
+    assert not (tmp_path / FolderLock.NAME).exists()

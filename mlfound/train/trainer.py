@@ -27,7 +27,7 @@ from mlfound.train.build import (
     with_data_normalisers,
 )
 from mlfound.train.engine import build_engine, init_distributed
-from mlfound.train.guards import TrainingError, all_finite, resume_changes, stop_unless_finite, weights_digest
+from mlfound.train.guards import TrainingError, all_finite, non_finite_ranks, resume_changes, weights_digest
 from mlfound.train.validation import validation_batches
 
 HEAD_PREFIX = "heads.heads."
@@ -184,25 +184,31 @@ class Trainer:
         self.engine.step()
         self._check_update()
         self._window["tasks"].extend(tasks)  # every rank's task: known here without communication
-        position = self.cfg.data.tasks.index(task)  # losses stay on the device until a log step: no sync here
+        position = self.cfg.data.tasks.index(task)  # losses stay on the device until a log step
         self._window["loss_sum"][position] += sum(p["energy_mse"] + p.get("forces_mse", 0.0) + p.get("stress_mse", 0.0)
                                                   for p in parts)
         self._window["loss_count"][position] += len(parts)
 
     def _stop_unless_finite(self, finite: torch.Tensor, tasks: list[str]) -> None:
-        stop_unless_finite(finite, self.step + 1, tasks, self.rank, self.world_size, checkpoint.latest_tag(self.run_dir))
+        """Before the update: a non-finite loss or pseudo-gradient on any rank stops every rank at this step."""
+        ranks = non_finite_ranks(finite, self.rank, self.world_size)
+        if ranks:
+            where = ", ".join(f"rank {r} (task {tasks[r]})" for r in ranks)
+            self._stop(f"non-finite loss or gradient on {where}; stopped before applying it", "meta.inner_lr or "
+                       "meta.outer_lr, or check that task's data")
 
     def _check_update(self) -> None:
         """No overflow step is tolerated: mlfound trains in fp32 or bf16 (fp16 is refused), which need no loss
-        scaling, so a step DeepSpeed skips as an overflow, or weights that stop being finite, mean the run
-        diverged. The weights are the same on every rank, so every rank stops here at the same step."""
-        skipped, self._skipped_steps = self.engine.skipped_steps - self._skipped_steps, self.engine.skipped_steps
-        if skipped or not all_finite(self.engine.module.parameters()).item():
-            raise TrainingError(f"step {self.step + 1}: the update is not finite ("
-                                f"{'DeepSpeed skipped it as an overflow' if skipped else 'non-finite weights'}); "
-                                f"stopped, nothing saved past the last good checkpoint "
-                                f"({checkpoint.latest_tag(self.run_dir) or 'none yet'}). Lower meta.outer_lr, or set "
-                                "deepspeed.gradient_clipping")
+        scaling, so a step DeepSpeed skips as an overflow means the run diverged (DeepSpeed agrees on it across
+        ranks). Weights that an update made non-finite give a non-finite loss at the next step, and ``save``
+        checks them too."""
+        if self.engine.skipped_steps != self._skipped_steps:
+            self._stop("DeepSpeed skipped the update as an overflow", "meta.outer_lr, or set "
+                       "deepspeed.gradient_clipping")
+
+    def _stop(self, what: str, lower: str, step: int | None = None) -> None:
+        raise TrainingError(f"step {self.step + 1 if step is None else step}: {what}; nothing saved past the last good "
+                            f"checkpoint ({checkpoint.latest_tag(self.run_dir) or 'none yet'}). Lower {lower}")
 
     # -- logging, evaluation, checkpoints ---------------------------------------------------------
     def _new_window(self) -> dict:
@@ -256,6 +262,8 @@ class Trainer:
         return results
 
     def save(self) -> Path:
+        if not all_finite(self.engine.module.parameters()).item():  # identical on every rank: all stop here
+            self._stop("the weights are not finite; not saved", "meta.outer_lr", step=self.step)
         client_state = {"step": self.step, "config": self.cfg.model_dump(mode="json"),
                         "initial_weights_sha256": self.initial_weights,
                         "manifest_fingerprints": {t: m["fingerprint"] for t, m in self.manifests.items()}}
