@@ -17,6 +17,7 @@ from mlfound.finetune import FinetuneConfig, ReplayConfig, _lr_factor, finetune,
 from mlfound.predict import network_energy, predict
 from mlfound.release import load, save_release
 from tests.data.helpers import demo_slice, http_server, move_shards, shard
+from tests.data.test_files import small_disk  # noqa: F401  (a fixture)
 
 HEADS = ["gfn2_xtb", "hf_sto3g"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,3 +282,23 @@ def test_validation_data_that_is_the_training_data_is_refused(tiny_release_path,
     done = run_finetune("--model", str(tiny_release_path), "--head", "hf_631g", "--train", data, "--val", data,
                         "--out", str(tmp_path / "x.safetensors"))
     assert done.returncode == 2 and "is the training data: early stopping would choose on" in done.stderr
+
+
+@pytest.mark.faults
+def test_export_and_finetune_on_a_full_disk_name_it_and_keep_the_previous_release(tiny_release_path, demo_dir,
+                                                                                   small_disk):  # noqa: F811
+    """The release each command would write does not fit: one line with the path, the bytes needed and "no space
+    left"; the release already there is untouched and no temporary is left."""
+    from mlfound.cli import main as mlfound
+    from tests.data.test_files import fill
+
+    out = small_disk / "model.safetensors"
+    out.write_bytes(b"the previous release")
+    fill(small_disk, leave_bytes=8192)
+    done = run_finetune("--model", str(tiny_release_path), "--head", "hf_631g", "--train",
+                        str(demo_dir / "hf_631g.extxyz"), "--num-train", "5", "--max-steps", "1", "--out", str(out))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: no space left on device writing {out}: it needs " in done.stderr
+    assert mlfound(["export", str(tiny_release_path), "--out", str(out)]) == 2
+    assert out.read_bytes() == b"the previous release"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "model.safetensors"]
