@@ -33,7 +33,8 @@ def non_finite_ranks(finite: torch.Tensor, rank: int, world_size: int) -> list[i
 def all_finite(tensors) -> torch.Tensor:
     """One bool tensor on the tensors' device (no host sync until it is read): whether the float64 sum of every
     tensor's sum is finite, which a single NaN or inf anywhere makes it not. One reduction per tensor and no
-    copy: 6-9x faster than per-tensor ``isfinite`` on a 273k-parameter model (0.16 against 1.3 ms on CPU)."""
+    copy: 3-8x faster than per-tensor ``isfinite`` (0.10 against 0.33 ms for 6k parameters, 0.16 against 1.3 ms
+    for 273k, on CPU)."""
     return torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float64) for t in tensors]).sum())
 
 
