@@ -124,7 +124,8 @@ def num_finetune_structures(release: Release, head: str) -> int:
     """How many structures ``head`` was fine-tuned on, from the release's metadata."""
     data = release.metadata["heads"][head].get("finetune_data")
     if data is None:
-        raise ReleaseError(f"{release.path}: head {head!r} was not fine-tuned; a learning curve needs fine-tuned models")
+        raise ReleaseError(f"{release.path}: head {head!r} was not fine-tuned; a learning curve needs "
+                           "fine-tuned models")
     return data["num_train"]
 
 

@@ -102,9 +102,9 @@ class FolderInUseError(OSError):
 
 class FolderLock:
     """An exclusive lock on a folder that one command fills: ``<folder>/.mlfound.lock``, an ``flock`` held for the
-    command's life, with the holder's host, pid, command and start time written in it, removed at release. The operating system drops
-    the lock when the holder dies, so a killed run never blocks the next one; its leftover record is reported as
-    stale (``stale_holder``). A second writer gets FolderInUseError naming the holder.
+    command's life, with the holder's host, pid, command and start time written in it, removed at release. The
+    operating system drops the lock when the holder dies, so a killed run never blocks the next one; its leftover
+    record is reported as stale (``stale_holder``). A second writer gets FolderInUseError naming the holder.
 
         with FolderLock(run_dir, "pretraining run"):
             ...

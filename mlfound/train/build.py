@@ -9,7 +9,7 @@ from mlfound.config import RunConfig
 from mlfound.data.batching import AtomBudgetBatcher
 from mlfound.data.loader import StepLoader
 from mlfound.data.shard_stats import mean_neighbours
-from mlfound.data.shards import VALIDATION_DIR, load_manifest
+from mlfound.data.shards import VALIDATION_DIR
 from mlfound.data.streams import TaskStream
 from mlfound.meta.sampling import TaskSampler
 from mlfound.model import Potential
@@ -18,10 +18,11 @@ from mlfound.model import Potential
 def load_manifests(cfg: RunConfig) -> dict[str, dict]:
     """Each task's manifest; with local shards, every shard is checked against it here (sha256, record count),
     in the training process. Remote shards are checked as they stream in (fetching a corpus twice costs)."""
+    streams = {task: TaskStream(cfg.data.shard_root / task, cfg.seed) for task in cfg.data.tasks}
     if cfg.data.shard_url_template is None:
-        for task in cfg.data.tasks:
-            TaskStream(cfg.data.shard_root / task, cfg.seed).verify()
-    return {task: load_manifest(cfg.data.shard_root / task) for task in cfg.data.tasks}
+        for stream in streams.values():
+            stream.verify()
+    return {task: stream.manifest for task, stream in streams.items()}
 
 
 def task_scale_ev(manifest: dict) -> float:
