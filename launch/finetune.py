@@ -34,6 +34,11 @@ def finetune_command(argv=None) -> int:
     p.add_argument("--num-train", type=int, help="use this many training structures, drawn by --subset-seed")
     p.add_argument("--subset-seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="the new release (.safetensors)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train --model's architecture from random weights (seeded by --seed): the baseline a "
+                        "pretrained start has to beat, built exactly like it")
+    p.add_argument("--head-scale", choices=["source", "data"], default=default("head_scale"),
+                   help="the head's output scale: the copied head's, or the training set's RMS force")
     p.add_argument("--init", default="auto", help="new head: 'auto' (scores printed) or an existing head")
     p.add_argument("--freeze", choices=["none", "trunk"], default="none")
     p.add_argument("--lr", type=float, default=default("lr"), help="Adam lr at the start (default %(default)s)")
@@ -66,7 +71,7 @@ def finetune_command(argv=None) -> int:
     args = p.parse_args(argv)
 
     from mlfound.data.files import refuse_overwriting_inputs
-    from mlfound.finetune import FinetuneConfig, ReplayConfig, finetune
+    from mlfound.finetune import FinetuneConfig, ReplayConfig, finetune, reinitialised
     from mlfound.release import load, resolve, save_release
 
     model_path = resolve(args.model)  # a registry name is a file too: never the output
@@ -78,7 +83,7 @@ def finetune_command(argv=None) -> int:
     replay = (ReplayConfig(shard_root=args.replay_shards, tasks=args.replay_tasks, every=args.replay_every,
                            shard_url_template=args.replay_url_template) if args.replay_shards else None)
     cfg = FinetuneConfig(head=args.head, init=args.init, lot=lot, freeze=args.freeze, lr=args.lr,
-                         lr_schedule=args.lr_schedule, lr_final_ratio=args.lr_final_ratio,
+                         head_scale=args.head_scale, lr_schedule=args.lr_schedule, lr_final_ratio=args.lr_final_ratio,
                          lr_trunk=args.lr_trunk, lr_head=args.lr_head, warmup_steps=args.warmup_steps,
                          ema_decay=args.ema_decay, max_steps=args.max_steps,
                          eval_every=args.eval_every, patience=args.patience or None,
@@ -86,7 +91,8 @@ def finetune_command(argv=None) -> int:
                          forces_weight=args.forces_weight, stress_weight=args.stress_weight, seed=args.seed,
                          replay=replay, device=args.device,
                          check_units=not args.no_unit_check)
-    result = finetune(load(model_path), train, val, cfg)
+    start = reinitialised(load(model_path), args.seed) if args.from_scratch else load(model_path)
+    result = finetune(start, train, val, cfg)
     print_summary(result)
     save_release(result.release.model, result.release.metadata, args.out)
     print(f"wrote {args.out}")

@@ -63,6 +63,10 @@ class FinetuneConfig(BaseModel):
     lr_head: float | None = Field(None, gt=0)  # default: lr
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_final_ratio: float = Field(0.01, ge=0, le=1)
+    # σ of the fine-tuned head: "source" keeps the copied head's (from the pretraining corpus); "data" sets the
+    # training set's RMS force (as MACE's rms_forces_scaling), rescaling the head's last layer so that no
+    # prediction changes before the first step: only what one optimizer step means in eV/Å changes
+    head_scale: Literal["source", "data"] = "source"
     warmup_steps: int = Field(0, ge=0)  # lr rises linearly from lr / warmup_steps to lr over these steps
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the weights (ema-pytorch beta); None: no EMA
     max_steps: int = Field(3000, ge=0)
@@ -127,6 +131,45 @@ def add_head(model: Potential, head: str, source: str, references_ev: dict[int, 
     return grown.to(next(model.parameters()).device)
 
 
+def reinitialised(base: Release, seed: int) -> Release:
+    """``base``'s architecture, elements, heads, references and scales with every weight drawn afresh (seeded):
+    the from-scratch baseline that a pretrained start must beat, built exactly like the start it is compared
+    with. Its history says so, and the release keeps no trace of the pretrained weights."""
+    model = base.model
+    torch.manual_seed(seed)
+    fresh = Potential(model.config, model.elements, model.task_names,
+                      {t: dict(zip(model.elements, model.references_ev[i].tolist()))
+                       for i, t in enumerate(model.task_names)},
+                      {t: float(s) for t, s in zip(model.task_names, model.scales_ev)})
+    heads = {head: {k: v for k, v in meta.items() if k == "lot"} for head, meta in base.metadata["heads"].items()}
+    return Release(fresh.eval(), release_metadata(fresh, heads, None, [{"stage": "reinitialised", "seed": seed}]))
+
+
+def data_scale_ev(records: list[Record]) -> float:
+    """σ from fine-tuning data as pretraining takes it from a corpus (train.build.task_scale_ev): the RMS force
+    component in eV/Å, or without forces the spread of energy per atom after a per-element reference fit."""
+    forces = [r.forces_ev_a for r in records if r.forces_ev_a is not None]
+    if forces:
+        return float(np.sqrt(np.mean(np.concatenate(forces) ** 2)))
+    fit = ReferenceFit()
+    for rec in records:
+        fit.add(rec.z, rec.energy_ev)
+    refs, _ = fit.solve()
+    residual = [(r.energy_ev - reference_energy(r.z, refs)) / len(r.z) for r in records]
+    return float(np.std(residual)) or 1.0
+
+
+def rescale_head(model: Potential, head: str, scale_ev: float) -> None:
+    """Set ``head``'s σ to ``scale_ev`` and divide its last layer by the ratio, so predictions stay the same."""
+    index = model.task_names.index(head)
+    ratio = float(model.scales_ev[index]) / scale_ev
+    last = model.heads.heads[head][-1]
+    with torch.no_grad():
+        last.weight.mul_(ratio)
+        last.bias.mul_(ratio)
+        model.scales_ev[index] = scale_ev
+
+
 def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: FinetuneConfig,
              progress: bool = True) -> FinetuneResult:
     """Fine-tune ``base`` on ``train`` (early stopping on ``val`` if given) into a new release."""
@@ -148,6 +191,8 @@ def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: 
             print(f"note: head {cfg.head}: {note}", flush=True)
         model = add_head(model, cfg.head, source, refs)
         heads_meta[cfg.head] = {"lot": cfg.lot, "initialised_from": source}
+    if cfg.head_scale == "data":
+        rescale_head(model, cfg.head, data_scale_ev(train))
     history, best_step = _train(model, train, val, cfg, progress)
     heads_meta[cfg.head]["finetune_data"] = {"num_train": len(train), "num_val": len(val or []),
                                     "sources": sorted({Path(r.source).name for r in train + (val or [])})}

@@ -13,7 +13,15 @@ import torch
 
 from mlfound.data.record import DataError
 from mlfound.data.sets import subset
-from mlfound.finetune import FinetuneConfig, ReplayConfig, _lr_factor, finetune, head_scores
+from mlfound.finetune import (
+    FinetuneConfig,
+    ReplayConfig,
+    _lr_factor,
+    data_scale_ev,
+    finetune,
+    head_scores,
+    reinitialised,
+)
 from mlfound.predict import network_energy, predict
 from mlfound.release import load, save_release
 from tests.data.helpers import demo_slice, http_server, move_shards, shard
@@ -53,6 +61,41 @@ def test_zero_steps_on_an_existing_head_change_nothing(base, splits, tmp_path):
         after = predictions(model, val, HEADS)
         for head in HEADS:
             assert_identical(after[head], before[head])
+
+
+@pytest.mark.parametrize("head", ["hf_sto3g", "hf_631g"])
+def test_a_head_scale_from_the_data_changes_no_prediction(base, splits, head):
+    """σ becomes the training set's RMS force (by hand here) and the head's last layer absorbs the ratio."""
+    train, val = splits
+    kept, rescaled = (finetune(base, train, val, FinetuneConfig(head=head, max_steps=0, head_scale=scale),
+                               progress=False).release.model for scale in ("source", "data"))
+    rms_force_ev_a = np.sqrt(np.mean(np.concatenate([r.forces_ev_a for r in train]) ** 2))
+    index = rescaled.task_names.index(head)
+    assert float(rescaled.scales_ev[index]) == pytest.approx(rms_force_ev_a, rel=1e-12)
+    assert float(kept.scales_ev[index]) != pytest.approx(rms_force_ev_a, rel=1e-3)
+    for (energy_a, forces_a), (energy_b, forces_b) in zip(predictions(kept, val, [head]).values(),
+                                                          predictions(rescaled, val, [head]).values()):
+        np.testing.assert_allclose(energy_a, energy_b, rtol=1e-9)
+        np.testing.assert_allclose(np.concatenate(forces_a), np.concatenate(forces_b), rtol=1e-4, atol=1e-6)
+
+
+def test_data_scale_without_forces_is_the_residual_energy_spread(splits):
+    energy_only = [dataclasses.replace(r, forces_ev_a=None) for r in splits[0]]
+    assert 0 < data_scale_ev(energy_only) < data_scale_ev(splits[0])
+
+
+def test_a_reinitialised_start_is_the_same_architecture_with_fresh_seeded_weights(base):
+    fresh, again, other = reinitialised(base, 0), reinitialised(base, 0), reinitialised(base, 1)
+    state, base_state = fresh.model.state_dict(), base.model.state_dict()
+    assert state.keys() == base_state.keys() and fresh.model.task_names == base.model.task_names
+    for key in ("references_ev", "scales_ev"):
+        assert torch.equal(state[key], base_state[key])
+    weights = [k for k, v in state.items() if v.is_floating_point() and v.numel() and "mask" not in k
+               and k not in ("references_ev", "scales_ev")]
+    assert not any(torch.equal(state[k], base_state[k]) for k in weights if "embedding" in k or "heads" in k)
+    assert all(torch.equal(state[k], again.model.state_dict()[k]) for k in weights)
+    assert not all(torch.equal(state[k], other.model.state_dict()[k]) for k in weights)
+    assert fresh.metadata["history"] == [{"stage": "reinitialised", "seed": 0}]
 
 
 def test_zero_steps_on_a_new_head_change_nothing(base, splits, tmp_path):
@@ -106,7 +149,7 @@ def test_training_improves_validation_and_keeps_the_best_step(base, splits, ema_
 
 def test_cosine_schedule_decays_from_lr_to_the_final_ratio_at_max_steps():
     cfg = FinetuneConfig(head="x", max_steps=100, lr_final_ratio=0.01)
-    factors = [_lr_factor(cfg)(step) for step in range(0, 121)]
+    factors = [_lr_factor(cfg)(step) for step in range(121)]
     assert factors[0] == 1.0 and factors[50] == pytest.approx(0.505) and factors[100] == pytest.approx(0.01)
     assert all(a > b for a, b in zip(factors[:100], factors[1:101])) and set(factors[100:]) == {factors[100]}
     assert _lr_factor(cfg.model_copy(update={"lr_schedule": "constant"}))(77) == 1.0
@@ -188,6 +231,22 @@ def test_finetune_command_writes_a_release_keeping_every_head(tiny_release_path,
     done = run_finetune("--model", str(pickle), "--head", "h", "--train", str(demo_dir / "hf_631g.extxyz"),
                         "--out", str(out))
     assert done.returncode == 2 and "pickled torch file" in done.stderr
+
+
+def test_finetune_from_scratch_starts_from_fresh_weights_of_the_same_architecture(tiny_release_path, demo_dir,
+                                                                                  tmp_path):
+    out = tmp_path / "scratch.safetensors"
+    done = run_finetune("--model", str(tiny_release_path), "--head", "hf_631g", "--train",
+                        str(demo_dir / "hf_631g.extxyz"), "--num-train", "10", "--max-steps", "0", "--from-scratch",
+                        "--head-scale", "data", "--seed", "3", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    base, scratch = load(tiny_release_path), load(out)
+    assert scratch.metadata["history"][0] == {"stage": "reinitialised", "seed": 3}
+    assert scratch.model.config == base.model.config
+    assert torch.equal(scratch.model.state_dict()["trunk.embedding.weight"],
+                       reinitialised(base, 3).model.state_dict()["trunk.embedding.weight"])
+    assert not torch.equal(scratch.model.state_dict()["trunk.embedding.weight"],
+                           base.model.state_dict()["trunk.embedding.weight"])
 
 
 def test_data_at_another_lot_cannot_retrain_an_existing_head(base, splits):

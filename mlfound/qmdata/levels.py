@@ -42,6 +42,8 @@ LEVELS: dict[str, LevelOfTheory] = {lot.name: lot for lot in [
     LevelOfTheory("pbe0_631gs", "PBE0", "6-31G*", "pyscf"),
     LevelOfTheory("b3lyp_631g", "B3LYP", "6-31G", "pyscf", with_forces=False),
     LevelOfTheory("hf_631g", "HF", "6-31G", "pyscf"),
+    # a range-separated hybrid no corpus uses: the LoT of a held-out fine-tuning target
+    LevelOfTheory("wb97x_631gs", "wB97X", "6-31G*", "pyscf"),
 ]}
 
 

@@ -21,6 +21,9 @@ SMALL_MOLECULES: dict[str, str] = {
     "imidazole": "c1c[nH]cn1", "oxazole": "c1cocn1",
 }
 TARGET_MOLECULES: dict[str, str] = {"paracetamol": "CC(=O)Nc1ccc(O)cc1"}
+# Held-out fine-tuning targets beside paracetamol: a molecule no corpus holds (at a LoT E2 has) and a LoT no corpus
+# uses (on a molecule E2 holds at its xTB LoTs only), so every claim is checked on more than the target it was tuned on.
+HELD_OUT_MOLECULES: dict[str, str] = {"salicylamide": "NC(=O)c1ccccc1O", "n_acetylglycine": "CC(=O)NCC(=O)O"}
 
 # Drug-like CHNO molecules for E2: fragments and relatives of paracetamol first (phenols, anilides,
 # aromatic amines and carbonyls), then unrelated heterocycles, lactams, amino acids and small polar
@@ -134,6 +137,11 @@ RECIPES: dict[str, Recipe] = {
     "demo-target": Recipe(
         smiles=TARGET_MOLECULES, temperatures_k=(300.0, 600.0, 900.0), frames_per_temperature=100, md_stride_steps=20,
         tasks=(TaskRecipe("hf_631g", ("paracetamol",)),)),
+    # Two held-out targets made like demo-target: <out>/pbe0_631gs.extxyz (salicylamide) and wb97x_631gs.extxyz.
+    "held-out-targets": Recipe(
+        smiles=HELD_OUT_MOLECULES, temperatures_k=(300.0, 600.0, 900.0), frames_per_temperature=100,
+        md_stride_steps=20, seed=4, tasks=(TaskRecipe("pbe0_631gs", ("salicylamide",)),
+                                           TaskRecipe("wb97x_631gs", ("n_acetylglycine",)))),
     # E1, one molecule at many LoTs: the target's own MD (another seed than demo-target's, so no test
     # geometry is pretrained on) at five LoTs; the DFT LoTs label every third frame.
     "e1-one-molecule": Recipe(

@@ -1,0 +1,170 @@
+"""mlfound from scratch (and MACE from scratch) on a fine-tuning target, recipe by recipe: the parity check that
+must hold before a pretrained start can be judged.
+
+    python tools/compare_scratch.py --target data/demo/hf_631g.extxyz --head hf_631g --out runs/scratch/paracetamol \\
+        --recipes default='{}' forces100='{"energy_weight": 1, "forces_weight": 100}' --evaluate-on val
+    python tools/compare_scratch.py ... --mace plain --evaluate-on test    # the chosen recipes against MACE, on test
+
+The target is split as the paper experiment splits it (``split_records(..., {test, val, pool: rest}, seed=0)``)
+and every size N draws the experiment's nested-by-seed subsets (``train_subset``), so a number here and one in
+an E1/E2 grid come from the same structures. mlfound's start is ``--model``'s architecture with fresh weights
+(``mlfound.finetune.reinitialised``, seeded by the subset), fine-tuned by ``finetune`` with each recipe (JSON of
+FinetuneConfig fields over its defaults); MACE runs ``tools/peers/mace_cli.py`` in .venv-mace with the named
+recipe. Each unit's result is a JSON file under --out/results, so a stopped run resumes and a table can be
+reprinted (--report). Choose recipes with --evaluate-on val; test only what was chosen.
+"""
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from mlfound.errors import run_main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MACE_PYTHON, MACE_CLI = ROOT / ".venv-mace" / "bin" / "python", ROOT / "tools" / "peers" / "mace_cli.py"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", type=Path, required=True, help="extxyz of the target LoT (energies and forces)")
+    p.add_argument("--head", required=True, help="the target's task name (a new head for a new LoT)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default="default", help="release whose architecture is trained from random weights")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 200])
+    p.add_argument("--subsets", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--test", type=int, default=50)
+    p.add_argument("--val", type=int, default=25)
+    p.add_argument("--recipes", nargs="*", default=[], metavar="NAME=JSON", help="mlfound recipes")
+    p.add_argument("--mace", nargs="*", default=[], metavar="RECIPE", help="MACE recipes of tools/peers/mace_cli.py")
+    p.add_argument("--evaluate-on", choices=["val", "test"], default="val")
+    p.add_argument("--workers", type=int, default=1, help="units in parallel, one core each")
+    p.add_argument("--report", action="store_true", help="print the table of the results on disk, run nothing")
+    args = p.parse_args(argv)
+    recipes = dict(parse_recipe(text) for text in args.recipes)
+    split = make_split(args)
+    units = [(framework, name, n, subset) for n in args.sizes for subset in args.subsets
+             for framework, names in (("mlfound", recipes), ("mace", args.mace)) for name in names]
+    if not args.report:
+        todo = [u for u in units if not result_path(args.out, u).exists()]
+        print(f"{len(units) - len(todo)} of {len(units)} units on disk; running {len(todo)}", flush=True)
+        with cf.ProcessPoolExecutor(args.workers) as pool:
+            for unit, row in zip(todo, pool.map(run_unit, [(args, recipes, split, u) for u in todo])):
+                print(f"{unit}: {args.evaluate_on} F MAE {row[args.evaluate_on]['forces_mae_mev_a']:.0f} meV/Å "
+                      f"({row['seconds']:.0f} s)", flush=True)
+    print_table(args, units)
+    return 0
+
+
+def parse_recipe(text: str) -> tuple[str, dict]:
+    from mlfound.finetune import FinetuneConfig
+
+    name, _, fields = text.partition("=")
+    recipe = json.loads(fields or "{}")
+    FinetuneConfig.model_validate({"head": "x", **recipe})  # a typo fails before any training
+    return name, recipe
+
+
+def make_split(args) -> dict[str, Path]:
+    from mlfound.data.sets import load_records, split_records, write_extxyz
+
+    paths = {name: args.out / "split" / f"{name}.extxyz" for name in ("pool", "val", "test")}
+    if not all(path.exists() for path in paths.values()):
+        records = load_records(args.target, args.head)
+        sizes = {"test": args.test, "val": args.val, "pool": None}
+        for name, records_of_split in split_records(records, sizes, seed=0).items():
+            write_extxyz(records_of_split, paths[name])
+    return paths
+
+
+def result_path(out: Path, unit: tuple) -> Path:
+    framework, name, n, subset = unit
+    return out / "results" / f"{framework}_{name}_n{n}_sub{subset}.json"
+
+
+def run_unit(job) -> dict:
+    args, recipes, split, unit = job
+    framework, name, n, subset = unit
+    tic = time.perf_counter()
+    row = (mlfound_unit if framework == "mlfound" else mace_unit)(args, recipes.get(name), split, n, subset, name)
+    row = {"unit": list(unit), "seconds": time.perf_counter() - tic, **row}
+    from mlfound.data.files import atomic_write_bytes
+
+    path = result_path(args.out, unit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(row, indent=1).encode())
+    return row
+
+
+def train_records(split: dict[str, Path], head: str, n: int, subset: int) -> list:
+    from mlfound.data.sets import load_records
+    from mlfound.experiment.prepare import train_subset
+
+    return train_subset(load_records(split["pool"], head), n, subset)
+
+
+def mlfound_unit(args, recipe: dict, split: dict[str, Path], n: int, subset: int, name: str) -> dict:
+    import torch
+
+    from mlfound.data.sets import load_records
+    from mlfound.evaluate import evaluate
+    from mlfound.finetune import FinetuneConfig, finetune, reinitialised
+    from mlfound.release import load, resolve
+
+    torch.set_num_threads(1)
+    train = train_records(split, args.head, n, subset)
+    val, test = (load_records(split[k], args.head) for k in ("val", "test"))
+    start = reinitialised(load(resolve(args.model)), seed=subset)
+    result = finetune(start, train, val, FinetuneConfig(head=args.head, seed=subset, **recipe), progress=False)
+    return {"best_step": result.best_step, "val": evaluate(result.release, val, args.head),
+            "test": evaluate(result.release, test, args.head)}
+
+
+def mace_unit(args, _, split: dict[str, Path], n: int, subset: int, name: str) -> dict:
+    from mlfound.data.sets import write_extxyz
+
+    work = args.out / "mace" / f"{name}_n{n}_sub{subset}"
+    work.mkdir(parents=True, exist_ok=True)
+    train = write_extxyz(train_records(split, args.head, n, subset), work / "train_subset.extxyz")
+    rows = {}
+    for scored in ("val", "test"):  # mace_cli scores one file; the model is trained once (the val run)
+        cmd = [str(MACE_PYTHON), str(MACE_CLI), "--train", str(train), "--val", str(split["val"]),
+               "--test", str(split[scored]), "--out", str(work), "--seed", str(subset), "--recipe", name]
+        if scored == "test":
+            cmd.append("--reuse-model")
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"MACE {name} n={n} subset {subset} failed:\n{done.stderr[-3000:]}")
+        rows[scored] = json.loads(done.stdout.strip().splitlines()[-1])["test"]
+    return rows
+
+
+def print_table(args, units: list[tuple]) -> None:
+    """Mean ± std over subsets of the --evaluate-on force and energy MAE, one row per framework and recipe."""
+    rows = {u: json.loads(result_path(args.out, u).read_text()) for u in units if result_path(args.out, u).exists()}
+    print(f"# {args.target} ({args.head}): from scratch, {args.evaluate_on} errors (split test {args.test}, "
+          f"val {args.val}, seed 0), mean ± std over subsets {args.subsets}; F MAE meV/Å, E MAE meV/atom")
+    names = list(dict.fromkeys((u[0], u[1]) for u in units))
+    print(f"{'framework':<10}{'recipe':<22}" + "".join(f"{'N=' + str(n) + ' F':>14}{'E':>6}" for n in args.sizes))
+    for framework, name in names:
+        cells = []
+        for n in args.sizes:
+            done = [rows[u][args.evaluate_on] for u in units if u[:3] == (framework, name, n) and u in rows]
+            if len(done) < len(args.subsets):
+                cells.append(f"{f'({len(done)}/{len(args.subsets)})':>14}{'':>6}")
+                continue
+            f = [d["forces_mae_mev_a"] for d in done]
+            e = [d["energy_mae_mev_atom"] for d in done]
+            cells.append(f"{np.mean(f):>9.0f} ± {np.std(f):<2.0f}{np.mean(e):>6.1f}")
+        print(f"{framework:<10}{name:<22}" + "".join(cells))
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
