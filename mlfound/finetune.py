@@ -131,18 +131,21 @@ def add_head(model: Potential, head: str, source: str, references_ev: dict[int, 
     return grown.to(next(model.parameters()).device)
 
 
-def reinitialised(base: Release, seed: int) -> Release:
-    """``base``'s architecture, elements, heads, references and scales with every weight drawn afresh (seeded):
-    the from-scratch baseline that a pretrained start must beat, built exactly like the start it is compared
-    with. Its history says so, and the release keeps no trace of the pretrained weights."""
+def reinitialised(base: Release, seed: int, **model_changes) -> Release:
+    """``base``'s architecture (with ``model_changes`` to its ModelConfig, if any), elements, heads, references
+    and scales with every weight drawn afresh (seeded): the from-scratch baseline that a pretrained start must
+    beat, built exactly like the start it is compared with. Its history says so, and the release keeps no trace
+    of the pretrained weights."""
     model = base.model
+    config = model.config.model_validate({**model.config.model_dump(), **model_changes})
     torch.manual_seed(seed)
-    fresh = Potential(model.config, model.elements, model.task_names,
+    fresh = Potential(config, model.elements, model.task_names,
                       {t: dict(zip(model.elements, model.references_ev[i].tolist()))
                        for i, t in enumerate(model.task_names)},
                       {t: float(s) for t, s in zip(model.task_names, model.scales_ev)})
     heads = {head: {k: v for k, v in meta.items() if k == "lot"} for head, meta in base.metadata["heads"].items()}
-    return Release(fresh.eval(), release_metadata(fresh, heads, None, [{"stage": "reinitialised", "seed": seed}]))
+    stage = {"stage": "reinitialised", "seed": seed, **({"model_changes": model_changes} if model_changes else {})}
+    return Release(fresh.eval(), release_metadata(fresh, heads, None, [stage]))
 
 
 def data_scale_ev(records: list[Record]) -> float:

@@ -66,9 +66,12 @@ def main(argv=None) -> int:
 def parse_recipe(text: str) -> tuple[str, dict]:
     from mlfound.finetune import FinetuneConfig
 
+    from mlfound.model import ModelConfig
+
     name, _, fields = text.partition("=")
     recipe = json.loads(fields or "{}")
-    FinetuneConfig.model_validate({"head": "x", **recipe})  # a typo fails before any training
+    FinetuneConfig.model_validate({"head": "x", **{k: v for k, v in recipe.items() if k != "model"}})
+    ModelConfig.model_validate({**recipe.get("model", {}), "avg_num_neighbors": 1.0})  # typos fail before training
     return name, recipe
 
 
@@ -121,7 +124,8 @@ def mlfound_unit(args, recipe: dict, split: dict[str, Path], n: int, subset: int
     torch.set_num_threads(1)
     train = train_records(split, args.head, n, subset)
     val, test = (load_records(split[k], args.head) for k in ("val", "test"))
-    start = reinitialised(load(resolve(args.model)), seed=subset)
+    recipe = dict(recipe)
+    start = reinitialised(load(resolve(args.model)), subset, **recipe.pop("model", {}))
     result = finetune(start, train, val, FinetuneConfig(head=args.head, seed=subset, **recipe), progress=False)
     return {"best_step": result.best_step, "val": evaluate(result.release, val, args.head),
             "test": evaluate(result.release, test, args.head)}
