@@ -29,6 +29,8 @@ BAD_INPUT = {
     "tools/bench_pretrain.py": ["tools/bench_pretrain.py", "--config", MISSING],
     "tools/bench_shard.py": ["tools/bench_shard.py", "--source", MISSING, "--sizes", "10", "--scratch", "{tmp}"],
     "tools/bench_zero_memory.py": ["tools/bench_zero_memory.py", "--config", MISSING],
+    "tools/compare_scratch.py": ["tools/compare_scratch.py", "--target", MISSING, "--head", "h", "--out", "{tmp}/c",
+                                 "--recipes", "a="],
     "tools/make_qm_dataset.py": ["tools/make_qm_dataset.py", "--recipe", "demo-target", "--out", "{file}"],
     "tools/paper_experiment.py": ["tools/paper_experiment.py", "--experiment", MISSING],
     "tools/probe_two_stage.py": ["tools/probe_two_stage.py", "--experiment", MISSING, "--record", MISSING,
