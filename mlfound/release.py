@@ -36,7 +36,7 @@ from mlfound.data.files import FolderLock, atomic_write_bytes, json_text, sha256
 from mlfound.data.readers import lot_label
 from mlfound.model import ModelConfig, Potential
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 # How to read older formats: each step fills in what its successor added, with the old behaviour.
 MIGRATIONS = {
     # format 2: last layer scalars-only and one radial hidden layer became the defaults (2.5-4x faster)
@@ -49,6 +49,7 @@ MIGRATIONS = {
                      "model_config": {"product_messages_all_l": False, **meta["model_config"]}},
     # format 5: avg_num_neighbors counted from the training data; before, a fixed 10.0
     4: lambda meta: {**meta, "format_version": 5, "model_config": {"avg_num_neighbors": 10.0, **meta["model_config"]}},
+    5: lambda meta: {**meta, "format_version": 6},  # product_l_max (None, as every older model) became a field
 }
 FIRST_HASHED_FORMAT = 3
 METADATA_KEY = "mlfound"

@@ -11,7 +11,7 @@ edge vectors strains both. ASE's sign: positive stress is tension, pressure is -
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from mlfound.model.heads import TaskHeads
@@ -37,6 +37,16 @@ class ModelConfig(BaseModel):
     correlation: int = Field(1, ge=1, le=4)  # body order - 1 of each layer's features: 1 two-body, 3 as MACE
     # with correlation > 1: messages keep every l <= l_max, so the last layer's products see vectors (format 4)
     product_messages_all_l: bool = True
+    # with correlation > 1: spherical harmonics and the product basis's features up to this l, above l_max (as
+    # MACE's max_ell, 3 by default there); None: l_max (format 6)
+    product_l_max: int | None = Field(None, ge=0, le=4)
+
+    @model_validator(mode="after")
+    def _product_l_max_at_least_l_max(self):
+        if self.product_l_max is not None and self.product_l_max < self.l_max:
+            raise ValueError(f"product_l_max {self.product_l_max} is below l_max {self.l_max}: the product basis "
+                             "multiplies at least the features the layers pass on")
+        return self
 
 
 class Potential(nn.Module):
@@ -59,7 +69,8 @@ class Potential(nn.Module):
         self.register_buffer("scales_ev", torch.tensor([scales_ev[t] for t in task_names], dtype=torch.float64))
         self.trunk = Trunk(len(self.elements), config.channels, config.l_max, config.num_layers, config.cutoff_a,
                            config.num_basis, config.radial_hidden, config.radial_layers, config.avg_num_neighbors,
-                           config.scalar_last_layer, config.correlation, config.product_messages_all_l)
+                           config.scalar_last_layer, config.correlation, config.product_messages_all_l,
+                           config.product_l_max)
         self.heads = TaskHeads(task_names, config.channels, config.head_hidden)
 
     def _apply(self, fn, recurse=True):

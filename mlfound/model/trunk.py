@@ -120,10 +120,14 @@ class Trunk(nn.Module):
 
     def __init__(self, num_species: int, channels: int, l_max: int, num_layers: int, cutoff_a: float,
                  num_basis: int, radial_hidden: int, radial_layers: int, avg_num_neighbors: float,
-                 scalar_last_layer: bool, correlation: int = 1, product_messages_all_l: bool = True):
+                 scalar_last_layer: bool, correlation: int = 1, product_messages_all_l: bool = True,
+                 product_l_max: int | None = None):
+        """``product_l_max``: with correlation > 1, the l up to which edge directions are expanded and the product
+        basis multiplies features (MACE's max_ell), while the features passed between layers stop at l_max."""
         super().__init__()
         self.embedding = nn.Embedding(num_species, channels)
-        self.irreps_sh = o3.Irreps.spherical_harmonics(l_max)
+        product_l_max = l_max if product_l_max is None or correlation == 1 else product_l_max
+        self.irreps_sh = o3.Irreps.spherical_harmonics(product_l_max)
         self.spherical_harmonics = o3.SphericalHarmonics(self.irreps_sh, normalize=True, normalization="component")
         self.radial_basis = BesselBasis(cutoff_a, num_basis)
         irreps = o3.Irreps(f"{channels}x0e")
@@ -131,7 +135,8 @@ class Trunk(nn.Module):
         for index in range(num_layers):
             # only scalars leave the trunk, so the last layer need not compute l > 0 outputs (NequIP does the same)
             last = index == num_layers - 1 and scalar_last_layer
-            irreps_out, irreps_product = hidden_irreps(channels, 0 if last else l_max), hidden_irreps(channels, l_max)
+            irreps_out = hidden_irreps(channels, 0 if last else l_max)
+            irreps_product = hidden_irreps(channels, product_l_max)
             # the product basis contracts vectors into invariants only if the messages carry them, even where the
             # layer outputs scalars alone (as MACE's last layer); without, its products were of scalars only
             all_l = correlation > 1 and product_messages_all_l

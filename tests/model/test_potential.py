@@ -25,14 +25,16 @@ def records(demo_dir):
     return [by_molecule[m] for m in ("glycine", "furan", "acetamide")]
 
 
-CORRELATIONS = [1, 3]  # two-body messages, and MACE's many-body product basis
+# two-body messages, MACE's many-body product basis, and that basis on features above l_max (MACE's max_ell)
+VARIANTS = {"two-body": {"correlation": 1}, "many-body": {"correlation": 3},
+            "many-body, product_l_max": {"correlation": 3, "product_l_max": CONFIG.l_max + 1}}
 
 
-def make_potential(dtype=torch.float32, seed=0, correlation: int = 1):
+def make_potential(dtype=torch.float32, seed=0, correlation: int = 1, product_l_max: int | None = None):
     torch.manual_seed(seed)
     refs = {"gfn2_xtb": {1: -10.0, 6: -48.0, 7: -71.0, 8: -103.0}, "hf_sto3g": {1: -13.0, 6: -1020.0, 7: -1470.0,
                                                                                  8: -2030.0}}
-    config = CONFIG.model_copy(update={"correlation": correlation})
+    config = CONFIG.model_copy(update={"correlation": correlation, "product_l_max": product_l_max})
     model = Potential(config, [1, 6, 7, 8], TASKS, refs, {"gfn2_xtb": 0.5, "hf_sto3g": 2.0})
     return model.to(dtype)
 
@@ -43,9 +45,9 @@ def batch_of(records, tasks=None):
     return collate(records, CONFIG.cutoff_a, TASKS)
 
 
-@pytest.mark.parametrize("correlation", CORRELATIONS)
-def test_rotation_invariant_energy_and_equivariant_forces(records, correlation):
-    model = make_potential(correlation=correlation, dtype=torch.float64)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rotation_invariant_energy_and_equivariant_forces(records, variant):
+    model = make_potential(dtype=torch.float64, **VARIANTS[variant])
     batch = batch_of(records)
     energy, forces = model(batch)
     torch.manual_seed(3)
@@ -56,9 +58,9 @@ def test_rotation_invariant_energy_and_equivariant_forces(records, correlation):
     torch.testing.assert_close(forces_rot, forces @ rotation.T, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("correlation", CORRELATIONS)
-def test_translation_and_permutation_invariance(records, correlation):
-    model = make_potential(correlation=correlation, dtype=torch.float64)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_translation_and_permutation_invariance(records, variant):
+    model = make_potential(dtype=torch.float64, **VARIANTS[variant])
     rec = records[0]
     energy, forces = model(batch_of([rec]))
     shifted = batch_of([rec])
@@ -71,9 +73,9 @@ def test_translation_and_permutation_invariance(records, correlation):
     torch.testing.assert_close(forces_perm, forces[perm], rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("correlation", CORRELATIONS)
-def test_forces_are_minus_energy_gradient_by_finite_differences(records, correlation):
-    model = make_potential(correlation=correlation, dtype=torch.float64)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forces_are_minus_energy_gradient_by_finite_differences(records, variant):
+    model = make_potential(dtype=torch.float64, **VARIANTS[variant])
     batch = batch_of(records[:1])
     batch.pos_a = batch.pos_a.double()
     _, forces = model(batch)
@@ -87,9 +89,9 @@ def test_forces_are_minus_energy_gradient_by_finite_differences(records, correla
         assert forces[atom, axis].item() == pytest.approx(numeric.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("correlation", CORRELATIONS)
-def test_each_graph_in_a_mixed_task_batch_gets_its_own_head(records, correlation):
-    model = make_potential(correlation=correlation)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_graph_in_a_mixed_task_batch_gets_its_own_head(records, variant):
+    model = make_potential(**VARIANTS[variant])
     mixed = batch_of(records, ["gfn2_xtb", "hf_sto3g", "gfn2_xtb"])
     energy_mixed, forces_mixed = model(mixed)
     for g, (rec, task) in enumerate(zip(records, ["gfn2_xtb", "hf_sto3g", "gfn2_xtb"])):
@@ -164,9 +166,9 @@ def strained(rec: Record, strain: np.ndarray) -> Record:
                   pbc=rec.pbc, task=rec.task)
 
 
-@pytest.mark.parametrize("correlation", CORRELATIONS)
-def test_stress_is_the_energy_derivative_under_strain_over_the_volume(correlation):
-    model = make_potential(correlation=correlation, dtype=torch.float64)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stress_is_the_energy_derivative_under_strain_over_the_volume(variant):
+    model = make_potential(dtype=torch.float64, **VARIANTS[variant])
     rec = periodic_record()
     _, _, stress = model.energy_forces_stress(collate([rec], CONFIG.cutoff_a, TASKS))
     volume, step = abs(np.linalg.det(rec.cell_a)), 1e-5
@@ -193,3 +195,17 @@ def test_stress_rotates_as_a_tensor_and_is_nan_without_a_cell(records):
     assert torch.isnan(stress_mixed[0]).all()
     torch.testing.assert_close(stress_mixed[1], stress[0], rtol=0, atol=1e-10)
     torch.testing.assert_close(energy, model(batch_of([records[0], periodic_record()]))[0], rtol=0, atol=0)
+
+
+def test_product_l_max_below_l_max_is_refused_naming_both():
+    with pytest.raises(ValueError, match="product_l_max 1 is below l_max 2"):
+        ModelConfig(l_max=2, product_l_max=1)
+
+
+def test_product_l_max_widens_only_what_the_product_basis_multiplies():
+    """Spherical harmonics and the product basis go to product_l_max; the features between layers stay at l_max."""
+    model = make_potential(correlation=3, product_l_max=CONFIG.l_max + 1)
+    layer = model.trunk.layers[0]
+    assert model.trunk.irreps_sh.lmax == CONFIG.l_max + 1
+    assert layer.product_basis.linears[0].irreps_in.lmax == CONFIG.l_max + 1
+    assert layer.irreps_out.lmax == CONFIG.l_max
