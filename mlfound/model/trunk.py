@@ -30,31 +30,37 @@ def hidden_irreps(channels: int, l_max: int) -> o3.Irreps:
 class ProductBasis(nn.Module):
     """B = Σ_ν Linear_ν(A^⊗ν), ν = 1..correlation: channel-wise ("uuu") Clebsch-Gordan products of a node's
     features with themselves, weighted per element (MACE's symmetric contraction, without its reduction to
-    the symmetric subspace: a few redundant paths, no loss of body order)."""
+    the symmetric subspace: a few redundant paths, no loss of body order). A may hold higher l than B
+    (``model.product_l_max``): the intermediate powers keep every l of A, the last one and every Linear_ν only
+    the l of B, so no path is computed whose output nothing reads."""
 
-    def __init__(self, irreps: o3.Irreps, correlation: int, num_species: int):
+    def __init__(self, irreps: o3.Irreps, correlation: int, num_species: int, irreps_out: o3.Irreps | None = None):
         super().__init__()
+        irreps_out = irreps if irreps_out is None else irreps_out
         self.products = nn.ModuleList()
         self.weights = nn.ModuleList()  # species -> that element's weights of each product's paths
-        for _ in range(correlation - 1):
+        for order in range(2, correlation + 1):
+            irreps_power = irreps_out if order == correlation else irreps
             instructions = [(i, j, k, "uuu", True) for i, (_, ir_i) in enumerate(irreps)
-                            for j, (_, ir_j) in enumerate(irreps) for k, (_, ir_k) in enumerate(irreps)
+                            for j, (_, ir_j) in enumerate(irreps) for k, (_, ir_k) in enumerate(irreps_power)
                             if ir_k in ir_i * ir_j]
-            product = o3.TensorProduct(irreps, irreps, irreps, instructions, shared_weights=False,
+            product = o3.TensorProduct(irreps, irreps, irreps_power, instructions, shared_weights=False,
                                        internal_weights=False)
             self.products.append(product)
             weights = nn.Embedding(num_species, product.weight_numel)
             nn.init.normal_(weights.weight, std=PRODUCT_INIT_STD)
             self.weights.append(weights)
-        self.linears = nn.ModuleList(o3.Linear(irreps, irreps) for _ in range(correlation))
+        self.linears = nn.ModuleList(o3.Linear(irreps_out if order == correlation else irreps, irreps_out)
+                                     for order in range(1, correlation + 1))
 
     def forward(self, a_NI: torch.Tensor, species_N: torch.Tensor) -> torch.Tensor:
         powers_NI = [a_NI]  # A, A⊗A, ...; loops over whole ModuleLists, as TorchScript needs (mlfound deploy)
         for product, weights in zip(self.products, self.weights):
             powers_NI.append(product(powers_NI[-1], a_NI, weights(species_N)))
-        basis_NI = torch.zeros_like(a_NI)
+        basis_NI = self.linears[0](a_NI)
         for index, linear in enumerate(self.linears):
-            basis_NI = basis_NI + linear(powers_NI[index])
+            if index > 0:
+                basis_NI = basis_NI + linear(powers_NI[index])
         return basis_NI
 
 
@@ -66,8 +72,9 @@ class Interaction(nn.Module):
     def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, irreps_sh: o3.Irreps,
                  num_basis: int, radial_hidden: int, radial_layers: int, avg_num_neighbors: float,
                  correlation: int = 1, irreps_product: o3.Irreps | None = None, num_species: int = 0,
-                 irreps_message: o3.Irreps | None = None):
-        """``irreps_message``: the irreps the messages keep (default ``irreps_out``)."""
+                 irreps_message: o3.Irreps | None = None, irreps_basis: o3.Irreps | None = None):
+        """``irreps_message``: the irreps the messages keep (default ``irreps_out``); ``irreps_basis``: the irreps
+        the product basis outputs (default ``irreps_product``)."""
         super().__init__()
         irreps_message = irreps_message or irreps_out
         irreps_mid, instructions = [], []
@@ -90,8 +97,9 @@ class Interaction(nn.Module):
         self.gate = Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid] if gated else [], gated)
         if correlation > 1:  # A in the product irreps (all l, even for a scalars-only output), then B
             self.to_a = o3.Linear(irreps_mid_sorted.simplify(), irreps_product)
-            self.product_basis = ProductBasis(irreps_product, correlation, num_species)
-            self.linear = o3.Linear(irreps_product, self.gate.irreps_in)
+            irreps_basis = irreps_product if irreps_basis is None else irreps_basis
+            self.product_basis = ProductBasis(irreps_product, correlation, num_species, irreps_basis)
+            self.linear = o3.Linear(irreps_basis, self.gate.irreps_in)
         else:
             self.linear = o3.Linear(irreps_mid_sorted.simplify(), self.gate.irreps_in)
         if correlation > 1:
@@ -142,7 +150,7 @@ class Trunk(nn.Module):
             all_l = correlation > 1 and product_messages_all_l
             layer = Interaction(irreps, irreps_out, self.irreps_sh, num_basis, radial_hidden, radial_layers,
                                 avg_num_neighbors, correlation, irreps_product, num_species,
-                                irreps_product if all_l else irreps_out)
+                                irreps_product if all_l else irreps_out, hidden_irreps(channels, l_max))
             self.layers.append(layer)
             irreps = layer.irreps_out
         self.readout = o3.Linear(irreps, o3.Irreps(f"{channels}x0e"))
