@@ -18,6 +18,21 @@ from mlfound.model.heads import TaskHeads
 from mlfound.model.trunk import Trunk
 
 NUM_Z = 119
+# e3nn compiles each tensor product into a torch.fx GraphModule whose constants (Clebsch-Gordan blocks for l >= 2
+# paths) are plain attributes, but a deepcopy (ema-pytorch's, fine-tuning's) registers them as buffers: they are
+# rebuilt from the architecture, so state dicts neither write nor expect them (else a copied model's release would
+# not load into a fresh one)
+COMPILED_CONSTANT = "._compiled_main_"
+
+
+def _drop_compiled_constants(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if COMPILED_CONSTANT in k]:
+        del state_dict[key]
+
+
+def _ignore_compiled_constants(module, incompatible_keys) -> None:
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [k for k in keys if COMPILED_CONSTANT not in k]
 
 
 class ModelConfig(BaseModel):
@@ -72,6 +87,8 @@ class Potential(nn.Module):
                            config.scalar_last_layer, config.correlation, config.product_messages_all_l,
                            config.product_l_max)
         self.heads = TaskHeads(task_names, config.channels, config.head_hidden)
+        self.register_state_dict_post_hook(_drop_compiled_constants)
+        self.register_load_state_dict_post_hook(_ignore_compiled_constants)
 
     def _apply(self, fn, recurse=True):
         """``.float()``, ``.to(torch.bfloat16)`` etc. cast the weights but never the float64 references and

@@ -1,5 +1,7 @@
 """Model symmetries and consistency on real demo molecules: rotation, translation, permutation,
 forces = -dE/dpos by finite differences, and one head per graph in mixed-task batches."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from mlfound.data.batching import collate
 from mlfound.data.readers import SourceSpec, read_source
 from mlfound.data.record import Record
 from mlfound.model import ModelConfig, Potential
+from mlfound.model.potential import COMPILED_CONSTANT
 
 TASKS = ["gfn2_xtb", "hf_sto3g"]
 CONFIG = ModelConfig(channels=8, l_max=2, num_layers=2, cutoff_a=4.0, radial_hidden=16, head_hidden=8,
@@ -209,3 +212,18 @@ def test_product_l_max_widens_only_what_the_product_basis_multiplies():
     assert model.trunk.irreps_sh.lmax == CONFIG.l_max + 1
     assert layer.product_basis.linears[0].irreps_in.lmax == CONFIG.l_max + 1
     assert layer.irreps_out.lmax == CONFIG.l_max
+
+
+def test_a_copied_model_has_the_state_dict_of_a_fresh_one(records):
+    """e3nn's compiled constants (l >= 2 paths) become buffers in a deepcopy (as ema-pytorch and fine-tuning make);
+    they are neither written nor expected, so a copy's weights load into a fresh model and back."""
+    model = make_potential(dtype=torch.float64, **VARIANTS["many-body, product_l_max"])
+    copied = copy.deepcopy(model)
+    assert any(COMPILED_CONSTANT in name for name, _ in copied.named_buffers())  # the trap this guards against
+    for state in (model.state_dict(), copied.state_dict()):
+        assert not any(COMPILED_CONSTANT in key for key in state)
+    assert copied.state_dict().keys() == model.state_dict().keys()
+    fresh = make_potential(dtype=torch.float64, seed=1, **VARIANTS["many-body, product_l_max"])
+    fresh.load_state_dict(copied.state_dict())
+    copied.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(fresh(batch_of(records))[1], model(batch_of(records))[1], rtol=0, atol=0)
