@@ -117,10 +117,15 @@ def fit_references(records: list[Record], network_energy_ev: np.ndarray) -> tupl
     return fit.solve()
 
 
+def references_and_scales(model: Potential) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+    """Each head's per-element references and its σ, as the Potential constructor takes them."""
+    references = {t: dict(zip(model.elements, model.references_ev[i].tolist())) for i, t in enumerate(model.task_names)}
+    return references, {t: float(s) for t, s in zip(model.task_names, model.scales_ev)}
+
+
 def add_head(model: Potential, head: str, source: str, references_ev: dict[int, float]) -> Potential:
     """A copy of ``model`` with one more head: ``source``'s weights and scale, new references."""
-    old_refs = {t: dict(zip(model.elements, model.references_ev[i].tolist())) for i, t in enumerate(model.task_names)}
-    scales = {t: float(s) for t, s in zip(model.task_names, model.scales_ev)}
+    old_refs, scales = references_and_scales(model)
     grown = Potential(model.config, model.elements, model.task_names + [head], {**old_refs, head: references_ev},
                       {**scales, head: scales[source]})
     state = {k: v for k, v in model.state_dict().items() if k not in ("references_ev", "scales_ev")}
@@ -139,10 +144,7 @@ def reinitialised(base: Release, seed: int, **model_changes) -> Release:
     model = base.model
     config = model.config.model_validate({**model.config.model_dump(), **model_changes})
     torch.manual_seed(seed)
-    fresh = Potential(config, model.elements, model.task_names,
-                      {t: dict(zip(model.elements, model.references_ev[i].tolist()))
-                       for i, t in enumerate(model.task_names)},
-                      {t: float(s) for t, s in zip(model.task_names, model.scales_ev)})
+    fresh = Potential(config, model.elements, model.task_names, *references_and_scales(model))
     heads = {head: {k: v for k, v in meta.items() if k == "lot"} for head, meta in base.metadata["heads"].items()}
     stage = {"stage": "reinitialised", "seed": seed, **({"model_changes": model_changes} if model_changes else {})}
     return Release(fresh.eval(), release_metadata(fresh, heads, None, [stage]))
@@ -154,10 +156,7 @@ def data_scale_ev(records: list[Record]) -> float:
     forces = [r.forces_ev_a for r in records if r.forces_ev_a is not None]
     if forces:
         return float(np.sqrt(np.mean(np.concatenate(forces) ** 2)))
-    fit = ReferenceFit()
-    for rec in records:
-        fit.add(rec.z, rec.energy_ev)
-    refs, _ = fit.solve()
+    refs, _ = fit_references(records, np.zeros(len(records)))
     residual = [(r.energy_ev - reference_energy(r.z, refs)) / len(r.z) for r in records]
     return float(np.std(residual)) or 1.0
 

@@ -75,7 +75,6 @@ RECIPES = {"grid": {"updates": 3000, "stage_two": True, "ema": True, "dtype": "f
            "plain": {"updates": 2000, "stage_two": False, "ema": False, "dtype": "float32", "max_ell": 3},
            "plain_ell": {"updates": 2000, "stage_two": False, "ema": False, "dtype": "float32", "max_ell": None},
            "plain_ema": {"updates": 2000, "stage_two": False, "ema": True, "dtype": "float32", "max_ell": 3}}
-GRADIENT_UPDATES = RECIPES["grid"]["updates"]  # default budget: 300 epochs of 10 batches at n = 50 (docstring)
 NUM_VALIDATIONS = 150  # at most ~this many validations per run (module docstring)
 
 
@@ -121,8 +120,8 @@ def write_mace_extxyz(source: Path, target: Path) -> list[Atoms]:
 
 
 def max_epochs(args: argparse.Namespace, num_train: int) -> int:
-    """--max-epochs, or the epochs that make ``GRADIENT_UPDATES`` batches of min(5, n) structures (MACE's
-    training loader drops the last incomplete batch of each epoch)."""
+    """--max-epochs, or the epochs that make the recipe's gradient updates in batches of min(5, n) structures
+    (MACE's training loader drops the last incomplete batch of each epoch)."""
     if args.max_epochs is not None:
         return args.max_epochs
     return max(1, round(RECIPES[args.recipe]["updates"] / (num_train // min(5, num_train))))
