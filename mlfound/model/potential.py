@@ -57,10 +57,13 @@ class ModelConfig(BaseModel):
     product_l_max: int | None = Field(None, ge=0, le=4)
 
     @model_validator(mode="after")
-    def _product_l_max_at_least_l_max(self):
+    def _product_l_max_fits(self):
         if self.product_l_max is not None and self.product_l_max < self.l_max:
             raise ValueError(f"product_l_max {self.product_l_max} is below l_max {self.l_max}: the product basis "
                              "multiplies at least the features the layers pass on")
+        if self.product_l_max not in (None, self.l_max) and self.correlation == 1:
+            raise ValueError(f"product_l_max {self.product_l_max} needs a product basis (correlation > 1); the "
+                             "two-body trunk (correlation 1) would ignore it")
         return self
 
 

@@ -134,7 +134,7 @@ class Trunk(nn.Module):
         basis multiplies features (MACE's max_ell), while the features passed between layers stop at l_max."""
         super().__init__()
         self.embedding = nn.Embedding(num_species, channels)
-        product_l_max = l_max if product_l_max is None or correlation == 1 else product_l_max
+        product_l_max = l_max if product_l_max is None else product_l_max
         self.irreps_sh = o3.Irreps.spherical_harmonics(product_l_max)
         self.spherical_harmonics = o3.SphericalHarmonics(self.irreps_sh, normalize=True, normalization="component")
         self.radial_basis = BesselBasis(cutoff_a, num_basis)

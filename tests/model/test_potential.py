@@ -205,6 +205,12 @@ def test_product_l_max_below_l_max_is_refused_naming_both():
         ModelConfig(l_max=2, product_l_max=1)
 
 
+def test_product_l_max_without_a_product_basis_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="product_l_max 3 needs a product basis"):
+        ModelConfig(l_max=1, product_l_max=3, correlation=1)
+    assert ModelConfig(l_max=1, product_l_max=1, correlation=1).product_l_max == 1
+
+
 def test_product_l_max_widens_only_what_the_product_basis_multiplies():
     """Spherical harmonics and the product basis go to product_l_max; the features between layers stay at l_max."""
     model = make_potential(correlation=3, product_l_max=CONFIG.l_max + 1)
