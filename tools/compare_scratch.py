@@ -11,7 +11,8 @@ an E1/E2 grid come from the same structures. mlfound's start is ``--model``'s ar
 (``mlfound.finetune.reinitialised``, seeded by the subset), fine-tuned by ``finetune`` with each recipe (JSON of
 FinetuneConfig fields over its defaults); MACE runs ``tools/peers/mace_cli.py`` in .venv-mace with the named
 recipe. Each unit's result is a JSON file under --out/results, so a stopped run resumes and a table can be
-reprinted (--report). Choose recipes with --evaluate-on val; test only what was chosen.
+reprinted (--report); a result or split made from other inputs (target file, split sizes, recipe, model) is
+refused, never mixed in. Choose recipes with --evaluate-on val; test only what was chosen.
 """
 import argparse
 import concurrent.futures as cf
@@ -49,11 +50,16 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="print the table of the results on disk, run nothing")
     args = p.parse_args(argv)
     recipes = dict(parse_recipe(text) for text in args.recipes)
-    split = make_split(args)
     units = [(framework, name, n, subset) for n in args.sizes for subset in args.subsets
              for framework, names in (("mlfound", recipes), ("mace", args.mace)) for name in names]
-    if not args.report:
-        todo = [u for u in units if not result_path(args.out, u).exists()]
+    if args.report:
+        print_table(args, units)
+        return 0
+    from mlfound.data.files import FolderLock
+
+    with FolderLock(args.out, "tools/compare_scratch.py run"):  # units and split are shared files
+        split = make_split(args)
+        todo = [u for u in units if not done(args.out, u, unit_inputs(args, recipes, u))]
         print(f"{len(units) - len(todo)} of {len(units)} units on disk; running {len(todo)}", flush=True)
         with cf.ProcessPoolExecutor(args.workers) as pool:
             for unit, row in zip(todo, pool.map(run_unit, [(args, recipes, split, u) for u in todo])):
@@ -64,12 +70,15 @@ def main(argv=None) -> int:
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:
+    from mlfound.config import ConfigError
     from mlfound.finetune import FinetuneConfig
-
     from mlfound.model import ModelConfig
 
     name, _, fields = text.partition("=")
-    recipe = json.loads(fields or "{}")
+    try:
+        recipe = json.loads(fields or "{}")
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--recipes {name}: not JSON ({err}); write NAME='{{\"lr\": 0.01}}'") from None
     FinetuneConfig.model_validate({"head": "x", **{k: v for k, v in recipe.items() if k != "model"}})
     ModelConfig.model_validate({**recipe.get("model", {}), "avg_num_neighbors": 1.0})  # typos fail before training
     return name, recipe
@@ -78,13 +87,51 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 def make_split(args) -> dict[str, Path]:
     from mlfound.data.sets import load_records, split_records, write_extxyz
 
+    from mlfound.data.files import atomic_write_bytes, sha256_file
+
+    if not args.target.is_file():
+        raise FileNotFoundError(f"--target {args.target}: no such file")
+    inputs = {"target_sha256": sha256_file(args.target), "head": args.head, "test": args.test, "val": args.val}
     paths = {name: args.out / "split" / f"{name}.extxyz" for name in ("pool", "val", "test")}
+    record = args.out / "split" / "inputs.json"
+    if record.exists():
+        check_same(record, json.loads(record.read_text()), inputs)
     if not all(path.exists() for path in paths.values()):
         records = load_records(args.target, args.head)
         sizes = {"test": args.test, "val": args.val, "pool": None}
         for name, records_of_split in split_records(records, sizes, seed=0).items():
             write_extxyz(records_of_split, paths[name])
+        atomic_write_bytes(record, json.dumps(inputs, indent=1).encode())
     return paths
+
+
+def unit_inputs(args, recipes: dict, unit: tuple) -> dict:
+    """What a unit's result depends on beyond the split: the recipe, and for mlfound the start's architecture."""
+    from mlfound.data.files import sha256_file
+    from mlfound.release import resolve
+
+    framework, name, _, _ = unit
+    if framework == "mace":
+        return {"mace_recipe": name}
+    return {"recipe": recipes[name], "model_sha256": sha256_file(resolve(args.model))}
+
+
+def done(out: Path, unit: tuple, inputs: dict) -> bool:
+    """Whether ``unit``'s result is on disk, made from ``inputs``; one made from others is an error, not reused."""
+    path = result_path(out, unit)
+    if not path.exists():
+        return False
+    check_same(path, json.loads(path.read_text()).get("inputs", {}), inputs)
+    return True
+
+
+def check_same(path: Path, recorded: dict, inputs: dict) -> None:
+    from mlfound.config import ConfigError
+
+    changed = sorted(k for k in inputs if recorded.get(k) != inputs[k])
+    if changed:
+        raise ConfigError(f"{path} was made from other inputs (differing: {', '.join(changed)}); give another "
+                          "--out or recipe name, or delete it to run it again")
 
 
 def result_path(out: Path, unit: tuple) -> Path:
@@ -97,7 +144,8 @@ def run_unit(job) -> dict:
     framework, name, n, subset = unit
     tic = time.perf_counter()
     row = (mlfound_unit if framework == "mlfound" else mace_unit)(args, recipes.get(name), split, n, subset, name)
-    row = {"unit": list(unit), "seconds": time.perf_counter() - tic, **row}
+    row = {"unit": list(unit), "inputs": unit_inputs(args, recipes, unit), "seconds": time.perf_counter() - tic,
+           **row}
     from mlfound.data.files import atomic_write_bytes
 
     path = result_path(args.out, unit)
