@@ -152,10 +152,12 @@ def reinitialised(base: Release, seed: int, **model_changes) -> Release:
 
 def data_scale_ev(records: list[Record]) -> float:
     """σ from fine-tuning data as pretraining takes it from a corpus (train.build.task_scale_ev): the RMS force
-    component in eV/Å, or without forces the spread of energy per atom after a per-element reference fit."""
+    component in eV/Å, else (no forces, or all zero: relaxed structures) the spread of energy per atom after a
+    per-element reference fit, else 1 eV."""
     forces = [r.forces_ev_a for r in records if r.forces_ev_a is not None]
-    if forces:
-        return float(np.sqrt(np.mean(np.concatenate(forces) ** 2)))
+    rms_force_ev_a = float(np.sqrt(np.mean(np.concatenate(forces) ** 2))) if forces else 0.0
+    if rms_force_ev_a:
+        return rms_force_ev_a
     refs, _ = fit_references(records, np.zeros(len(records)))
     residual = [(r.energy_ev - reference_energy(r.z, refs)) / len(r.z) for r in records]
     return float(np.std(residual)) or 1.0

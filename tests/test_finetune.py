@@ -82,6 +82,8 @@ def test_a_head_scale_from_the_data_changes_no_prediction(base, splits, head):
 def test_data_scale_without_forces_is_the_residual_energy_spread(splits):
     energy_only = [dataclasses.replace(r, forces_ev_a=None) for r in splits[0]]
     assert 0 < data_scale_ev(energy_only) < data_scale_ev(splits[0])
+    relaxed = [dataclasses.replace(r, forces_ev_a=np.zeros_like(r.forces_ev_a)) for r in splits[0]]
+    assert data_scale_ev(relaxed) == data_scale_ev(energy_only)  # never a zero scale to divide the head by
 
 
 def test_a_reinitialised_start_is_the_same_architecture_with_fresh_seeded_weights(base):
