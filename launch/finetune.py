@@ -68,6 +68,8 @@ def finetune_command(argv=None) -> int:
     add_reading_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="forces from one graph torch.compile fuses: ~3x faster steps on CPU after a compile of 1-3 min")
     args = p.parse_args(argv)
 
     from mlfound.data.files import refuse_overwriting_inputs
@@ -89,7 +91,7 @@ def finetune_command(argv=None) -> int:
                          eval_every=args.eval_every, patience=args.patience or None,
                          max_atoms_per_batch=args.max_atoms, energy_weight=args.energy_weight,
                          forces_weight=args.forces_weight, stress_weight=args.stress_weight, seed=args.seed,
-                         replay=replay, device=args.device,
+                         replay=replay, device=args.device, compile_forces=args.compile,
                          check_units=not args.no_unit_check)
     start = reinitialised(load(model_path), args.seed) if args.from_scratch else load(model_path)
     result = finetune(start, train, val, cfg)

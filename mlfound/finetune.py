@@ -83,6 +83,9 @@ class FinetuneConfig(BaseModel):
     replay: ReplayConfig | None = None
     device: str = "cpu"
     check_units: bool = True  # refuse data that cannot be in eV and Å (mlfound.data.plausibility)
+    # forces from one graph torch.compile fuses (mlfound.model.compiled): ~3x faster steps on CPU, after a compile
+    # of one to three minutes; identical results to float32 rounding
+    compile_forces: bool = False
 
 
 @dataclasses.dataclass
@@ -197,7 +200,9 @@ def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: 
         heads_meta[cfg.head] = {"lot": cfg.lot, "initialised_from": source}
     if cfg.head_scale == "data":
         rescale_head(model, cfg.head, data_scale_ev(train))
+    model.compiled_forces = cfg.compile_forces
     history, best_step = _train(model, train, val, cfg, progress)
+    model.compiled_forces = False  # a runtime choice: the release's model starts eager, as a loaded one does
     heads_meta[cfg.head]["finetune_data"] = {"num_train": len(train), "num_val": len(val or []),
                                     "sources": sorted({Path(r.source).name for r in train + (val or [])})}
     stage = {"stage": "finetune", "head": cfg.head, "initialised_from": source, "best_step": best_step,

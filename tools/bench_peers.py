@@ -11,6 +11,9 @@ demo paracetamol frames, one thread each; plus one ASE force call on one molecul
 framework's own calculator (mlfound and MACE; NequIP's needs a compiled model and is left out).
 Frameworks alternate within each round and the best of the rounds' medians is kept, so machine
 noise hits every framework alike. Ratios are peer time / mlfound time: above 1, mlfound is faster.
+"mlfound-compiled" is the same model with ``compiled_forces`` (mlfound.model.compiled: the force
+derivative traced into one graph that torch.compile fuses; its compile, minutes, is not timed) and its
+inference without autograd; its ratios are the last two columns.
 
 --accuracy trains each framework from scratch on the same N demo paracetamol structures (nested
 subsets, N = 10, 50, 200 by default) with one recipe (tools/peers/common.py: fit_and_test) and tests on
@@ -29,19 +32,22 @@ from pathlib import Path
 from mlfound.errors import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKERS = {"mlfound": (".venv", "time_mlfound.py"), "nequip": (".venv-nequip", "time_nequip.py"),
-           "mace": (".venv-mace", "time_mace.py")}
+# framework -> venv, worker script, the worker's extra arguments
+WORKERS = {"mlfound": (".venv", "time_mlfound.py", ()),
+           "mlfound-compiled": (".venv", "time_mlfound.py", ("--compile",)),
+           "nequip": (".venv-nequip", "time_nequip.py", ()), "mace": (".venv-mace", "time_mace.py", ())}
 
 
 def run_worker(framework: str, l_max: int, batch: int, args, extra: tuple = ()) -> dict | None:
-    venv, script = WORKERS[framework]
+    venv, script, worker_args = WORKERS[framework]
     python = ROOT / venv / "bin" / "python"
     if not python.exists():
         return None
     cmd = [str(python), str(ROOT / "tools" / "peers" / script), "--data", str(args.data), "--batch", str(batch),
            "--l-max", str(l_max), "--channels", str(args.channels), "--layers", str(args.layers),
            "--correlation", str(args.correlation),
-           "--cutoff", str(args.cutoff), "--repeats", str(args.repeats), *map(str, extra)]
+           *(("--product-l-max", str(args.product_l_max)) if args.product_l_max is not None else ()),
+           "--cutoff", str(args.cutoff), "--repeats", str(args.repeats), *worker_args, *map(str, extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if done.returncode != 0:
@@ -57,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--correlation", type=int, default=3, help="product basis order, MACE's and mlfound's")
+    p.add_argument("--product-l-max", type=int, help="edge directions and product-basis features to this l (MACE's "
+                   "max_ell, mlfound's model.product_l_max); default: each --l-max")
     p.add_argument("--cutoff", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=10, help="timed steps per worker (median)")
     p.add_argument("--rounds", type=int, default=2)
@@ -65,7 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-train", type=int, nargs="+", default=[10, 50, 200], help="accuracy: training set sizes")
     p.add_argument("--fit-steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--frameworks", nargs="+", default=list(WORKERS), choices=list(WORKERS))
+    p.add_argument("--frameworks", nargs="+", choices=list(WORKERS),
+                   help="default: all for speed; all but mlfound-compiled (the same numbers, sooner) for --accuracy")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_peers_accuracy", help="accuracy: split files")
     p.add_argument("--evaluate-on", choices=["test", "val"], default="test",
                    help="accuracy: 'val' scores on 50 held-out structures outside every training subset and the "
@@ -73,16 +82,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.data.is_file():
         raise FileNotFoundError(f"--data {args.data}: no such file")
-    missing = [f for f, (venv, _) in WORKERS.items() if not (ROOT / venv / "bin" / "python").exists()]
+    missing = [f for f, (venv, _, _) in WORKERS.items() if not (ROOT / venv / "bin" / "python").exists()]
     if missing:
         print(f"# not set up, left out: {missing} (run bash tools/setup_peer_venvs.sh)")
     if args.accuracy:
+        args.frameworks = args.frameworks or [f for f in WORKERS if f != "mlfound-compiled"]
         return accuracy(args)
+    args.frameworks = args.frameworks or list(WORKERS)
     best: dict[tuple, dict] = {}
     for _ in range(args.rounds):
         for l_max in args.l_max:
             for batch in args.batch:
-                for framework in WORKERS:
+                for framework in args.frameworks:
                     row = run_worker(framework, l_max, batch, args)
                     if row is None:
                         continue
@@ -91,21 +102,23 @@ def main(argv=None) -> int:
                     best[key] = row if old is None else {
                         **row, **{k: min(row[k], old[k]) for k in ("train_ms", "infer_ms", "calculator_ms")
                                   if row[k] is not None}}
-    print(f"# {args.channels} channels, {args.layers} layers, {args.cutoff} Å cutoff, float32, 1 thread; "
+    print(f"# {args.channels} channels, {args.layers} layers, correlation {args.correlation}, product l_max "
+          f"{args.product_l_max or 'l_max'}, {args.cutoff} Å cutoff, float32, 1 thread; "
           f"best of {args.rounds} rounds of median-of-{args.repeats}")
-    print(f"{'l_max':>5}{'batch':>6}{'atoms':>6}{'framework':>10}{'params':>8}{'train ms':>10}{'atoms/s':>9}"
-          f"{'infer ms':>10}{'ASE ms':>8}{'peer/mlfound train':>20}{'infer':>7}")
+    print(f"{'l_max':>5}{'batch':>6}{'atoms':>6}{'framework':>17}{'params':>8}{'train ms':>10}{'atoms/s':>9}"
+          f"{'infer ms':>10}{'ASE ms':>8}{'peer/mlfound train':>20}{'infer':>7}{'peer/compiled train':>21}{'infer':>7}")
     for l_max in args.l_max:
         for batch in args.batch:
-            ours = best.get((l_max, batch, "mlfound"))
-            for framework in WORKERS:
+            for framework in args.frameworks:
                 r = best.get((l_max, batch, framework))
                 if r is None:
                     continue
                 calc = f"{r['calculator_ms']:.1f}" if r["calculator_ms"] is not None else "-"
-                ratios = (f"{r['train_ms'] / ours['train_ms']:>20.2f}{r['infer_ms'] / ours['infer_ms']:>7.2f}"
-                          if ours and framework != "mlfound" else f"{'':>27}")
-                print(f"{l_max:>5}{batch:>6}{r['atoms']:>6}{framework:>10}{r['params']:>8,}{r['train_ms']:>10.1f}"
+                ratios = ""
+                for ours, width in ((best.get((l_max, batch, "mlfound")), 20), (best.get((l_max, batch, "mlfound-compiled")), 21)):
+                    ratios += (f"{r['train_ms'] / ours['train_ms']:>{width}.2f}{r['infer_ms'] / ours['infer_ms']:>7.2f}"
+                               if ours and not framework.startswith("mlfound") else f"{'':>{width + 7}}")
+                print(f"{l_max:>5}{batch:>6}{r['atoms']:>6}{framework:>17}{r['params']:>8,}{r['train_ms']:>10.1f}"
                       f"{1e3 * r['atoms'] / r['train_ms']:>9.0f}{r['infer_ms']:>10.1f}{calc:>8}{ratios}")
     if args.json:
         args.json.write_text(json.dumps([{"l_max": k[0], "batch": k[1], **v} for k, v in best.items()], indent=1))

@@ -6,6 +6,8 @@ graph is then identical on every rank, which ZeRO-1/2 needs (platform-notes.md, 
 import torch
 from torch import nn
 
+from mlfound.model.ops import one_hot
+
 
 class TaskHeads(nn.Module):
     def __init__(self, task_names: list[str], channels: int, hidden: int):
@@ -18,5 +20,5 @@ class TaskHeads(nn.Module):
     def forward(self, features_NC: torch.Tensor, task_index_N: torch.Tensor) -> torch.Tensor:
         """(N, C) invariant features, (N,) task positions -> (N,) per-atom outputs of each atom's head."""
         outputs_TN = torch.stack([self.heads[name](features_NC).squeeze(-1) for name in self.task_names])
-        mask_TN = nn.functional.one_hot(task_index_N, len(self.task_names)).T.to(outputs_TN.dtype)
+        mask_TN = one_hot(task_index_N, len(self.task_names), outputs_TN.dtype).T
         return (outputs_TN * mask_TN).sum(0)

@@ -14,15 +14,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from mlfound.model import compiled
 from mlfound.model.heads import TaskHeads
+from mlfound.model.ops import COMPILED_CONSTANT
 from mlfound.model.trunk import Trunk
 
 NUM_Z = 119
-# e3nn compiles each tensor product into a torch.fx GraphModule whose constants (Clebsch-Gordan blocks for l >= 2
-# paths) are plain attributes, but a deepcopy (ema-pytorch's, fine-tuning's) registers them as buffers: they are
-# rebuilt from the architecture, so state dicts neither write nor expect them (else a copied model's release would
-# not load into a fresh one)
-COMPILED_CONSTANT = "._compiled_main_"
 
 
 def _drop_compiled_constants(module, state_dict, prefix, local_metadata) -> None:
@@ -90,6 +87,9 @@ class Potential(nn.Module):
                            config.scalar_last_layer, config.correlation, config.product_messages_all_l,
                            config.product_l_max)
         self.heads = TaskHeads(task_names, config.channels, config.head_hidden)
+        # forces (and stress) from one traced graph that torch.compile fuses (mlfound.model.compiled): a runtime
+        # choice, not part of the architecture or the release; batches without edges stay eager
+        self.compiled_forces = False
         self.register_state_dict_post_hook(_drop_compiled_constants)
         self.register_load_state_dict_post_hook(_ignore_compiled_constants)
 
@@ -125,6 +125,20 @@ class Potential(nn.Module):
             self.check_elements(z_N.tolist())
         return species_N
 
+    def _energy_and_gradients(self, batch, pos_N3, compute_forces, compute_stress, training):
+        """Eager autograd: the energy and its gradients wrt positions and strain (those asked for)."""
+        wrt = []
+        if compute_forces:
+            pos_N3 = pos_N3.detach().requires_grad_(True)
+            wrt.append(pos_N3)
+        strain_G33 = None
+        if compute_stress:
+            strain_G33 = torch.zeros((batch.num_graphs, 3, 3), dtype=pos_N3.dtype, device=pos_N3.device,
+                                     requires_grad=True)
+            wrt.append(strain_G33)
+        energy_G = self.energy(batch, pos_N3, strain_G33)
+        return energy_G, list(torch.autograd.grad(energy_G.sum(), wrt, create_graph=training)) if wrt else []
+
     def energy(self, batch, pos_N3: torch.Tensor, strain_G33: torch.Tensor | None = None) -> torch.Tensor:
         """(G,) float64 total energies in eV; ``pos_N3`` (and ``strain_G33``, symmetrised here) are passed
         separately so forces (and stress) can differentiate them."""
@@ -152,19 +166,14 @@ class Potential(nn.Module):
         for, from one backward pass. A graph without a 3-D cell (``batch.volume_a3`` 0) has NaN stress."""
         # geometry in at least float32 even when the weights are bf16: bf16 positions would be off by ~0.02 Å
         pos_N3 = batch.pos_a.to(torch.promote_types(next(self.parameters()).dtype, torch.float32))
-        wrt = []
-        if compute_forces:
-            pos_N3 = pos_N3.detach().requires_grad_(True)
-            wrt.append(pos_N3)
-        strain_G33 = None
-        if compute_stress:
-            strain_G33 = torch.zeros((batch.num_graphs, 3, 3), dtype=pos_N3.dtype, device=pos_N3.device,
-                                     requires_grad=True)
-            wrt.append(strain_G33)
-        energy_G = self.energy(batch, pos_N3, strain_G33)
-        if not wrt:
+        if self.compiled_forces and compute_forces and batch.edge_index.shape[1] > 0:
+            # in the caller's grad mode: an evaluation during training reuses the training graph, not another compile
+            energy_G, *grads = compiled.energy_and_gradients(self, batch, pos_N3, compute_stress)
+            grads = grads if training else [g.detach() for g in grads]  # as eager autograd without create_graph
+        else:
+            energy_G, grads = self._energy_and_gradients(batch, pos_N3, compute_forces, compute_stress, training)
+        if not grads:
             return energy_G, None, None
-        grads = list(torch.autograd.grad(energy_G.sum(), wrt, create_graph=training))
         forces_N3 = -grads.pop(0) if compute_forces else None
         stress_G33 = None
         if compute_stress:

@@ -14,6 +14,7 @@ from e3nn import o3
 from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
 
+from mlfound.model.ops import one_hot
 from mlfound.model.radial import BesselBasis
 
 # Initial scale of the product basis's element weights: small, so training starts near the two-body model and
@@ -119,7 +120,7 @@ class Interaction(nn.Module):
         if not hasattr(self, "product_basis"):
             return self.gate(self.linear(aggregated_NM)) + self.self_connection(h_NI)
         basis_NI = self.product_basis(self.to_a(aggregated_NM), species_N)
-        species_NS = nn.functional.one_hot(species_N, self.num_species).to(h_NI.dtype)
+        species_NS = one_hot(species_N, self.num_species, h_NI.dtype)
         return self.gate(self.linear(basis_NI)) + self.self_connection(h_NI, species_NS)
 
 

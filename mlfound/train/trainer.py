@@ -77,6 +77,7 @@ class Trainer:
             cfg = self._config_to_resume(cfg)
         self.cfg, self.manifests = cfg, {task: manifests[task] for task in cfg.data.tasks}
         model = build_potential(cfg, self.manifests)
+        model.compiled_forces = cfg.train.compile_forces
         self.work = copy.deepcopy(model)  # the plain per-rank inner copy: no DeepSpeed hooks
         self.engine = build_engine(cfg, model)
         self.device = self.engine.device  # CPU, or this rank's GPU

@@ -15,6 +15,8 @@ def parse_args():
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--correlation", type=int, default=3, help="body order - 1 of the product basis (MACE, mlfound)")
+    p.add_argument("--product-l-max", type=int, help="l of the edge directions and product-basis features (MACE's "
+                   "max_ell, mlfound's model.product_l_max; NequIP has none); default: --l-max")
     p.add_argument("--cutoff", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
@@ -23,6 +25,8 @@ def parse_args():
     p.add_argument("--fit-steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-2, help="accuracy mode: Adam lr, cosine decay to 1%%")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="mlfound: forces from its compiled graph "
+                   "(mlfound.model.compiled); inference then runs without autograd")
     return p.parse_args()
 
 

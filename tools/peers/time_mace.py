@@ -2,7 +2,7 @@
 (mace-torch 0.3.16, e3nn 0.4.4).
 
 Same molecules and step as time_mlfound.py: MACE with hidden irreps Cx0e + Cx1o (+ Cx2e) up to
-l_max, spherical harmonics to l_max, ``correlation``, ``layers`` interactions, Bessel radial basis.
+l_max, spherical harmonics to --product-l-max (its max_ell; default l_max), ``correlation``, ``layers`` interactions, Bessel radial basis.
 """
 import os
 import sys
@@ -26,7 +26,7 @@ ELEMENTS = [1, 6, 7, 8]
 def build_model(args) -> torch.nn.Module:
     irreps = " + ".join(f"{args.channels}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(args.l_max + 1))
     return modules.MACE(
-        r_max=args.cutoff, num_bessel=8, num_polynomial_cutoff=5, max_ell=args.l_max,
+        r_max=args.cutoff, num_bessel=8, num_polynomial_cutoff=5, max_ell=args.product_l_max or args.l_max,
         interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
         interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
         num_interactions=args.layers, num_elements=len(ELEMENTS), hidden_irreps=o3.Irreps(irreps),

@@ -26,6 +26,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     config = ModelConfig(channels=args.channels, l_max=args.l_max, num_layers=args.layers, cutoff_a=args.cutoff,
                          num_basis=8, radial_hidden=64, head_hidden=args.channels, correlation=args.correlation,
+                         product_l_max=args.product_l_max,
                          avg_num_neighbors=10.0)
     model = Potential(config, [1, 6, 7, 8], ["target"], {"target": {1: 0.0, 6: 0.0, 7: 0.0, 8: 0.0}}, {"target": 1.0})
 
@@ -34,14 +35,18 @@ def main() -> None:
                           forces_ev_a=a.get_forces(), task="target") for a in frames]
         return collate(records, args.cutoff, ["target"])
 
+    model.compiled_forces = args.compile
+
     def forward(batch, training: bool):
-        return model(batch, compute_forces=True, training=training)
+        # the compiled graph computes forces as explicit operations: inference needs no autograd
+        with torch.set_grad_enabled(training or not args.compile):
+            return model(batch, compute_forces=True, training=training)
 
     if args.fit_train:
         return fit_and_test("mlfound", model, make_inputs, forward, args)
     frames = read_frames(args.data, args.batch)
     batch = make_inputs(frames)
-    report("mlfound", model, forward, batch, frames, int(len(batch.z)), int(batch.edge_index.shape[1]),
+    report("mlfound-compiled" if args.compile else "mlfound", model, forward, batch, frames, int(len(batch.z)), int(batch.edge_index.shape[1]),
            calculator_ms(frames[0], mlfound_calculator(model), args.repeats), args.repeats)
 
 
