@@ -1,5 +1,6 @@
 """``mlfound deploy``: a TorchScript file of one head predicts what the release predicts (energy, forces,
 stress), in float64 and float32, and runs in a process that never imports mlfound."""
+import copy
 import json
 import subprocess
 import sys
@@ -31,7 +32,7 @@ np.savez(sys.argv[3], energy=energy.numpy(), forces=forces.numpy(), stress=stres
 
 def structures(paracetamol):
     """Two molecules, and the first of them in a tilted periodic box (images within the cutoff)."""
-    crystal = paracetamol[2]
+    crystal = copy.copy(paracetamol[2])  # a copy: the session's records are shared with other test files
     crystal.cell_a = np.array([[8.0, 0.0, 0.0], [1.5, 9.0, 0.0], [-1.0, 0.8, 7.5]])
     crystal.pbc = np.ones(3, bool)
     return [paracetamol[0], paracetamol[1], crystal]
