@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         return 0
     from mlfound.data.files import FolderLock
 
+    check_model_changes(args.model, recipes)
     with FolderLock(args.out, "tools/compare_scratch.py run"):  # units and split are shared files
         split = make_split(args)
         todo = [u for u in units if not done(args.out, u, unit_inputs(args, recipes, u))]
@@ -80,8 +81,25 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     except json.JSONDecodeError as err:
         raise ConfigError(f"--recipes {name}: not JSON ({err}); write NAME='{{\"lr\": 0.01}}'") from None
     FinetuneConfig.model_validate({"head": "x", **{k: v for k, v in recipe.items() if k != "model"}})
-    ModelConfig.model_validate({**recipe.get("model", {}), "avg_num_neighbors": 1.0})  # typos fail before training
+    unknown = sorted(set(recipe.get("model", {})) - set(ModelConfig.model_fields))
+    if unknown:  # typos fail here; the values are checked against --model's own config in check_model_changes
+        raise ConfigError(f"--recipes {name}: model has no field {unknown}; it has {sorted(ModelConfig.model_fields)}")
     return name, recipe
+
+
+def check_model_changes(model_path, recipes: dict[str, dict]) -> None:
+    """Each recipe's model changes over ``--model``'s architecture (not ModelConfig's defaults, which a release
+    need not share) make a valid model: a bad combination fails before the first unit, naming the recipe."""
+    from mlfound.config import ConfigError, describe
+    from mlfound.release import load, resolve
+    from pydantic import ValidationError
+
+    config = load(resolve(model_path)).model.config
+    for name, recipe in recipes.items():
+        try:
+            config.model_validate({**config.model_dump(), **recipe.get("model", {})})
+        except ValidationError as err:
+            raise ConfigError(f"--recipes {name}: over --model {model_path}: {describe(err)}") from None
 
 
 def make_split(args) -> dict[str, Path]:

@@ -42,3 +42,20 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
     with FolderLock(tmp_path, "a comparison already running"):
         second = compare(tmp_path)
     assert second.returncode == 2 and "a comparison already running" in second.stderr
+
+
+def test_model_changes_are_checked_against_the_release_architecture_not_model_config_defaults(tmp_path):
+    """The default release has a product basis (correlation 3) that ModelConfig's defaults lack: product_l_max over
+    it is valid; below its l_max, or a field that does not exist, is one line naming the recipe."""
+    below = compare(tmp_path, "--sizes", "10", "--recipes", 'low={"model": {"product_l_max": 0}}')
+    assert below.returncode == 2 and below.stderr.startswith("error: --recipes low: over --model default:")
+    assert "product_l_max 0 is below l_max 1" in below.stderr
+    typo = compare(tmp_path, "--recipes", 'typo={"model": {"chanels": 32}}')
+    assert typo.returncode == 2 and typo.stderr.startswith("error: --recipes typo: model has no field ['chanels']")
+    result = tmp_path / "results" / "mlfound_plm3_n10_sub0.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    made = {"recipe": {"model": {"product_l_max": 3}}, "model_sha256": sha256_file(resolve("default"))}
+    errors = {"forces_mae_mev_a": 100.0, "energy_mae_mev_atom": 2.0}
+    result.write_text(json.dumps({"unit": ["mlfound", "plm3", 10, 0], "inputs": made, "val": errors, "test": errors}))
+    valid = compare(tmp_path, "--recipes", 'plm3={"model": {"product_l_max": 3}}')
+    assert valid.returncode == 0 and "1 of 1 units on disk; running 0" in valid.stdout, valid.stderr
