@@ -15,12 +15,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The error types that mean "the input or the environment is wrong" (imported when one is raised)."""
     from mlfound.config import ConfigError
     from mlfound.data import DataError
+    from mlfound.model.compiled import CompiledGraphError
     from mlfound.model_card import CardError
     from mlfound.release import ReleaseError
     from mlfound.train.guards import TrainingError
 
     # OSError: missing files, full disks (DiskFullError), folders in use (FolderInUseError), permissions
-    return ConfigError, DataError, ReleaseError, CardError, TrainingError, OSError
+    return ConfigError, DataError, ReleaseError, CardError, TrainingError, CompiledGraphError, OSError
 
 
 def run_main(main: Callable[..., int | None], argv: list[str] | None = None) -> int:

@@ -67,6 +67,10 @@ def _species_given(potential):
         del potential.species
 
 
+class CompiledGraphError(RuntimeError):
+    """The compiled graph does not reproduce eager autograd: the run stops before a step uses it."""
+
+
 _GRAPHS: dict[tuple, object] = {}  # architecture and call signature -> compiled graph
 
 
@@ -134,6 +138,7 @@ def _check_against_eager(wrapper, compiled, inputs, state):
         scale = b.detach().abs().max().clamp_min(1e-12)
         error = ((a.detach() - b.detach()).abs().max() / scale).item()
         if not error <= CHECK_RTOL.get(inputs[0].dtype, 1e-4):
-            raise RuntimeError(f"the compiled force graph's {name} differs from eager autograd's by {error:.2e} of "
-                               "its largest value on the first batch; run without compiled forces (and report "
-                               "this with the torch version)")
+            raise CompiledGraphError(
+                f"the compiled force graph's {name} differs from eager autograd's by {error:.2e} of its largest value "
+                "on the first batch; run without compiled forces (train.compile_forces, --compile) and report this "
+                "with the torch version")
