@@ -84,7 +84,7 @@ class FinetuneConfig(BaseModel):
     device: str = "cpu"
     check_units: bool = True  # refuse data that cannot be in eV and Å (mlfound.data.plausibility)
     # forces from one graph torch.compile fuses (mlfound.model.compiled): ~3x faster steps on CPU, after a compile
-    # of one to three minutes; identical results to float32 rounding
+    # of 0.5-3.5 minutes; the same results to float32 rounding
     compile_forces: bool = False
 
 

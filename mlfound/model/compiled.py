@@ -11,7 +11,6 @@ copy, an EMA, a fine-tuning copy) and its updated weights share one compiled gra
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -28,8 +27,8 @@ CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 @dataclasses.dataclass
 class GraphTensors:
-    """The batch fields ``Potential.energy`` reads, each a tensor (``num_graphs`` from ``task_index``'s size)."""
-    z: torch.Tensor  # here already species indices: the unknown-element check runs on the host first
+    """The batch fields ``Potential.energy`` reads besides the species, each a tensor (``num_graphs`` from
+    ``task_index``'s size)."""
     edge_index: torch.Tensor
     edge_shift_a: torch.Tensor
     graph_index: torch.Tensor
@@ -41,30 +40,19 @@ class GraphTensors:
 
 
 class _EnergyAndGradients(nn.Module):
-    """What is traced: (energy (G,), [dE/dpos (N, 3)], [dE/dstrain (G, 3, 3)]) as a function of tensors only."""
+    """What is traced: (energy (G,), dE/dpos (N, 3)[, dE/dstrain (G, 3, 3)]) as a function of tensors only."""
 
     def __init__(self, potential: nn.Module):
         super().__init__()
         self.potential = potential
 
     def forward(self, pos_N3, species_N, edge_index_2E, edge_shift_E3, graph_index_N, task_index_G, strain_G33):
-        batch = GraphTensors(species_N, edge_index_2E, edge_shift_E3, graph_index_N, task_index_G)
+        batch = GraphTensors(edge_index_2E, edge_shift_E3, graph_index_N, task_index_G)
         wrt = [pos_N3.requires_grad_(True)]
         if strain_G33 is not None:
             wrt.append(strain_G33.requires_grad_(True))
-        with _species_given(self.potential):
-            energy_G = self.potential.energy(batch, pos_N3, strain_G33)
+        energy_G = self.potential.energy(batch, pos_N3, strain_G33, species_N)
         return (energy_G, *torch.autograd.grad(energy_G.sum(), wrt, create_graph=True))
-
-
-@contextlib.contextmanager
-def _species_given(potential):
-    """``Potential.energy`` maps atomic numbers to species; the traced graph is handed species already."""
-    potential.species = lambda species_N: species_N
-    try:
-        yield
-    finally:
-        del potential.species
 
 
 class CompiledGraphError(RuntimeError):

@@ -139,10 +139,12 @@ class Potential(nn.Module):
         energy_G = self.energy(batch, pos_N3, strain_G33)
         return energy_G, list(torch.autograd.grad(energy_G.sum(), wrt, create_graph=training)) if wrt else []
 
-    def energy(self, batch, pos_N3: torch.Tensor, strain_G33: torch.Tensor | None = None) -> torch.Tensor:
+    def energy(self, batch, pos_N3: torch.Tensor, strain_G33: torch.Tensor | None = None,
+               species_N: torch.Tensor | None = None) -> torch.Tensor:
         """(G,) float64 total energies in eV; ``pos_N3`` (and ``strain_G33``, symmetrised here) are passed
-        separately so forces (and stress) can differentiate them."""
-        species_N = self.species(batch.z)
+        separately so forces (and stress) can differentiate them. ``species_N``: the species of ``batch.z`` when
+        the caller has them (the compiled graph, which cannot read the unknown-element check on the host)."""
+        species_N = self.species(batch.z) if species_N is None else species_N
         sender, receiver = batch.edge_index
         vectors_E3 = pos_N3[receiver] - pos_N3[sender] + batch.edge_shift_a.to(pos_N3.dtype)
         if strain_G33 is not None:
