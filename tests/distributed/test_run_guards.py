@@ -228,3 +228,17 @@ def test_all_finite_sees_one_nan_or_inf_anywhere():
     for bad in (float("nan"), float("inf"), -float("inf")):
         assert not all_finite([*finite, torch.tensor([1.0, bad])]).item()
     assert not all_finite([torch.tensor([float("inf"), -float("inf")])]).item()
+
+
+def test_compiled_forces_may_change_on_resume_and_a_checkpoint_from_before_it_resumes():
+    """A runtime choice, not what the run was trained as: toggling it is logged, and a checkpoint whose config
+    predates the key (another version) resumes instead of stopping."""
+    from mlfound.config import RunConfig
+    from mlfound.train.guards import resume_changes
+
+    current = RunConfig.model_validate({"run_dir": "r", "data": {"shard_root": "s", "tasks": ["a"]},
+                                        "train": {"compile_forces": True}}).model_dump(mode="json")
+    saved = {**current, "train": {k: v for k, v in current["train"].items() if k != "compile_forces"}}
+    assert resume_changes(saved, current, "step_1") == ["train.compile_forces (unset) -> True"]
+    toggled = {**current, "train": {**current["train"], "compile_forces": False}}
+    assert resume_changes(toggled, current, "step_1") == ["train.compile_forces False -> True"]
