@@ -1,18 +1,20 @@
-"""mlfound from scratch (and MACE from scratch) on a fine-tuning target, recipe by recipe: the parity check that
-must hold before a pretrained start can be judged.
+"""mlfound from scratch, the release fine-tuned and MACE from scratch on a fine-tuning target, recipe by recipe: the
+parity check that must hold before a pretrained start can be judged, and the gap the pretrained start closes.
 
     python tools/compare_scratch.py --target data/demo/hf_631g.extxyz --head hf_631g --out runs/scratch/paracetamol \\
         --recipes default='{}' forces100='{"energy_weight": 1, "forces_weight": 100}' --evaluate-on val
-    python tools/compare_scratch.py ... --mace plain --evaluate-on test    # the chosen recipes against MACE, on test
+    python tools/compare_scratch.py ... --finetune default='{}' --mace plain    # the release itself, and MACE
+    python tools/compare_scratch.py ... --evaluate-on test    # the recipes chosen on val, now on test
 
 The target is split as the paper experiment splits it (``split_records(..., {test, val, pool: rest}, seed=0)``)
 and every size N draws the experiment's nested-by-seed subsets (``train_subset``), so a number here and one in
 an E1/E2 grid come from the same structures. mlfound's start is ``--model``'s architecture with fresh weights
 (``mlfound.finetune.reinitialised``, seeded by the subset), fine-tuned by ``finetune`` with each recipe (JSON of
-FinetuneConfig fields over its defaults); MACE runs ``tools/peers/mace_cli.py`` in .venv-mace with the named
-recipe. Each unit's result is a JSON file under --out/results, so a stopped run resumes and a table can be
-reprinted (--report); a result or split made from other inputs (target file, split sizes, recipe, model) is
-refused, never mixed in. Choose recipes with --evaluate-on val; test only what was chosen.
+FinetuneConfig fields over its defaults); --finetune recipes fine-tune ``--model``'s own weights (framework
+"release"); MACE runs ``tools/peers/mace_cli.py`` in .venv-mace with the named recipe. Each unit's result is a
+JSON file under --out/results, so a stopped run resumes and a table can be reprinted (--report); a result or split
+made from other inputs (target file, split sizes, recipe, FinetuneConfig's defaults, model) is refused, never mixed
+in. Choose recipes with --evaluate-on val; test only what was chosen.
 """
 import argparse
 import concurrent.futures as cf
@@ -43,21 +45,24 @@ def main(argv=None) -> int:
     p.add_argument("--subsets", type=int, nargs="+", default=[0, 1])
     p.add_argument("--test", type=int, default=50)
     p.add_argument("--val", type=int, default=25)
-    p.add_argument("--recipes", nargs="*", default=[], metavar="NAME=JSON", help="mlfound recipes")
+    p.add_argument("--recipes", nargs="*", default=[], metavar="NAME=JSON", help="mlfound recipes, from scratch")
+    p.add_argument("--finetune", nargs="*", default=[], metavar="NAME=JSON",
+                   help="mlfound recipes fine-tuning --model's own weights (no model changes)")
     p.add_argument("--mace", nargs="*", default=[], metavar="RECIPE", help="MACE recipes of tools/peers/mace_cli.py")
     p.add_argument("--evaluate-on", choices=["val", "test"], default="val")
     p.add_argument("--workers", type=int, default=1, help="units in parallel, one core each")
     p.add_argument("--report", action="store_true", help="print the table of the results on disk, run nothing")
     args = p.parse_args(argv)
-    recipes = dict(parse_recipe(text) for text in args.recipes)
+    recipes = {"mlfound": dict(parse_recipe("--recipes", text) for text in args.recipes),
+               "release": dict(parse_recipe("--finetune", text) for text in args.finetune)}
     units = [(framework, name, n, subset) for n in args.sizes for subset in args.subsets
-             for framework, names in (("mlfound", recipes), ("mace", args.mace)) for name in names]
+             for framework, names in (*recipes.items(), ("mace", args.mace)) for name in names]
     if args.report:
         print_table(args, units)
         return 0
     from mlfound.data.files import FolderLock
 
-    check_model_changes(args.model, recipes)
+    check_model_changes(args.model, recipes["mlfound"])
     with FolderLock(args.out, "tools/compare_scratch.py run"):  # units and split are shared files
         split = make_split(args)
         todo = [u for u in units if not done(args.out, u, unit_inputs(args, recipes, u))]
@@ -70,7 +75,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def parse_recipe(text: str) -> tuple[str, dict]:
+def parse_recipe(option: str, text: str) -> tuple[str, dict]:
     from mlfound.config import ConfigError
     from mlfound.finetune import FinetuneConfig
     from mlfound.model import ModelConfig
@@ -79,11 +84,14 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     try:
         recipe = json.loads(fields or "{}")
     except json.JSONDecodeError as err:
-        raise ConfigError(f"--recipes {name}: not JSON ({err}); write NAME='{{\"lr\": 0.01}}'") from None
+        raise ConfigError(f"{option} {name}: not JSON ({err}); write NAME='{{\"lr\": 0.01}}'") from None
     FinetuneConfig.model_validate({"head": "x", **{k: v for k, v in recipe.items() if k != "model"}})
+    if option == "--finetune" and "model" in recipe:
+        raise ConfigError(f"--finetune {name}: a fine-tuned release keeps its architecture; model changes belong "
+                          "in --recipes (from scratch)")
     unknown = sorted(set(recipe.get("model", {})) - set(ModelConfig.model_fields))
     if unknown:  # typos fail here; the values are checked against --model's own config in check_model_changes
-        raise ConfigError(f"--recipes {name}: model has no field {unknown}; it has {sorted(ModelConfig.model_fields)}")
+        raise ConfigError(f"{option} {name}: model has no field {unknown}; it has {sorted(ModelConfig.model_fields)}")
     return name, recipe
 
 
@@ -124,14 +132,19 @@ def make_split(args) -> dict[str, Path]:
 
 
 def unit_inputs(args, recipes: dict, unit: tuple) -> dict:
-    """What a unit's result depends on beyond the split: the recipe, and for mlfound the start's architecture."""
+    """What a unit's result depends on beyond the split: the recipe, and for mlfound the FinetuneConfig it resolves
+    to (so a result made under other defaults is refused, not reused under the recipe's name) and the start."""
     from mlfound.data.files import sha256_file
+    from mlfound.finetune import FinetuneConfig
     from mlfound.release import resolve
 
     framework, name, _, _ = unit
     if framework == "mace":
         return {"mace_recipe": name}
-    return {"recipe": recipes[name], "model_sha256": sha256_file(resolve(args.model))}
+    recipe = recipes[framework][name]
+    config = FinetuneConfig(head=args.head, **{k: v for k, v in recipe.items() if k != "model"})
+    return {"recipe": recipe, "finetune_config": config.model_dump(exclude={"seed"}),
+            "model_sha256": sha256_file(resolve(args.model))}
 
 
 def done(out: Path, unit: tuple, inputs: dict) -> bool:
@@ -161,7 +174,10 @@ def run_unit(job) -> dict:
     args, recipes, split, unit = job
     framework, name, n, subset = unit
     tic = time.perf_counter()
-    row = (mlfound_unit if framework == "mlfound" else mace_unit)(args, recipes.get(name), split, n, subset, name)
+    if framework == "mace":
+        row = mace_unit(args, split, n, subset, name)
+    else:
+        row = mlfound_unit(args, recipes[framework][name], split, n, subset, from_scratch=framework == "mlfound")
     row = {"unit": list(unit), "inputs": unit_inputs(args, recipes, unit), "seconds": time.perf_counter() - tic,
            **row}
     from mlfound.data.files import atomic_write_bytes
@@ -179,7 +195,7 @@ def train_records(split: dict[str, Path], head: str, n: int, subset: int) -> lis
     return train_subset(load_records(split["pool"], head), n, subset)
 
 
-def mlfound_unit(args, recipe: dict, split: dict[str, Path], n: int, subset: int, name: str) -> dict:
+def mlfound_unit(args, recipe: dict, split: dict[str, Path], n: int, subset: int, from_scratch: bool) -> dict:
     import torch
 
     from mlfound.data.sets import load_records
@@ -191,13 +207,14 @@ def mlfound_unit(args, recipe: dict, split: dict[str, Path], n: int, subset: int
     train = train_records(split, args.head, n, subset)
     val, test = (load_records(split[k], args.head) for k in ("val", "test"))
     recipe = dict(recipe)
-    start = reinitialised(load(resolve(args.model)), subset, **recipe.pop("model", {}))
+    release = load(resolve(args.model))
+    start = reinitialised(release, subset, **recipe.pop("model", {})) if from_scratch else release
     result = finetune(start, train, val, FinetuneConfig(head=args.head, seed=subset, **recipe), progress=False)
     return {"best_step": result.best_step, "val": evaluate(result.release, val, args.head),
             "test": evaluate(result.release, test, args.head)}
 
 
-def mace_unit(args, _, split: dict[str, Path], n: int, subset: int, name: str) -> dict:
+def mace_unit(args, split: dict[str, Path], n: int, subset: int, name: str) -> dict:
     from mlfound.data.sets import write_extxyz
 
     work = args.out / "mace" / f"{name}_n{n}_sub{subset}"
@@ -219,8 +236,9 @@ def mace_unit(args, _, split: dict[str, Path], n: int, subset: int, name: str) -
 def print_table(args, units: list[tuple]) -> None:
     """Mean ± std over subsets of the --evaluate-on force and energy MAE, one row per framework and recipe."""
     rows = {u: json.loads(result_path(args.out, u).read_text()) for u in units if result_path(args.out, u).exists()}
-    print(f"# {args.target} ({args.head}): from scratch, {args.evaluate_on} errors (split test {args.test}, "
-          f"val {args.val}, seed 0), mean ± std over subsets {args.subsets}; F MAE meV/Å, E MAE meV/atom")
+    print(f"# {args.target} ({args.head}): mlfound and mace from scratch, release fine-tuned; {args.evaluate_on} "
+          f"errors (split test {args.test}, val {args.val}, seed 0), mean ± std over subsets {args.subsets}; "
+          "F MAE meV/Å, E MAE meV/atom")
     names = list(dict.fromkeys((u[0], u[1]) for u in units))
     print(f"{'framework':<10}{'recipe':<22}" + "".join(f"{'N=' + str(n) + ' F':>14}{'E':>6}" for n in args.sizes))
     for framework, name in names:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlfound.data.files import FolderLock, sha256_file
+from mlfound.finetune import FinetuneConfig
 from mlfound.release import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,21 +22,47 @@ def compare(out: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+def write_result(out: Path, unit: tuple, recipe: dict, **config_changes) -> None:
+    """A unit's result as the tool writes it, made from ``recipe`` under FinetuneConfig's defaults (changed by
+    ``config_changes``: a result from before a default changed)."""
+    fields = {**{k: v for k, v in recipe.items() if k != "model"}, **config_changes}
+    made = {"recipe": recipe, "finetune_config": FinetuneConfig(head="hf_631g", **fields).model_dump(exclude={"seed"}),
+            "model_sha256": sha256_file(resolve("default"))}
+    errors = {"forces_mae_mev_a": 100.0, "energy_mae_mev_atom": 2.0}
+    framework, name, n, subset = unit
+    path = out / "results" / f"{framework}_{name}_n{n}_sub{subset}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"unit": list(unit), "inputs": made, "val": errors, "test": errors}))
+
+
 def test_a_split_or_result_from_other_inputs_is_refused_and_a_matching_one_reused(tmp_path):
     assert compare(tmp_path).returncode == 0  # no units: the split alone
     other_split = compare(tmp_path, "--test", "40")
     assert other_split.returncode == 2 and "split/inputs.json was made from other inputs (differing: test)" in \
         other_split.stderr
-    result = tmp_path / "results" / "mlfound_a_n10_sub0.json"
-    result.parent.mkdir()
-    made = {"recipe": {"lr": 0.02}, "model_sha256": sha256_file(resolve("default"))}
-    errors = {"forces_mae_mev_a": 100.0, "energy_mae_mev_atom": 2.0}
-    result.write_text(json.dumps({"unit": ["mlfound", "a", 10, 0], "inputs": made, "val": errors, "test": errors}))
+    write_result(tmp_path, ("mlfound", "a", 10, 0), {"lr": 0.02})
     reused = compare(tmp_path, "--recipes", 'a={"lr": 0.02}')
     assert reused.returncode == 0 and "1 of 1 units on disk; running 0" in reused.stdout
     changed = compare(tmp_path, "--recipes", 'a={"lr": 0.01}')
-    assert changed.returncode == 2 and "(differing: recipe)" in changed.stderr
+    assert changed.returncode == 2 and "(differing: finetune_config, recipe)" in changed.stderr
     assert compare(tmp_path, "--recipes", "a={lr}").stderr.startswith("error: --recipes a: not JSON")
+
+
+def test_a_result_made_under_other_finetune_defaults_is_refused_and_the_release_is_fine_tuned_as_is(tmp_path):
+    """A recipe names changes over FinetuneConfig's defaults, so a result made before a default changed would
+    otherwise be reused under the same name; --finetune recipes start from the release and cannot change its
+    architecture."""
+    write_result(tmp_path, ("release", "default", 10, 0), {}, energy_weight=1.0)
+    stale = compare(tmp_path, "--finetune", "default={}")
+    assert stale.returncode == 2 and "release_default_n10_sub0.json was made from other inputs (differing: " \
+        "finetune_config)" in stale.stderr
+    write_result(tmp_path, ("release", "default", 10, 0), {})
+    reused = compare(tmp_path, "--finetune", "default={}")
+    assert reused.returncode == 0 and "1 of 1 units on disk; running 0" in reused.stdout, reused.stderr
+    assert any(line.split()[:2] == ["release", "default"] for line in reused.stdout.splitlines())
+    changed = compare(tmp_path, "--finetune", 'plm3={"model": {"product_l_max": 3}}')
+    assert changed.returncode == 2 and changed.stderr.startswith("error: --finetune plm3: a fine-tuned release "
+                                                                 "keeps its architecture")
 
 
 def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
@@ -52,10 +79,6 @@ def test_model_changes_are_checked_against_the_release_architecture_not_model_co
     assert "product_l_max 0 is below l_max 1" in below.stderr
     typo = compare(tmp_path, "--recipes", 'typo={"model": {"chanels": 32}}')
     assert typo.returncode == 2 and typo.stderr.startswith("error: --recipes typo: model has no field ['chanels']")
-    result = tmp_path / "results" / "mlfound_plm3_n10_sub0.json"
-    result.parent.mkdir(parents=True, exist_ok=True)
-    made = {"recipe": {"model": {"product_l_max": 3}}, "model_sha256": sha256_file(resolve("default"))}
-    errors = {"forces_mae_mev_a": 100.0, "energy_mae_mev_atom": 2.0}
-    result.write_text(json.dumps({"unit": ["mlfound", "plm3", 10, 0], "inputs": made, "val": errors, "test": errors}))
+    write_result(tmp_path, ("mlfound", "plm3", 10, 0), {"model": {"product_l_max": 3}})
     valid = compare(tmp_path, "--recipes", 'plm3={"model": {"product_l_max": 3}}')
     assert valid.returncode == 0 and "1 of 1 units on disk; running 0" in valid.stdout, valid.stderr
