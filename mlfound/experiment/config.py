@@ -3,7 +3,7 @@ the fine-tuning recipes, MACE and MD, and the RunConfig each pretraining run get
 whole when loaded, so a typo fails before hours of pretraining and not after."""
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -73,6 +73,9 @@ class Finetune(_Strict):
 
 class Mace(_Strict):
     enabled: bool = False
+    # a recipe of tools/peers/mace_cli.py (RECIPES there; a test keeps the two lists equal): "grid" is the one
+    # E1/E2 first ran, "plain" MACE's own defaults for the same irreps
+    recipe: Literal["grid", "plain", "plain_ell", "plain_ema"] = "grid"
     max_epochs: int | None = Field(None, ge=1)  # None: mace_cli.py's own default
 
 
@@ -143,6 +146,11 @@ def recipes_for(exp: Experiment, start: str) -> dict[str, dict[str, Any]]:
         return exp.finetune.recipes
     return {name: recipe for name, recipe in exp.finetune.recipes.items()
             if (recipe.get("replay") is not None) == (start == COTRAIN)}
+
+
+def finetune_config(exp: Experiment, recipe: dict[str, Any], seed: int) -> FinetuneConfig:
+    """What a fine-tune with ``recipe`` runs: the recipe over FinetuneConfig's defaults, plus what the tool sets."""
+    return FinetuneConfig(**recipe, head=exp.target.head, max_steps=exp.finetune.max_steps, seed=seed)
 
 
 def starts(exp: Experiment) -> list[str]:

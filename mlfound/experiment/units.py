@@ -15,7 +15,7 @@ from mlfound.data.files import atomic_write_bytes, json_text
 from mlfound.data.references import reference_energy
 from mlfound.data.sets import load_records, write_extxyz
 from mlfound.evaluate import evaluate, scan_report
-from mlfound.experiment.config import MACE_CLI, MACE_PYTHON, Experiment, recipes_for
+from mlfound.experiment.config import MACE_CLI, MACE_PYTHON, Experiment, finetune_config, recipes_for
 from mlfound.experiment.plan import Unit, finetuned_model, result_path, start_model, unit_inputs
 from mlfound.experiment.prepare import train_subset
 from mlfound.finetune import FinetuneConfig, finetune, fit_references
@@ -62,8 +62,7 @@ def best_recipe(exp: Experiment, base, train: list, val: list, unit: Unit):
         return finetune(base, train, val, cfg, progress=False), None, {}
     best, validation_loss = None, {}
     for name, recipe in recipes_for(exp, unit.method).items():
-        cfg = FinetuneConfig(**recipe, head=exp.target.head, max_steps=exp.finetune.max_steps, seed=unit.subset)
-        result = finetune(base, train, val, cfg, progress=False)
+        result = finetune(base, train, val, finetune_config(exp, recipe, unit.subset), progress=False)
         validation_loss[name] = validation_loss_of_kept_weights(result)
         if best is None or validation_loss[name] < validation_loss[best[0]]:
             best = (name, result)
@@ -105,7 +104,8 @@ def mace_unit(exp: Experiment, out: Path, split: dict[str, Path], unit: Unit) ->
     if not train.exists():
         write_extxyz(train_subset(load_records(split["pool"], exp.target.head), unit.n, unit.subset), train)
     cmd = [str(MACE_PYTHON), str(MACE_CLI), "--train", str(train), "--val", str(split["val"]), "--test",
-           str(split["test"]), "--out", str(out / "mace" / unit.name), "--seed", str(unit.seed)]
+           str(split["test"]), "--out", str(out / "mace" / unit.name), "--seed", str(unit.seed), "--recipe",
+           exp.mace.recipe]
     if exp.mace.max_epochs is not None:
         cmd += ["--max-epochs", str(exp.mace.max_epochs)]
     if unit.md_runs:

@@ -2,10 +2,12 @@
 with two recipes chosen on validation, real MD runs, the table, the plot, and resuming (a rerun trains
 nothing). The numbers mean nothing at this size; what is tested is that the experiment runs what its
 YAML says, records its choices, and resumes; and that a mistyped recipe fails before anything runs."""
+import ast
 import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,11 @@ import torch
 import yaml
 
 from mlfound.config import ConfigError
-from mlfound.experiment.config import load_experiment, recipes_for, run_overrides
-from mlfound.experiment.plan import plan_units, start_model
+from mlfound.experiment.config import Mace, load_experiment, recipes_for, run_overrides
+from mlfound.experiment.plan import Unit, is_done, plan_units, result_path, start_model, unit_inputs
 from mlfound.experiment.prepare import make_shards, pretrain
 from mlfound.experiment.report import markdown_lines, verdict_lines
+from mlfound.finetune import FinetuneConfig
 from mlfound.model_card import read_card
 from mlfound.release import load, read_metadata
 
@@ -199,6 +202,38 @@ def test_scratch_trains_on_the_target_alone_and_cotrain_replays_the_corpus_from_
     with pytest.raises(ConfigError, match="scratch .* has none: add one without `replay`"):
         load_experiment(ROOT / "configs" / "experiments" / "e2.yaml", ["finetune.recipes={replay: {lr: 1.0e-2, "
                         "replay: {shard_root: runs/e2/shards, tasks: [gfn2_xtb]}}}"])
+
+
+def test_a_result_is_reused_only_under_the_finetune_config_and_mace_recipe_that_made_it(tmp_path):
+    """A recipe names changes over FinetuneConfig's defaults: the unit records what it resolves to, so a result
+    from before a default changed (here: recorded as the recipe alone, as results were before) is run again, not
+    reused; a MACE result made with another mace.recipe likewise."""
+    exp = load_experiment(toy_experiment(tmp_path, RECIPES), ["mace.enabled=true"])
+    out = tmp_path / "paper"
+    start_model(out, "reptile_k5", 0).parent.mkdir(parents=True)
+    start_model(out, "reptile_k5", 0).write_bytes(b"a start model")
+    unit, mace = Unit("reptile_k5", 0, 10, 0), Unit("mace", 0, 10, 0)
+    inputs = unit_inputs(exp, out, unit)
+    assert inputs["recipes"]["fast"]["energy_weight"] == FinetuneConfig.model_fields["energy_weight"].default
+    result_path(out, unit).parent.mkdir()
+    for made in (unit, mace):
+        result_path(out, made).write_text(json.dumps({"inputs": unit_inputs(exp, out, made)}))
+    assert is_done(exp, out, unit) and is_done(exp, out, mace)
+    result_path(out, unit).write_text(json.dumps({"inputs": {**inputs, "recipes": RECIPES}}))
+    assert not is_done(exp, out, unit)
+    assert not is_done(load_experiment(toy_experiment(tmp_path, RECIPES), ["mace.enabled=true", "mace.recipe=plain"]),
+                       out, mace)
+
+
+def test_the_experiments_mace_recipes_are_mace_clis():
+    """mace.recipe is checked when the experiment loads, before hours of pretraining: its choices are the
+    recipes tools/peers/mace_cli.py runs (read from its source; .venv-mace holds the package it imports)."""
+    tree = ast.parse((ROOT / "tools" / "peers" / "mace_cli.py").read_text())
+    recipes = next(ast.literal_eval(node.value) for node in tree.body
+                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "RECIPES")
+    assert set(typing.get_args(Mace.model_fields["recipe"].annotation)) == set(recipes)
+    with pytest.raises(ConfigError, match="mace.recipe"):
+        load_experiment(ROOT / "configs" / "experiments" / "e1.yaml", ["mace.recipe=plian"])
 
 
 def test_unknown_recipe_key_fails_before_anything_runs(tmp_path):
