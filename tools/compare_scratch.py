@@ -180,11 +180,11 @@ def run_unit(job) -> dict:
         row = mlfound_unit(args, recipes[framework][name], split, n, subset, from_scratch=framework == "mlfound")
     row = {"unit": list(unit), "inputs": unit_inputs(args, recipes, unit), "seconds": time.perf_counter() - tic,
            **row}
-    from mlfound.data.files import atomic_write_bytes
+    from mlfound.data.files import atomic_write_bytes, json_text
 
     path = result_path(args.out, unit)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(row, indent=1).encode())
+    atomic_write_bytes(path, json_text(row).encode())
     return row
 
 
@@ -211,7 +211,7 @@ def mlfound_unit(args, recipe: dict, split: dict[str, Path], n: int, subset: int
     start = reinitialised(release, subset, **recipe.pop("model", {})) if from_scratch else release
     result = finetune(start, train, val, FinetuneConfig(head=args.head, seed=subset, **recipe), progress=False)
     return {"best_step": result.best_step, "val": evaluate(result.release, val, args.head),
-            "test": evaluate(result.release, test, args.head)}
+            "test": evaluate(result.release, test, args.head), "history": result.history}  # where it over-fits
 
 
 def mace_unit(args, split: dict[str, Path], n: int, subset: int, name: str) -> dict:

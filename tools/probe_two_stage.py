@@ -21,11 +21,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from mlfound.config import ConfigError  # noqa: E402
-from mlfound.data.files import FolderLock, atomic_write_bytes, json_text  # noqa: E402
+from mlfound.data.files import FolderLock, atomic_write_bytes, json_text, sha256_file  # noqa: E402
 from mlfound.data.sets import load_records, split_records  # noqa: E402
 from mlfound.errors import run_main  # noqa: E402
 from mlfound.evaluate import evaluate  # noqa: E402
-from mlfound.experiment.config import ROOT, load_experiment  # noqa: E402
+from mlfound.experiment.config import ROOT, finetune_config, load_experiment, portable, recipes_for  # noqa: E402
 from mlfound.experiment.plan import Unit  # noqa: E402
 from mlfound.experiment.prepare import check_same_models, make_shards, make_split, train_subset  # noqa: E402
 from mlfound.experiment.units import best_recipe  # noqa: E402
@@ -35,24 +35,33 @@ from mlfound.release import load, save_release  # noqa: E402
 
 def two_stage_start(record: Path, corpus: Path, start: str, seed: int, near: str, steps: int, out: Path) -> Path:
     """The record's ``start`` model fine-tuned on head ``near`` with 90% of ``corpus/near.extxyz`` (10% for
-    early stopping), once per seed."""
+    early stopping), once per seed; made again when what made it (start model, corpus file, config) differs."""
     path = out / f"{start}_s{seed}_{near}.safetensors"
-    if not path.exists():
-        records = load_records(corpus / f"{near}.extxyz", near)
+    start_path, corpus_path = record / "models" / f"{start}_s{seed}.safetensors", corpus / f"{near}.extxyz"
+    config = FinetuneConfig(head=near, max_steps=steps, lr=1e-2, seed=seed)
+    inputs = {"start_sha256": sha256_file(start_path), "corpus_sha256": sha256_file(corpus_path),
+              "config": config.model_dump(mode="json")}
+    made_by = path.with_suffix(".inputs.json")
+    if not (path.exists() and made_by.exists() and json.loads(made_by.read_text()) == inputs):
+        records = load_records(corpus_path, near)
         parts = split_records(records, {"val": len(records) // 10, "train": None}, seed=0)
         tic = time.perf_counter()
-        result = finetune(load(record / "models" / f"{start}_s{seed}.safetensors"), parts["train"], parts["val"],
-                          FinetuneConfig(head=near, max_steps=steps, lr=1e-2, seed=seed), progress=False)
+        result = finetune(load(start_path), parts["train"], parts["val"], config, progress=False)
         save_release(result.release.model, result.release.metadata, path)
+        atomic_write_bytes(made_by, json_text(inputs).encode())
         print(f"stage 1, seed {seed}: {len(parts['train'])} structures at {near}, best step {result.best_step} of "
               f"{steps}, {time.perf_counter() - tic:.0f} s", flush=True)
     return path
 
 
 def target_unit(exp, record: Path, base_path: Path, start: str, seed: int, n: int, subset: int, out: Path) -> dict:
-    """One fine-tune on the target as the grid runs it: every recipe, the lowest validation loss kept and tested."""
+    """One fine-tune on the target as the grid runs it: every recipe, the lowest validation loss kept and tested;
+    a result made from another stage-1 model or under other fine-tuning configs is made again."""
     path = out / f"two_stage_s{seed}_n{n}_sub{subset}.json"
-    if path.exists():
+    inputs = {"base_sha256": sha256_file(base_path),
+              "recipes": {name: finetune_config(exp, recipe, seed=0).model_dump(mode="json", exclude={"seed"})
+                          for name, recipe in recipes_for(exp, start).items()}}
+    if path.exists() and json.loads(path.read_text()).get("inputs") == portable(inputs):
         return json.loads(path.read_text())
     head = exp.target.head
     split = make_split(exp, record)  # the grid's split of the target (made again in a fresh clone)
@@ -60,7 +69,7 @@ def target_unit(exp, record: Path, base_path: Path, start: str, seed: int, n: in
     result, recipe, losses = best_recipe(exp, load(base_path), train_subset(pool, n, subset), val,
                                          Unit(start, seed, n, subset))
     row = {"seed": seed, "n": n, "subset": subset, "recipe": recipe, "validation_loss": losses,
-           "best_step": result.best_step, "test": evaluate(result.release, test, head)}
+           "best_step": result.best_step, "test": evaluate(result.release, test, head), "inputs": portable(inputs)}
     atomic_write_bytes(path, json_text(row).encode())
     return row
 

@@ -100,12 +100,18 @@ def test_toy_run_chooses_recipes_on_validation_runs_md_and_resumes(tmp_path):
         assert points[0].forces_mae_mev_a == pytest.approx(sum(ours) / 2, rel=1e-12)
 
     # tools/probe_two_stage.py on this record: Reptile's start moved to a pretraining LoT, then the grid's fine-tune
-    probe = subprocess.run([sys.executable, ROOT / "tools" / "probe_two_stage.py", "--experiment", experiment,
-                            "--record", out, "--start", "reptile_k5", "--near", "gfn2_xtb", "--steps", "100",
-                            "--sizes", "10", "--out", tmp_path / "two-stage", "finetune.sizes=[10]"], cwd=ROOT,
-                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert probe.returncode == 0, probe.stderr[-3000:]
+    def run_probe(steps: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, ROOT / "tools" / "probe_two_stage.py", "--experiment", experiment,
+                               "--record", out, "--start", "reptile_k5", "--near", "gfn2_xtb", "--steps", steps,
+                               "--sizes", "10", "--out", tmp_path / "two-stage", "finetune.sizes=[10]"], cwd=ROOT,
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    assert "stage 1, seed 0: " in run_probe("20").stdout
+    probe = run_probe("100")  # another stage-1 budget: made again, not reused
     assert "stage 1, seed 0: " in probe.stdout
+    assert "stage 1" not in run_probe("100").stdout  # the same inputs: stage 1 and the units are reused
     probed = [json.loads((tmp_path / "two-stage" / f"two_stage_s0_n10_sub{sub}.json").read_text()) for sub in (0, 1)]
     assert all(r["recipe"] == min(r["validation_loss"], key=r["validation_loss"].get) for r in probed)
     moved = load(tmp_path / "two-stage" / "reptile_k5_s0_gfn2_xtb.safetensors").model.state_dict()
