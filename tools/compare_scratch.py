@@ -11,10 +11,11 @@ and every size N draws the experiment's nested-by-seed subsets (``train_subset``
 an E1/E2 grid come from the same structures. mlfound's start is ``--model``'s architecture with fresh weights
 (``mlfound.finetune.reinitialised``, seeded by the subset), fine-tuned by ``finetune`` with each recipe (JSON of
 FinetuneConfig fields over its defaults); --finetune recipes fine-tune ``--model``'s own weights (framework
-"release"); MACE runs ``tools/peers/mace_cli.py`` in .venv-mace with the named recipe. Each unit's result is a
-JSON file under --out/results, so a stopped run resumes and a table can be reprinted (--report); a result or split
-made from other inputs (target file, split sizes, recipe, FinetuneConfig's defaults, model) is refused, never mixed
-in. Choose recipes with --evaluate-on val; test only what was chosen.
+"release"); MACE runs ``tools/peers/mace_cli.py`` in .venv-mace with the named recipe (of
+configs/peers/mace_recipes.yaml). Each unit's result is a JSON file under --out/results, so a stopped run resumes
+and a table can be reprinted (--report); a result or split made from other inputs (target file, split sizes,
+recipe, FinetuneConfig's defaults, MACE recipe's fields, model) is refused, never mixed in. Choose recipes with
+--evaluate-on val; test only what was chosen.
 """
 import argparse
 import concurrent.futures as cf
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     from mlfound.data.files import FolderLock
 
     check_model_changes(args.model, recipes["mlfound"])
+    check_mace_recipes(args.mace)
     with FolderLock(args.out, "tools/compare_scratch.py run"):  # units and split are shared files
         split = make_split(args)
         todo = [u for u in units if not done(args.out, u, unit_inputs(args, recipes, u))]
@@ -110,6 +112,16 @@ def check_model_changes(model_path, recipes: dict[str, dict]) -> None:
             raise ConfigError(f"--recipes {name}: over --model {model_path}: {describe(err)}") from None
 
 
+def check_mace_recipes(names: list[str]) -> None:
+    from mlfound.config import ConfigError
+    from mlfound.experiment.config import MACE_RECIPES, mace_recipes, repo_relative
+
+    unknown = sorted(set(names) - set(mace_recipes()))
+    if unknown:
+        raise ConfigError(f"--mace {' '.join(unknown)}: not a recipe of {repo_relative(MACE_RECIPES)}: "
+                          f"{sorted(mace_recipes())}")
+
+
 def make_split(args) -> dict[str, Path]:
     from mlfound.data.sets import load_records, split_records, write_extxyz
 
@@ -138,9 +150,11 @@ def unit_inputs(args, recipes: dict, unit: tuple) -> dict:
     from mlfound.finetune import FinetuneConfig
     from mlfound.release import resolve
 
+    from mlfound.experiment.config import mace_recipes
+
     framework, name, _, _ = unit
     if framework == "mace":
-        return {"mace_recipe": name}
+        return {"mace_recipe": name, "mace_recipe_fields": mace_recipes()[name]}
     recipe = recipes[framework][name]
     config = FinetuneConfig(head=args.head, **{k: v for k, v in recipe.items() if k != "model"})
     return {"recipe": recipe, "finetune_config": config.model_dump(exclude={"seed"}),

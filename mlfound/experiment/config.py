@@ -3,8 +3,9 @@ the fine-tuning recipes, MACE and MD, and the RunConfig each pretraining run get
 whole when loaded, so a typo fails before hours of pretraining and not after."""
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
+import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mlfound.config import ConfigError, describe, load_config, load_validated
@@ -13,6 +14,7 @@ from mlfound.finetune import FinetuneConfig
 ROOT = Path(__file__).resolve().parents[2]  # the repository: relative paths of an experiment are relative to it
 MACE_PYTHON = ROOT / ".venv-mace" / "bin" / "python"
 MACE_CLI = ROOT / "tools" / "peers" / "mace_cli.py"
+MACE_RECIPES = ROOT / "configs" / "peers" / "mace_recipes.yaml"  # what mace_cli.py --recipe NAME trains
 PRETRAIN_CHECKPOINTS = 20  # per pretraining run, so a run killed midway resumes, losing at most 5% of it
 # FinetuneConfig fields the tool sets for every recipe alike, so recipes differ only in how they train
 SET_BY_THE_TOOL = {"head": "it is target.head", "max_steps": "set finetune.max_steps (one budget for every recipe)",
@@ -73,10 +75,21 @@ class Finetune(_Strict):
 
 class Mace(_Strict):
     enabled: bool = False
-    # a recipe of tools/peers/mace_cli.py (RECIPES there; a test keeps the two lists equal): "grid" is the one
-    # E1/E2 first ran, "plain" MACE's own defaults for the same irreps
-    recipe: Literal["grid", "plain", "plain_ell", "plain_ema"] = "grid"
+    recipe: str = "grid"  # of configs/peers/mace_recipes.yaml: "grid" is what E1/E2 first ran
     max_epochs: int | None = Field(None, ge=1)  # None: mace_cli.py's own default
+
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, recipe: str) -> str:
+        if recipe not in mace_recipes():
+            raise ValueError(f"{recipe!r} is not a recipe of {repo_relative(MACE_RECIPES)}: {sorted(mace_recipes())}")
+        return recipe
+
+
+def mace_recipes() -> dict[str, dict[str, Any]]:
+    """MACE's training recipes by name (configs/peers/mace_recipes.yaml)."""
+    return yaml.safe_load(MACE_RECIPES.read_text())
 
 
 class Md(_Strict):

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 from mlfound.data.files import sha256_file
-from mlfound.experiment.config import (COTRAIN, MACE_CLI, MACE_PYTHON, ROOT, Experiment, finetune_config, portable,
-                                      recipes_for, starts)
+from mlfound.experiment.config import (COTRAIN, MACE_CLI, MACE_PYTHON, ROOT, Experiment, finetune_config,
+                                      mace_recipes, portable, recipes_for, starts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +86,12 @@ def finetuned_model(out: Path, unit: Unit) -> Path:
 def unit_inputs(exp: Experiment, out: Path, unit: Unit) -> dict:
     """What a unit's result depends on beyond the splits (check_same_models guards those): for a fine-tune, its
     start model's sha256, so a result is never reused with a start model made again differently, and the
-    FinetuneConfig each recipe resolves to, so a recipe is not reused after a default it leaves unset changed."""
+    FinetuneConfig each recipe resolves to, so a recipe is not reused after a default it leaves unset changed;
+    for MACE, its recipe's fields, so a recipe edited under the same name runs again."""
     md = exp.md.model_dump(exclude={"n", "runs"}) if unit.md_runs else None
     if unit.method == "mace":
-        return {"recipe": exp.mace.recipe, "max_epochs": exp.mace.max_epochs, "md_runs": unit.md_runs, "md": md}
+        return {"recipe": exp.mace.recipe, "recipe_fields": mace_recipes()[exp.mace.recipe],
+                "max_epochs": exp.mace.max_epochs, "md_runs": unit.md_runs, "md": md}
     configs = {name: finetune_config(exp, recipe, seed=0).model_dump(mode="json", exclude={"seed"})
                for name, recipe in recipes_for(exp, unit.method).items()}
     training = {"max_steps": exp.finetune.max_steps, "recipes": configs} if unit.n else {"max_steps": 0}

@@ -50,8 +50,9 @@ def test_a_split_or_result_from_other_inputs_is_refused_and_a_matching_one_reuse
 
 def test_a_result_made_under_other_finetune_defaults_is_refused_and_the_release_is_fine_tuned_as_is(tmp_path):
     """A recipe names changes over FinetuneConfig's defaults, so a result made before a default changed would
-    otherwise be reused under the same name; --finetune recipes start from the release and cannot change its
-    architecture."""
+    otherwise be reused under the same name (a MACE recipe edited in configs/peers/mace_recipes.yaml likewise);
+    --finetune recipes start from the release and cannot change its architecture; an unknown MACE recipe fails
+    before any unit runs."""
     write_result(tmp_path, ("release", "default", 10, 0), {}, energy_weight=1.0)
     stale = compare(tmp_path, "--finetune", "default={}")
     assert stale.returncode == 2 and "release_default_n10_sub0.json was made from other inputs (differing: " \
@@ -60,6 +61,15 @@ def test_a_result_made_under_other_finetune_defaults_is_refused_and_the_release_
     reused = compare(tmp_path, "--finetune", "default={}")
     assert reused.returncode == 0 and "1 of 1 units on disk; running 0" in reused.stdout, reused.stderr
     assert any(line.split()[:2] == ["release", "default"] for line in reused.stdout.splitlines())
+    mace = tmp_path / "results" / "mace_plain_n10_sub0.json"
+    errors = {"forces_mae_mev_a": 100.0, "energy_mae_mev_atom": 2.0}
+    made = {"mace_recipe": "plain", "mace_recipe_fields": {"updates": 1000}}  # "plain" as it was once defined
+    mace.write_text(json.dumps({"unit": ["mace", "plain", 10, 0], "inputs": made, "val": errors, "test": errors}))
+    edited = compare(tmp_path, "--mace", "plain")
+    assert edited.returncode == 2 and "(differing: mace_recipe_fields)" in edited.stderr
+    unknown = compare(tmp_path, "--finetune", "default={}", "--mace", "plian")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: --mace plian: not a recipe of "
+                                                                 "configs/peers/mace_recipes.yaml")
     changed = compare(tmp_path, "--finetune", 'plm3={"model": {"product_l_max": 3}}')
     assert changed.returncode == 2 and changed.stderr.startswith("error: --finetune plm3: a fine-tuned release "
                                                                  "keeps its architecture")

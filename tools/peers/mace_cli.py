@@ -61,20 +61,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from ase import Atoms  # noqa: E402
 from ase.io import read, write  # noqa: E402
+import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MD_STABILITY = ROOT / "mlfound" / "md_stability.py"
 NAME = "mace"  # MACE's --name: DIR/mace.model, DIR/mace_stagetwo.model
-# Recipes (--recipe): "grid" is the one above, which the E1/E2 grids ran (spherical harmonics to --l-max, stage
-# two, EMA, float64, 3,000 updates). "plain" is MACE's own defaults for the same hidden irreps, trained the plain
-# way: spherical harmonics to l = 3 (MACE's --max_ell default, so its product basis contracts features up to l = 3
-# into the hidden irreps), no second stage, no EMA, float32, 2,000 updates; the model issue measured it 1.2-1.6x
-# better than "grid". "plain_ell" is "plain" with spherical harmonics to --l-max as in "grid" (equal angular
-# resolution to mlfound's trunk); "plain_ema" adds the EMA back to "plain".
-RECIPES = {"grid": {"updates": 3000, "stage_two": True, "ema": True, "dtype": "float64", "max_ell": None},
-           "plain": {"updates": 2000, "stage_two": False, "ema": False, "dtype": "float32", "max_ell": 3},
-           "plain_ell": {"updates": 2000, "stage_two": False, "ema": False, "dtype": "float32", "max_ell": None},
-           "plain_ema": {"updates": 2000, "stage_two": False, "ema": True, "dtype": "float32", "max_ell": 3}}
+# Recipes (--recipe): configs/peers/mace_recipes.yaml, which says what each one is
+RECIPES = yaml.safe_load((ROOT / "configs" / "peers" / "mace_recipes.yaml").read_text())
 NUM_VALIDATIONS = 150  # at most ~this many validations per run (module docstring)
 
 
