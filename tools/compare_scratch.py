@@ -157,7 +157,7 @@ def unit_inputs(args, recipes: dict, unit: tuple) -> dict:
         return {"mace_recipe": name, "mace_recipe_fields": mace_recipes()[name]}
     recipe = recipes[framework][name]
     config = FinetuneConfig(head=args.head, **{k: v for k, v in recipe.items() if k != "model"})
-    return {"recipe": recipe, "finetune_config": config.model_dump(exclude={"seed"}),
+    return {"recipe": recipe, "finetune_config": config.model_dump(mode="json", exclude={"seed"}),
             "model_sha256": sha256_file(resolve(args.model))}
 
 

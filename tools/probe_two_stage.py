@@ -25,7 +25,7 @@ from mlfound.data.files import FolderLock, atomic_write_bytes, json_text, sha256
 from mlfound.data.sets import load_records, split_records  # noqa: E402
 from mlfound.errors import run_main  # noqa: E402
 from mlfound.evaluate import evaluate  # noqa: E402
-from mlfound.experiment.config import ROOT, finetune_config, load_experiment, portable, recipes_for  # noqa: E402
+from mlfound.experiment.config import ROOT, load_experiment, portable, resolved_recipes  # noqa: E402
 from mlfound.experiment.plan import Unit  # noqa: E402
 from mlfound.experiment.prepare import check_same_models, make_shards, make_split, train_subset  # noqa: E402
 from mlfound.experiment.units import best_recipe  # noqa: E402
@@ -58,9 +58,7 @@ def target_unit(exp, record: Path, base_path: Path, start: str, seed: int, n: in
     """One fine-tune on the target as the grid runs it: every recipe, the lowest validation loss kept and tested;
     a result made from another stage-1 model or under other fine-tuning configs is made again."""
     path = out / f"two_stage_s{seed}_n{n}_sub{subset}.json"
-    inputs = {"base_sha256": sha256_file(base_path),
-              "recipes": {name: finetune_config(exp, recipe, seed=0).model_dump(mode="json", exclude={"seed"})
-                          for name, recipe in recipes_for(exp, start).items()}}
+    inputs = {"base_sha256": sha256_file(base_path), "recipes": resolved_recipes(exp, start)}
     if path.exists() and json.loads(path.read_text()).get("inputs") == portable(inputs):
         return json.loads(path.read_text())
     head = exp.target.head

@@ -166,6 +166,13 @@ def finetune_config(exp: Experiment, recipe: dict[str, Any], seed: int) -> Finet
     return FinetuneConfig(**recipe, head=exp.target.head, max_steps=exp.finetune.max_steps, seed=seed)
 
 
+def resolved_recipes(exp: Experiment, start: str) -> dict[str, dict[str, Any]]:
+    """Each of ``start``'s recipes as the FinetuneConfig it runs (the per-unit seed left out): what a cached
+    result is checked against, so a recipe is not reused after a default it leaves unset changed."""
+    return {name: finetune_config(exp, recipe, seed=0).model_dump(mode="json", exclude={"seed"})
+            for name, recipe in recipes_for(exp, start).items()}
+
+
 def starts(exp: Experiment) -> list[str]:
     """Every start fine-tuned: scratch, co-training when a recipe replays, the pretraining methods."""
     return ["none", *([COTRAIN] if recipes_for(exp, COTRAIN) else []), *exp.pretrain.methods]

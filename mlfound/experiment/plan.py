@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 from mlfound.data.files import sha256_file
-from mlfound.experiment.config import (COTRAIN, MACE_CLI, MACE_PYTHON, ROOT, Experiment, finetune_config,
-                                      mace_recipes, portable, recipes_for, starts)
+from mlfound.experiment.config import (COTRAIN, MACE_CLI, MACE_PYTHON, ROOT, Experiment, mace_recipes, portable,
+                                      recipes_for, resolved_recipes, starts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +92,8 @@ def unit_inputs(exp: Experiment, out: Path, unit: Unit) -> dict:
     if unit.method == "mace":
         return {"recipe": exp.mace.recipe, "recipe_fields": mace_recipes()[exp.mace.recipe],
                 "max_epochs": exp.mace.max_epochs, "md_runs": unit.md_runs, "md": md}
-    configs = {name: finetune_config(exp, recipe, seed=0).model_dump(mode="json", exclude={"seed"})
-               for name, recipe in recipes_for(exp, unit.method).items()}
-    training = {"max_steps": exp.finetune.max_steps, "recipes": configs} if unit.n else {"max_steps": 0}
+    training = {"max_steps": exp.finetune.max_steps, "recipes": resolved_recipes(exp, unit.method)} if unit.n \
+        else {"max_steps": 0}
     start = {"start_sha256": sha256_file(start_model(out, unit.method, unit.seed))}
     return portable({**training, **start, "md_runs": unit.md_runs, "md": md})
 
