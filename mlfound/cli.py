@@ -203,6 +203,8 @@ def cmd_split(args) -> int:
         name, _, count = item.partition("=")
         if not name or not count or not (count == "rest" or count.isdigit()):
             raise DataError(f"--sizes item {item!r}: expected name=count or name=rest")
+        if name in sizes:
+            raise DataError(f"--sizes {name}: given twice; each subset needs a name of its own")
         sizes[name] = None if count == "rest" else int(count)
     refuse_overwriting_inputs({f"--out {name}": args.out / f"{name}.extxyz" for name in sizes}, {"DATA": args.data})
     records = _records(args, args.data, task=args.data.stem)

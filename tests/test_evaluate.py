@@ -111,6 +111,10 @@ def test_split_then_learning_curve(tiny_release_path, demo_dir, tmp_path, capsys
     assert (tmp_path / "lc.png").read_bytes()[:4] == b"\x89PNG"
     too_many = ["a=200", "b=200"]
     assert mlfound(["split", str(demo_dir / "hf_631g.extxyz"), "--out", str(tmp_path), "--sizes", *too_many]) == 2
+    capsys.readouterr()
+    twice = ["train=5", "test=10", "train=20"]  # the last would silently replace the first
+    assert mlfound(["split", str(demo_dir / "hf_631g.extxyz"), "--out", str(tmp_path), "--sizes", *twice]) == 2
+    assert "--sizes train: given twice" in capsys.readouterr().err
 
 
 @pytest.mark.faults

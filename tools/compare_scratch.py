@@ -21,6 +21,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ import numpy as np  # noqa: E402
 from mlfound.errors import run_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 MACE_PYTHON, MACE_CLI = ROOT / ".venv-mace" / "bin" / "python", ROOT / "tools" / "peers" / "mace_cli.py"
 
 
@@ -54,8 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="units in parallel, one core each")
     p.add_argument("--report", action="store_true", help="print the table of the results on disk, run nothing")
     args = p.parse_args(argv)
-    recipes = {"mlfound": dict(parse_recipe("--recipes", text) for text in args.recipes),
-               "release": dict(parse_recipe("--finetune", text) for text in args.finetune)}
+    recipes = {"mlfound": parse_recipes("--recipes", args.recipes),
+               "release": parse_recipes("--finetune", args.finetune)}
     units = [(framework, name, n, subset) for n in args.sizes for subset in args.subsets
              for framework, names in (*recipes.items(), ("mace", args.mace)) for name in names]
     if args.report:
@@ -77,12 +79,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def parse_recipes(option: str, texts: list[str]) -> dict[str, dict]:
+    """NAME=JSON items by name; a name given twice is refused (the last would silently replace the first)."""
+    from mlfound.config import ConfigError
+
+    recipes = {}
+    for text in texts:
+        name, recipe = parse_recipe(option, text)
+        if name in recipes:
+            raise ConfigError(f"{option} {name}: given twice; give each recipe a name of its own")
+        recipes[name] = recipe
+    return recipes
+
+
 def parse_recipe(option: str, text: str) -> tuple[str, dict]:
     from mlfound.config import ConfigError
     from mlfound.finetune import FinetuneConfig
     from mlfound.model import ModelConfig
 
     name, _, fields = text.partition("=")
+    if not RECIPE_NAME.fullmatch(name):  # an empty $VAR in the shell gives ""; the name is part of file names
+        raise ConfigError(f"{option} {text!r}: a recipe needs a name of letters, digits and _.+- (it names the "
+                          "result files): NAME or NAME='{\"lr\": 0.01}'")
     try:
         recipe = json.loads(fields or "{}")
     except json.JSONDecodeError as err:
@@ -116,6 +134,9 @@ def check_mace_recipes(names: list[str]) -> None:
     from mlfound.config import ConfigError
     from mlfound.experiment.config import MACE_RECIPES, mace_recipes, repo_relative
 
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"--mace {' '.join(twice)}: given twice; name each recipe once")
     unknown = sorted(set(names) - set(mace_recipes()))
     if unknown:
         raise ConfigError(f"--mace {' '.join(unknown)}: not a recipe of {repo_relative(MACE_RECIPES)}: "

@@ -92,3 +92,16 @@ def test_model_changes_are_checked_against_the_release_architecture_not_model_co
     write_result(tmp_path, ("mlfound", "plm3", 10, 0), {"model": {"product_l_max": 3}})
     valid = compare(tmp_path, "--recipes", 'plm3={"model": {"product_l_max": 3}}')
     assert valid.returncode == 0 and "1 of 1 units on disk; running 0" in valid.stdout, valid.stderr
+
+
+def test_a_recipe_without_a_name_or_a_name_given_twice_is_refused_before_any_unit(tmp_path):
+    """An empty shell variable gives --recipes "" (a unit with no name); a name given twice would keep only the
+    last recipe. Each is one line naming the option, and nothing runs."""
+    for args, message in ((["--recipes", ""], "error: --recipes '': a recipe needs a name"),
+                          (["--recipes", '={"lr": 0.01}'], "error: --recipes '={\"lr\": 0.01}': a recipe needs a name"),
+                          (["--finetune", "a/b"], "error: --finetune 'a/b': a recipe needs a name"),
+                          (["--recipes", "a", 'a={"lr": 0.01}'], "error: --recipes a: given twice"),
+                          (["--mace", "plain", "plain"], "error: --mace plain: given twice")):
+        run = compare(tmp_path, *args)
+        assert run.returncode == 2 and run.stderr.startswith(message), (args, run.stderr)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "split").exists()
