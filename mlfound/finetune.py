@@ -280,7 +280,17 @@ def _weight_average(model: Potential, cfg: FinetuneConfig) -> EMA | None:
     1 - (1 + step)^-2/3 warmup), so early averages do not drag in the starting weights for long."""
     if cfg.ema_decay is None:
         return None
-    return EMA(model, beta=cfg.ema_decay, update_after_step=0, update_every=1, include_online_model=False)
+    return _ParameterEMA(model, beta=cfg.ema_decay, update_after_step=0, update_every=1, include_online_model=False)
+
+
+class _ParameterEMA(EMA):
+    """EMA of the parameters alone. ema-pytorch also copies buffers, pairing the two models' by position; but a
+    Potential's buffers never train (references, scales, e3nn's masks), and its deepcopy registers e3nn's constants
+    of l >= 2 paths as buffers that a freshly built model (a new head's, ``add_head``) lacks, so the pairs shifted
+    and the first update failed on a size mismatch."""
+
+    def get_buffers_iter(self, model):
+        return iter(())
 
 
 def _lr_factor(cfg: FinetuneConfig):

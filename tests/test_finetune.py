@@ -187,6 +187,22 @@ def test_ema_result_is_the_moving_average_of_the_trained_weights(base, splits):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
 
 
+def test_ema_on_a_new_head_of_the_default_trunk_at_product_l_max_3_averages_the_weights(splits):
+    """A new head's model is built afresh (add_head), while ema-pytorch's copy of it is a deepcopy, which registers
+    e3nn's constants of the product basis's l >= 2 paths as buffers: pairing buffers by position failed on the
+    first update (the recipe the from-scratch comparison runs: the shipped trunk at product_l_max 3, a new LoT)."""
+    from mlfound.finetune import reinitialised
+    from mlfound.release import load
+
+    train, _ = splits
+    start = reinitialised(load("default"), seed=0, product_l_max=3)
+    cfg = FinetuneConfig(head="hf_631g", lr=3e-3, max_steps=2, ema_decay=0.9, patience=None)
+    averaged = finetune(start, train[:5], None, cfg, progress=False).release.model
+    online = finetune(start, train[:5], None, cfg.model_copy(update={"ema_decay": None}), progress=False).release.model
+    online_weights = dict(online.named_parameters())
+    assert any(not torch.equal(p, online_weights[n]) for n, p in averaged.named_parameters())  # steps 1, 2 averaged
+
+
 def test_frozen_trunk_and_replay_train_exactly_the_chosen_parts(base, splits, demo_dir, tmp_path):
     train, val = splits
     shard(demo_slice(demo_dir, "gfn2_xtb", 20, tmp_path), tmp_path / "shards")
