@@ -75,16 +75,22 @@ class Finetune(_Strict):
 
 class Mace(_Strict):
     enabled: bool = False
-    recipe: str = "grid"  # of configs/peers/mace_recipes.yaml: "grid" is what E1/E2 first ran
+    # of configs/peers/mace_recipes.yaml: one name for every N, or one per fine-tuning size ({10: plain, 50:
+    # plain_6k}), as MACE's best recipe on validation depends on N; "grid" is what E1/E2 first ran
+    recipe: str | dict[int, str] = "grid"
     max_epochs: int | None = Field(None, ge=1)  # None: mace_cli.py's own default
-
 
     @field_validator("recipe")
     @classmethod
-    def _known_recipe(cls, recipe: str) -> str:
-        if recipe not in mace_recipes():
-            raise ValueError(f"{recipe!r} is not a recipe of {repo_relative(MACE_RECIPES)}: {sorted(mace_recipes())}")
+    def _known_recipe(cls, recipe: str | dict[int, str]) -> str | dict[int, str]:
+        for name in [recipe] if isinstance(recipe, str) else recipe.values():
+            if name not in mace_recipes():
+                raise ValueError(f"{name!r} is not a recipe of {repo_relative(MACE_RECIPES)}: {sorted(mace_recipes())}")
         return recipe
+
+    def recipe_at(self, n: int) -> str:
+        """The recipe MACE trains with on N structures."""
+        return self.recipe if isinstance(self.recipe, str) else self.recipe[n]
 
 
 def mace_recipes() -> dict[str, dict[str, Any]]:
@@ -140,6 +146,9 @@ def load_experiment(path: Path, overrides: list[str] = ()) -> Experiment:
     if exp.md is not None and exp.md.n not in exp.finetune.sizes:
         raise ConfigError(f"invalid experiment {path}: md.n {exp.md.n} is not among finetune.sizes "
                           f"{exp.finetune.sizes}: MD runs models fine-tuned on md.n structures")
+    if isinstance(exp.mace.recipe, dict) and (missing := sorted(set(exp.finetune.sizes) - set(exp.mace.recipe))):
+        raise ConfigError(f"invalid experiment {path}: mace.recipe has no recipe for N = {missing} of finetune.sizes "
+                          f"{exp.finetune.sizes}: give one per size, or one name for every N")
     for method in ["none", *exp.pretrain.methods]:
         try:
             pretrain_config(exp, method, Path("check"), seed=0)

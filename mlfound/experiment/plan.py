@@ -90,7 +90,8 @@ def unit_inputs(exp: Experiment, out: Path, unit: Unit) -> dict:
     for MACE, its recipe's fields, so a recipe edited under the same name runs again."""
     md = exp.md.model_dump(exclude={"n", "runs"}) if unit.md_runs else None
     if unit.method == "mace":
-        return {"recipe": exp.mace.recipe, "recipe_fields": mace_recipes()[exp.mace.recipe],
+        recipe = exp.mace.recipe_at(unit.n)
+        return {"recipe": recipe, "recipe_fields": mace_recipes()[recipe],
                 "max_epochs": exp.mace.max_epochs, "md_runs": unit.md_runs, "md": md}
     training = {"max_steps": exp.finetune.max_steps, "recipes": resolved_recipes(exp, unit.method)} if unit.n \
         else {"max_steps": 0}

@@ -93,6 +93,8 @@ def write_model_cards(exp: Experiment, out: Path, report: dict) -> None:
 def table_lines(exp: Experiment, rows: list[dict], results: list[dict], best_single: str, headline: str) -> list:
     ft, p = exp.finetune, exp.pretrain
     tuned = [r for r in results if r["n"] and r["method"] != "mace"]
+    mace_recipe = exp.mace.recipe if isinstance(exp.mace.recipe, str) else \
+        ", ".join(f"{name} at N = {n}" for n, name in sorted(exp.mace.recipe.items()))
     at_cap = sum(r["best_step"] == ft.max_steps for r in tuned)
     recipes = "; ".join(f"{name} {json.dumps(portable(recipe))}" for name, recipe in ft.recipes.items())
     scratch = ", ".join(recipes_for(exp, "none"))
@@ -106,7 +108,7 @@ def table_lines(exp: Experiment, rows: list[dict], results: list[dict], best_sin
              "the target's validation split); only that one is tested; "
              f"{at_cap} of {len(tuned)} kept fine-tunes were best at the last step",
              f"# test errors mean ± std over `runs` draws of {len(p.seeds)} seeds x {len(ft.subsets)} subsets "
-             "(n = 0: zero-shot, refitted references; mace: MACE from scratch, same splits)",
+             f"(n = 0: zero-shot, refitted references; mace: MACE from scratch, same splits, recipe {mace_recipe})",
              f"{'method':<13}{'N':>4}{'runs':>5}{'E MAE meV/atom':>18}{'F MAE meV/Å':>16}{'train F MAE':>14}"
              f"{'val loss x1e3':>16}{'scan d2 err meV':>18}{'spurious':>11}  recipe chosen"]
     for r in rows:

@@ -105,7 +105,7 @@ def mace_unit(exp: Experiment, out: Path, split: dict[str, Path], unit: Unit) ->
         write_extxyz(train_subset(load_records(split["pool"], exp.target.head), unit.n, unit.subset), train)
     cmd = [str(MACE_PYTHON), str(MACE_CLI), "--train", str(train), "--val", str(split["val"]), "--test",
            str(split["test"]), "--out", str(out / "mace" / unit.name), "--seed", str(unit.seed), "--recipe",
-           exp.mace.recipe]
+           exp.mace.recipe_at(unit.n)]
     if exp.mace.max_epochs is not None:
         cmd += ["--max-epochs", str(exp.mace.max_epochs)]
     if unit.md_runs:

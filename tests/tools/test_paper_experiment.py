@@ -236,6 +236,23 @@ def test_an_unknown_mace_recipe_fails_when_the_experiment_loads():
         load_experiment(ROOT / "configs" / "experiments" / "e1.yaml", ["mace.recipe=plian"])
 
 
+def test_mace_recipe_per_size_runs_each_n_with_its_own_and_must_cover_every_size(tmp_path):
+    """MACE's best recipe on validation depends on N (a longer budget at N = 50 than at 10), so mace.recipe may
+    name one per fine-tuning size: each MACE unit records and runs its own N's recipe, and a size without one
+    is refused when the experiment loads, not when its unit comes up."""
+    toy = toy_experiment(tmp_path, RECIPES)
+    exp = load_experiment(toy, ["mace.enabled=true", "mace.recipe={10: plain, 25: plain_6k}"])
+    out = tmp_path / "paper"
+    at = {n: unit_inputs(exp, out, Unit("mace", 0, n, 0)) for n in (10, 25)}
+    assert (at[10]["recipe"], at[25]["recipe"]) == ("plain", "plain_6k")
+    assert at[25]["recipe_fields"]["updates"] == 3 * at[10]["recipe_fields"]["updates"]
+    assert exp.mace.recipe_at(25) == "plain_6k"
+    with pytest.raises(ConfigError, match=r"mace.recipe has no recipe for N = \[25\] of finetune.sizes \[10, 25\]"):
+        load_experiment(toy, ["mace.enabled=true", "mace.recipe={10: plain}"])
+    with pytest.raises(ConfigError, match="mace.recipe: .*'plian' is not a recipe"):
+        load_experiment(toy, ["mace.recipe={10: plain, 25: plian}"])
+
+
 def test_unknown_recipe_key_fails_before_anything_runs(tmp_path):
     recipes = {"cosine": {"lr": 1.0e-2}, "low_trunk": {"lr": 1.0e-2, "lr_trunc": 1.0e-3}}
     out = tmp_path / "paper"
