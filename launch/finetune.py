@@ -70,11 +70,20 @@ def finetune_command(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true",
                    help="forces from one graph torch.compile fuses: ~3x faster steps on CPU after a compile of 1-3 min")
+    p.add_argument("--log-dir", type=Path, help="TensorBoard and W&B files (default: beside --out, its name + .logs)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   help="log to TensorBoard (default: when the tensorboard package is installed)")
+    p.add_argument("--wandb-project", help="log to this Weights & Biases project")
+    p.add_argument("--wandb-entity")
+    p.add_argument("--wandb-mode", choices=["online", "offline"], default="online",
+                   help="offline: files under --log-dir, uploaded later with `wandb sync`")
     args = p.parse_args(argv)
 
+    from mlfound.config import LoggingConfig, WandbConfig
     from mlfound.data.files import refuse_overwriting_inputs
     from mlfound.finetune import FinetuneConfig, ReplayConfig, finetune, reinitialised
     from mlfound.release import load, resolve, save_release
+    from mlfound.tracking import open_tracker
 
     model_path = resolve(args.model)  # a registry name is a file too: never the output
     refuse_overwriting_inputs({"--out": args.out}, {"--model": model_path, "--train": args.train, "--val": args.val})
@@ -94,7 +103,17 @@ def finetune_command(argv=None) -> int:
                          replay=replay, device=args.device, compile_forces=args.compile,
                          check_units=not args.no_unit_check)
     start = reinitialised(load(model_path), args.seed) if args.from_scratch else load(model_path)
-    result = finetune(start, train, val, cfg)
+    wandb = WandbConfig(project=args.wandb_project, entity=args.wandb_entity, mode=args.wandb_mode) \
+        if args.wandb_project else None
+    metadata = {"config": cfg.model_dump(mode="json"), "model": str(model_path),
+                "data": {"train": str(args.train), "num_train": len(train), "val": str(args.val),
+                         "num_val": len(val or [])}}
+    tracker = open_tracker(args.log_dir or args.out.parent / f"{args.out.stem}.logs",
+                           LoggingConfig(tensorboard=args.tensorboard, wandb=wandb), metadata, start_step=0)
+    try:
+        result = finetune(start, train, val, cfg, tracker=tracker)
+    finally:
+        tracker.close()
     print_summary(result)
     save_release(result.release.model, result.release.metadata, args.out)
     print(f"wrote {args.out}")

@@ -148,6 +148,21 @@ class TrainConfig(_Strict):
                                  "(mlfound.model.compiled): ~3x faster steps on CPU after a compile of minutes")
 
 
+class WandbConfig(_Strict):
+    project: str
+    entity: str | None = None
+    name: str | None = None  # the run's display name; W&B's own when unset
+    mode: Literal["online", "offline"] = Field("online", description="offline: written under the log folder, "
+                                               "uploaded later with `wandb sync` (clusters without internet)")
+
+
+class LoggingConfig(_Strict):
+    """Where scalars go besides the JSONL logs (the source of truth): mlfound/tracking.py."""
+    tensorboard: bool | None = Field(None, description="None: when the tensorboard package is installed "
+                                     "(`pip install mlfound[tracking]`); true: required; false: off")
+    wandb: WandbConfig | None = None  # Weights & Biases when set (needs the wandb package)
+
+
 class RunConfig(_Strict):
     run_dir: Path
     seed: int = 0
@@ -157,6 +172,7 @@ class RunConfig(_Strict):
     loss: LossConfig = LossConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     train: TrainConfig = TrainConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
     def _check(self):

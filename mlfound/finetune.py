@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,7 @@ from mlfound.metrics import error_table
 from mlfound.model import Potential
 from mlfound.predict import head_batches, network_energy, predict
 from mlfound.release import Release, ReleaseError, release_metadata
+from mlfound.tracking import Tracker
 from mlfound.train.guards import TrainingError
 
 
@@ -178,8 +180,9 @@ def rescale_head(model: Potential, head: str, scale_ev: float) -> None:
 
 
 def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: FinetuneConfig,
-             progress: bool = True) -> FinetuneResult:
-    """Fine-tune ``base`` on ``train`` (early stopping on ``val`` if given) into a new release."""
+             progress: bool = True, tracker: Tracker | None = None) -> FinetuneResult:
+    """Fine-tune ``base`` on ``train`` (early stopping on ``val`` if given) into a new release; ``tracker``
+    (mlfound.tracking) receives the training loss, lr and step time, and every validation."""
     _check_elements(base.model, train + (val or []))
     if cfg.check_units:
         for what, records in (("training data", train), ("validation data", val or [])):
@@ -201,7 +204,7 @@ def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: 
     if cfg.head_scale == "data":
         rescale_head(model, cfg.head, data_scale_ev(train))
     model.compiled_forces = cfg.compile_forces
-    history, best_step = _train(model, train, val, cfg, progress)
+    history, best_step = _train(model, train, val, cfg, progress, tracker or Tracker())
     model.compiled_forces = False  # a runtime choice: the release's model starts eager, as a loaded one does
     heads_meta[cfg.head]["finetune_data"] = {"num_train": len(train), "num_val": len(val or []),
                                     "sources": sorted({Path(r.source).name for r in train + (val or [])})}
@@ -214,7 +217,7 @@ def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: 
 
 
 def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg: FinetuneConfig,
-           progress: bool) -> tuple[list[dict], int]:
+           progress: bool, tracker: Tracker) -> tuple[list[dict], int]:
     optimizer = torch.optim.Adam(_param_groups(model, cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
     weights = LossWeights(cfg.energy_weight, cfg.forces_weight, cfg.stress_weight)
@@ -226,6 +229,7 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
     history: list[dict] = []
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     evaluations_since_best = 0
+    window = {"start": time.perf_counter(), "steps": 0, "loss_sum": 0.0}  # training since the last evaluation
 
     def evaluate(step: int) -> bool:
         """Record validation at ``step``; False once patience is exhausted."""
@@ -233,6 +237,7 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
         errors = error_table(scored, {cfg.head: val_batches}, cfg.device)[cfg.head]
         loss = _validation_loss(errors, sigma, weights)
         history.append({"step": step, "loss": loss, "errors": errors})
+        _track(tracker, step, cfg.head, loss, errors, window, scheduler.get_last_lr()[0])
         if loss < best[0]:
             best, evaluations_since_best = (loss, step, copy.deepcopy(scored.state_dict())), 0
         else:
@@ -258,6 +263,7 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
         loss.backward()
         optimizer.step()
         scheduler.step()
+        window["steps"], window["loss_sum"] = window["steps"] + 1, window["loss_sum"] + loss.item()
         if ema:
             ema.update()
         if val_batches and step % cfg.eval_every == 0:
@@ -273,6 +279,15 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
         return history, cfg.max_steps
     model.load_state_dict(best[2])
     return history, best[1]
+
+
+def _track(tracker: Tracker, step: int, head: str, val_loss: float, errors: dict, window: dict, lr: float) -> None:
+    """One evaluation and the training since the previous one to ``tracker``; the window restarts."""
+    seconds, steps = time.perf_counter() - window["start"], window["steps"]
+    training = {"train/loss": window["loss_sum"] / steps, "train/seconds_per_step": seconds / steps} if steps else {}
+    tracker.scalars(step, {**training, "train/lr": lr, "val/loss": val_loss,
+                           **{f"val/{head}/{metric}": value for metric, value in errors.items()}})
+    window.update(start=time.perf_counter(), steps=0, loss_sum=0.0)
 
 
 def _weight_average(model: Potential, cfg: FinetuneConfig) -> EMA | None:

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mlfound.data.record import DataError
-from mlfound.data.sets import subset
+from mlfound.config import LoggingConfig
+from mlfound.data.sets import subset, write_extxyz
 from mlfound.finetune import (
     FinetuneConfig,
     ReplayConfig,
@@ -24,6 +26,7 @@ from mlfound.finetune import (
 )
 from mlfound.predict import network_energy, predict
 from mlfound.release import load, save_release
+from mlfound.tracking import TENSORBOARD_DIR, open_tracker
 from tests.data.helpers import demo_slice, http_server, move_shards, shard
 from tests.data.test_files import small_disk  # noqa: F401  (a fixture)
 
@@ -251,6 +254,33 @@ def test_finetune_command_writes_a_release_keeping_every_head(tiny_release_path,
     assert done.returncode == 2 and "pickled torch file" in done.stderr
 
 
+def test_finetune_logs_each_evaluation_to_tensorboard(base, splits, tiny_release_path, tmp_path):
+    """The library's tracker gets every validation the history holds (read back with TensorBoard's reader); the
+    command logs beside --out by default, and a second fine-tune to the same --out hides the first's events."""
+    train, val = splits
+    cfg = FinetuneConfig(head="hf_631g", max_steps=4, eval_every=2, patience=None)
+    tracker = open_tracker(tmp_path / "lib", LoggingConfig(tensorboard=True), {"config": {}}, start_step=0)
+    result = finetune(base, train[:10], val, cfg, progress=False, tracker=tracker)
+    tracker.close()
+    logged = scalars(tmp_path / "lib" / TENSORBOARD_DIR)
+    assert logged["val/loss"] == [(h["step"], pytest.approx(h["loss"], rel=1e-6)) for h in result.history]
+    assert [step for step, _ in logged["val/hf_631g/forces_mae_mev_a"]] == [0, 2, 4]
+    assert [step for step, _ in logged["train/loss"]] == [2, 4] and [s for s, _ in logged["train/lr"]] == [0, 2, 4]
+    out, files = tmp_path / "ft.safetensors", {name: tmp_path / f"{name}.extxyz" for name in ("train", "val")}
+    write_extxyz(train[:10], files["train"]), write_extxyz(val, files["val"])
+    for max_steps in ("2", "4"):
+        done = run_finetune("--model", str(tiny_release_path), "--head", "hf_631g", "--train", str(files["train"]),
+                            "--val", str(files["val"]), "--max-steps", max_steps, "--eval-every", "2", "--out", str(out))
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert [step for step, _ in scalars(tmp_path / "ft.logs" / TENSORBOARD_DIR)["val/loss"]] == [0, 2, 4]
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_finetune_from_scratch_starts_from_fresh_weights_of_the_same_architecture(tiny_release_path, demo_dir,
                                                                                   tmp_path):
     out = tmp_path / "scratch.safetensors"
@@ -378,4 +408,5 @@ def test_export_and_finetune_on_a_full_disk_name_it_and_keep_the_previous_releas
     assert f"error: no space left on device writing {out}: it needs " in done.stderr
     assert mlfound(["export", str(tiny_release_path), "--out", str(out)]) == 2
     assert out.read_bytes() == b"the previous release"
-    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "model.safetensors"]
+    # the fine-tune's TensorBoard log (kilobytes, written as it trained) stays: the record of what ran
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "model.logs", "model.safetensors"]

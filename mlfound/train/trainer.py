@@ -16,6 +16,7 @@ from mlfound.data.loader import StepLoader
 from mlfound.meta.loss import LossWeights, potential_loss
 from mlfound.meta.reptile import inner_loop, scale_task_heads, surrogate_loss
 from mlfound.metrics import error_table, format_error_table
+from mlfound.tracking import Tracker, open_tracker
 from mlfound.train import checkpoint
 from mlfound.train.build import (
     build_loader,
@@ -94,6 +95,7 @@ class Trainer:
             validation_dirs(cfg), cfg.data.tasks, cfg.model.cutoff_a, cfg.data.max_atoms_per_batch,
             self.rank, self.world_size, cfg.data.shard_url_template)
         self._evaluation: tuple[int | None, dict] = (None, {})  # (step, table) of the latest evaluation
+        self.tracker = Tracker()  # rank 0 opens TensorBoard / W&B when training starts (``train``)
 
     def _lock_run_dir(self) -> FolderLock | None:
         """Rank 0 locks run_dir; every rank learns the verdict (one tiny all-reduce), so all stop together."""
@@ -124,7 +126,8 @@ class Trainer:
         return cfg.model_copy(update={"data": cfg.data.model_copy(update={"tasks": saved["data"]["tasks"]})})
 
     def close(self) -> None:
-        """Release run_dir (the launcher calls this in ``finally``)."""
+        """Release run_dir and the tracker (the launcher calls this in ``finally``)."""
+        self.tracker.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -136,6 +139,9 @@ class Trainer:
             self.restore(self.resume_tag)
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(self.cfg.model_dump_json(indent=1))
+            metadata = {"config": self.cfg.model_dump(mode="json"),
+                        "data": {task: manifest_provenance(m) for task, m in self.manifests.items()}}
+            self.tracker = open_tracker(self.run_dir, self.cfg.logging, metadata, start_step=self.step)
         last_step = min(self.cfg.train.outer_steps, self.cfg.train.stop_after_steps or self.cfg.train.outer_steps)
         try:
             while self.step < last_step:
@@ -182,7 +188,13 @@ class Trainer:
             loss = loss_fn(self.engine.module, next(batches))
             self._stop_unless_finite(torch.isfinite(loss), tasks)
         self.engine.backward(loss)
+        logged = (self.step + 1) % self.cfg.train.log_every == 0
+        grad_norm = _local_grad_norm(self.engine.module) if logged else None
         self.engine.step()
+        if logged:  # ZeRO's optimizers hold the (partitioned) gradients and compute the norm themselves
+            zero_norm = self.engine.get_global_grad_norm()
+            if zero_norm is not None or grad_norm is not None:
+                self._window["grad_norm"] = float(zero_norm if zero_norm is not None else grad_norm)
         self._check_update()
         self._window["tasks"].extend(tasks)  # every rank's task: known here without communication
         position = self.cfg.data.tasks.index(task)  # losses stay on the device until a log step
@@ -214,7 +226,8 @@ class Trainer:
     # -- logging, evaluation, checkpoints ---------------------------------------------------------
     def _new_window(self) -> dict:
         num_tasks = len(self.cfg.data.tasks)
-        return {"start": time.perf_counter(), "data_s": 0.0, "atoms": 0, "tasks": [], "loss_count": [0] * num_tasks,
+        return {"start": time.perf_counter(), "data_s": 0.0, "atoms": 0, "tasks": [], "grad_norm": float("nan"),
+                "loss_count": [0] * num_tasks,
                 "loss_sum": torch.zeros(num_tasks, dtype=torch.float64, device=self.device)}
 
     def take_window(self) -> dict:
@@ -224,7 +237,8 @@ class Trainer:
 
     def log(self) -> None:
         """Per-task losses averaged over all ranks (one small all-reduce), the realised task mixture over
-        all ranks, and this rank's speed and data-wait fraction."""
+        all ranks, the norm of the last step's update direction (Reptile: the pseudo-gradient), and this rank's
+        speed and data-wait fraction; to the JSONL log and the tracker (rank 0's)."""
         w = self.take_window()
         seconds = time.perf_counter() - w["start"]
         count = torch.tensor(w["loss_count"], dtype=torch.float64, device=self.device)
@@ -235,14 +249,17 @@ class Trainer:
         record = {
             "step": self.step, "rank": self.rank, "lr": self.engine.get_lr()[0],
             "seconds_per_step": seconds / max(num_steps, 1), "atoms_per_s": w["atoms"] / seconds,
-            "data_wait_fraction": w["data_s"] / seconds,
+            "data_wait_fraction": w["data_s"] / seconds, "grad_norm": w["grad_norm"],
             "task_mixture": {t: w["tasks"].count(t) / len(w["tasks"]) for t in self.cfg.data.tasks},
             "loss": {t: (s / n).item() for t, (s, n) in zip(self.cfg.data.tasks, loss_sum_count) if n > 0},
         }
         with open(self.run_dir / f"metrics_rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.engine.monitor.enabled:
-            self.engine.monitor.write_events([(f"train/loss/{t}", v, self.step) for t, v in record["loss"].items()])
+        self.tracker.scalars(self.step, {
+            **{f"train/loss/{t}": v for t, v in record["loss"].items()},
+            **{f"train/mixture/{t}": v for t, v in record["task_mixture"].items()},
+            **{f"train/{key}": record[key] for key in ("lr", "seconds_per_step", "atoms_per_s", "data_wait_fraction",
+                                                        "grad_norm")}})
         if self.rank == 0:
             losses = " ".join(f"{t}={v:.4g}" for t, v in record["loss"].items())
             mixture = " ".join(f"{t}={v:.2f}" for t, v in record["task_mixture"].items())
@@ -260,6 +277,8 @@ class Trainer:
             if self.rank == 0 and results:
                 with open(self.run_dir / VALIDATION_LOG, "a") as f:
                     f.write(json.dumps({"step": self.step, "tasks": results}) + "\n")
+                self.tracker.scalars(self.step, {f"val/{task}/{metric}": value for task, errors in results.items()
+                                                 for metric, value in errors.items()})
         return results
 
     def save(self) -> Path:
@@ -306,6 +325,14 @@ class Trainer:
         kept = drop_lines_after(validation, self.step) if self.rank == 0 else read_jsonl(validation, self.step)
         if kept and kept[-1]["step"] == self.step:
             self._evaluation = (self.step, kept[-1]["tasks"])
+
+
+def _local_grad_norm(model: torch.nn.Module) -> float | None:
+    """The 2-norm of the gradients ``model`` holds after ``engine.backward`` (ZeRO 0: every rank holds the
+    all-reduced whole); None when a ZeRO optimizer holds them instead."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads \
+        else None
 
 
 def _collective_device() -> torch.device:
