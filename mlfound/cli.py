@@ -74,6 +74,8 @@ def _main(argv=None) -> int:
     p.add_argument("--scan", action="store_true", help="DATA is a scan in order: report smoothness and plot it")
     p.add_argument("--plot", type=Path, help="scan plot (PNG); default <data stem>.<head>.png")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("--parity", type=Path, help="parity plot (PNG) of energies and forces; default with --json: "
+                   "beside it, <json stem>.parity.png")
     add_reading_arguments(p)
     p.set_defaults(run=cmd_evaluate)
 
@@ -218,17 +220,23 @@ def cmd_split(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from mlfound.evaluate import evaluate, plot_scan, scan_report
+    from mlfound.evaluate import evaluate, parity_values, plot_parity, plot_scan, scan_report
     from mlfound.metrics import format_error_table
     from mlfound.release import load
 
     release = load(args.model)
-    refuse_overwriting_inputs({"--plot": args.plot, "--json": args.json}, {"MODEL": release.path, "DATA": args.data})
+    parity = args.parity or (args.json.with_name(f"{args.json.stem}.parity.png") if args.json else None)
+    refuse_overwriting_inputs({"--plot": args.plot, "--json": args.json, "--parity": parity},
+                              {"MODEL": release.path, "DATA": args.data})
     release.check_head(args.head)
     records = _records(args, args.data, args.head)
     results = {"model": str(release.path), "data": str(args.data), "head": args.head,
                "errors": evaluate(release, records, args.head)}
     print(format_error_table({args.head: results["errors"]}))
+    if parity:
+        results["parity_plot"] = str(plot_parity(parity_values(release, records, args.head), parity,
+                                                 f"{args.head} on {args.data.name}"))
+        print(f"parity plot {parity}")
     if args.scan:
         smoothness, angles, model_energy, reference_energy = scan_report(release, records, args.head, args.data)
         plot = args.plot or Path(f"{args.data.stem}.{args.head}.png")

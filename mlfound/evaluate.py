@@ -1,4 +1,4 @@
-"""Evaluation of released models: error tables, torsion-scan smoothness, learning curves.
+"""Evaluation of released models: error tables, parity plots, torsion-scan smoothness, learning curves.
 
 Torsion scans test what error tables on MD frames miss: a potential can have small errors and still
 put wiggles (spurious minima and maxima) into a rotational profile. Smoothness is measured as the RMS
@@ -14,6 +14,7 @@ import numpy as np
 
 from mlfound.data.files import atomic_write
 from mlfound.data.record import Record
+from mlfound.data.references import reference_energy
 from mlfound.metrics import error_table
 from mlfound.predict import check_head_elements, head_batches, predict
 from mlfound.release import Release, ReleaseError
@@ -95,6 +96,47 @@ def plot_scan(angles: np.ndarray, model_energy_ev: np.ndarray, reference_energy_
     ax.set_ylabel("relative energy (meV)")
     ax.set_title(title)
     ax.legend()
+    return _save(fig, path)
+
+
+PARITY_PANELS = {"energy": ("energy per atom above the head's\nelement references (eV/atom)", "meV/atom"),
+                 "forces": ("force components (eV/Å)", "meV/Å")}
+
+
+def parity_values(release: Release, records: list[Record], head: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Reference and predicted energy per atom (eV/atom) and force components (eV/Å, of the records with
+    forces), the values of ``plot_parity``; their MAEs are the error table's. Energies are taken above the
+    head's per-element references, which both sides share: absolute energies per atom spread by composition
+    (hundreds of eV) and would hide the errors (meV) on the diagonal."""
+    model = release.model
+    energy_ev, forces_ev_a = predict(model, records, head)
+    references = dict(zip(model.elements, model.references_ev[model.task_names.index(head)].tolist()))
+    offset_ev = np.array([reference_energy(r.z, references) for r in records])
+    num_atoms = np.array([len(r.z) for r in records])
+    values = {"energy": ((np.array([r.energy_ev for r in records]) - offset_ev) / num_atoms,
+                         (energy_ev - offset_ev) / num_atoms)}
+    with_forces = [i for i, r in enumerate(records) if r.forces_ev_a is not None]
+    if with_forces:
+        values["forces"] = (np.concatenate([records[i].forces_ev_a.ravel() for i in with_forces]),
+                            np.concatenate([forces_ev_a[i].ravel() for i in with_forces]))
+    return values
+
+
+def plot_parity(values: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
+    """Predicted against reference values, each panel with its MAE: where an error table's averages hide
+    outliers, a branch of structures or a scale error, a parity plot shows them."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(values), figsize=(5 * len(values), 4.5), squeeze=False)
+    for ax, (kind, (reference, predicted)) in zip(axes[0], values.items()):
+        label, unit = PARITY_PANELS[kind]
+        low, high = min(reference.min(), predicted.min()), max(reference.max(), predicted.max())
+        ax.plot([low, high], [low, high], color="k", lw=0.8)
+        ax.scatter(reference, predicted, s=6, alpha=0.5, color="tab:blue")
+        ax.set_xlabel(f"reference {label}")
+        ax.set_ylabel(f"predicted {label}")
+        ax.set_title(f"MAE {1e3 * np.abs(predicted - reference).mean():.3g} {unit} ({len(reference)} values)")
+        ax.set_aspect("equal", adjustable="datalim")
+    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from mlfound.cli import main as mlfound
 from mlfound.data.readers import SourceSpec, read_source
-from mlfound.evaluate import evaluate, extrema, scan_smoothness
+from mlfound.evaluate import evaluate, extrema, parity_values, scan_smoothness
 from mlfound.predict import predict
 from mlfound.release import load
 
@@ -82,6 +82,22 @@ def test_evaluate_command_with_a_torsion_scan(demo_dir, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert mlfound(["evaluate", "demo-reptile", str(demo_dir / SCAN), "--head", "hf_631g"]) == 2
     assert "available heads" in capsys.readouterr().err
+
+
+def test_evaluate_draws_a_parity_plot_beside_the_json_whose_values_give_the_error_table(demo_dir, tmp_path,
+                                                                                          capsys):
+    records = list(read_source(SourceSpec(path=demo_dir / "hf_sto3g.extxyz", task="hf_sto3g")))[:20]
+    release = load("demo-reptile")
+    values = parity_values(release, records, "hf_sto3g")
+    table = evaluate(release, records, "hf_sto3g")
+    assert 1e3 * np.abs(np.subtract(*values["energy"])).mean() == pytest.approx(table["energy_mae_mev_atom"], 1e-6)
+    assert 1e3 * np.abs(np.subtract(*values["forces"])).mean() == pytest.approx(table["forces_mae_mev_a"], 1e-6)
+    out = tmp_path / "errors.json"
+    assert mlfound(["evaluate", "demo-reptile", str(demo_dir / "hf_sto3g.extxyz"), "--head", "hf_sto3g",
+                    "--json", str(out)]) == 0
+    assert (tmp_path / "errors.parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(out.read_text())["parity_plot"] == str(tmp_path / "errors.parity.png")
+    assert "parity plot" in capsys.readouterr().out
 
 
 def test_split_then_learning_curve(tiny_release_path, demo_dir, tmp_path, capsys):
