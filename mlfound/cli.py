@@ -231,7 +231,7 @@ def cmd_evaluate(args) -> int:
     release.check_head(args.head)
     records = _records(args, args.data, args.head)
     results = {"model": str(release.path), "data": str(args.data), "head": args.head,
-               "errors": evaluate(release, records, args.head)}
+               "errors": evaluate(release, records, args.head, progress=True)}
     print(format_error_table({args.head: results["errors"]}))
     if parity:
         results["parity_plot"] = str(plot_parity(parity_values(release, records, args.head), parity,
@@ -267,7 +267,7 @@ def cmd_learning_curve(args) -> int:
         label, _, path = item.rpartition("=")
         release = load(path)
         n = num_finetune_structures(release, args.head)
-        errors = evaluate(release, records, args.head)
+        errors = evaluate(release, records, args.head, progress=True)
         curves.setdefault(label or args.head, {}).setdefault(n, []).append(errors)
         print(f"{label or args.head:<16}{n:>6}{errors['energy_mae_mev_atom']:>10.1f}"
               f"{errors['forces_mae_mev_a']:>10.1f}  {path}")

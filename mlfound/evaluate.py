@@ -17,17 +17,20 @@ from mlfound.data.record import Record
 from mlfound.data.references import reference_energy
 from mlfound.metrics import error_table
 from mlfound.predict import check_head_elements, head_batches, predict
+from mlfound.progress import progress as show_progress
 from mlfound.release import Release, ReleaseError
 
 SCAN_ANGLE_KEY = "scan_angle_deg"
 
 
-def evaluate(release: Release, records: list[Record], head: str, max_atoms: int = 512) -> dict[str, float]:
-    """Energy (meV/atom) and force (meV/Å) MAE/RMSE of ``head`` on ``records``."""
+def evaluate(release: Release, records: list[Record], head: str, max_atoms: int = 512,
+             progress: bool = False) -> dict[str, float]:
+    """Energy (meV/atom) and force (meV/Å) MAE/RMSE of ``head`` on ``records``; ``progress``: a bar (commands)."""
     release.check_head(head)
     model = release.model
     check_head_elements(model, head, {int(z) for rec in records for z in rec.z})
     batches = head_batches(records, head, model.task_names, model.config.cutoff_a, max_atoms)
+    batches = show_progress(batches, desc=f"evaluate {head}", unit="batch", enabled=progress)
     return error_table(model, {head: batches}, next(model.parameters()).device)[head]
 
 

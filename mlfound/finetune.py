@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from ema_pytorch import EMA
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from mlfound.data.batching import AtomBudgetBatcher
 from mlfound.data.plausibility import check_units
@@ -37,6 +36,7 @@ from mlfound.meta.loss import LossWeights, potential_loss
 from mlfound.metrics import error_table
 from mlfound.model import Potential
 from mlfound.predict import head_batches, network_energy, predict
+from mlfound.progress import progress as show_progress
 from mlfound.release import Release, ReleaseError, release_metadata
 from mlfound.tracking import Tracker
 from mlfound.train.guards import TrainingError
@@ -248,8 +248,7 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
         return history, 0
     train_batches = _epochs(train, cfg, model)
     replay = _replay_batchers(cfg, model)
-    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"fine-tune {cfg.head}", unit="step",
-               disable=None if progress else True)  # None: a bar on a terminal only, not in a log file
+    bar = show_progress(range(1, cfg.max_steps + 1), desc=f"fine-tune {cfg.head}", unit="step", enabled=progress)
     model.train()
     for step in bar:
         optimizer.zero_grad(set_to_none=True)

@@ -244,6 +244,7 @@ def test_finetune_command_writes_a_release_keeping_every_head(tiny_release_path,
                         str(demo_dir / "hf_631g.extxyz"), "--num-train", "10", "--max-steps", "3", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(references only)" in done.stdout and "chosen:" in done.stdout
+    assert "fine-tune hf_631g: 3/3 step (100%)" in done.stderr and "\r" not in done.stderr  # a log: plain lines
     assert mlfound(["show", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "HF/6-31G (pyscf)" in shown and "initialised from" in shown and "gfn2_xtb" in shown
@@ -270,7 +271,8 @@ def test_finetune_logs_each_evaluation_to_tensorboard(base, splits, tiny_release
     write_extxyz(train[:10], files["train"]), write_extxyz(val, files["val"])
     for max_steps in ("2", "4"):
         done = run_finetune("--model", str(tiny_release_path), "--head", "hf_631g", "--train", str(files["train"]),
-                            "--val", str(files["val"]), "--max-steps", max_steps, "--eval-every", "2", "--out", str(out))
+                            "--val", str(files["val"]), "--max-steps", max_steps, "--eval-every", "2",
+                            "--out", str(out))
         assert done.returncode == 0, done.stderr[-3000:]
     assert [step for step, _ in scalars(tmp_path / "ft.logs" / TENSORBOARD_DIR)["val/loss"]] == [0, 2, 4]
 

@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import webdataset as wds
-from tqdm import tqdm
 
 from mlfound.data import shard_format
 from mlfound.data.files import FolderLock, atomic_write, atomic_write_bytes, sha256_file
@@ -44,6 +43,7 @@ from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, valid
 from mlfound.data.references import ReferenceFit
 from mlfound.data.shard_stats import SplitStats
 from mlfound.data.shuffle import MAX_PARTS, BucketFiles, shuffle_key, sorted_payloads
+from mlfound.progress import progress
 
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"  # one {"source", "index", "reason"} per line, written with skip_bad
@@ -242,8 +242,8 @@ def _read_pass(plans: list[_Plan], options: ShardOptions, run: _Execution) -> No
     jobs += [_ReadSource(p.task, ordinal, spec, p.tmp_dir, p.num_buckets, options)
              for p in plans for ordinal, spec in enumerate(p.sources)]
     by_task = {plan.task: plan for plan in plans}
-    for result in tqdm(_ordered_map(run.pool, _run, jobs), total=len(jobs), desc="read", unit="file",
-                       disable=None if run.progress and jobs else True):  # None: no bars in a log file
+    for result in progress(_ordered_map(run.pool, _run, jobs), total=len(jobs), desc="read", unit="file",
+                           enabled=run.progress and bool(jobs)):
         if result is not None:
             plan = by_task[result.task]
             for split, fit in result.fits.items():
@@ -390,9 +390,8 @@ def _write_split(plan: _Plan, split: str, header: dict, options: ShardOptions, r
             for number, batch in enumerate(_batched(payloads, options.records_per_shard)))
     shards, stats = [], SplitStats()
     results = _ordered_map(run.pool, _run, jobs, window=2 * run.workers)
-    for entry, shard_stats in tqdm(results, desc=f"write {plan.task}", unit="shard",
-                                   disable=None if run.progress else True,
-                                   total=-(-fit.num_structures // options.records_per_shard)):
+    for entry, shard_stats in progress(results, desc=f"write {plan.task}", unit="shard", enabled=run.progress,
+                                       total=-(-fit.num_structures // options.records_per_shard)):
         shards.append(entry)
         stats.merge(shard_stats)
     assert stats.num_records == fit.num_structures, "every record read is written once"

@@ -16,9 +16,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from mlfound.data.files import atomic_write
+from mlfound.progress import progress
 from mlfound.qmdata import geometries, levels
 from mlfound.qmdata.recipes import Crystal, Recipe
 
@@ -80,12 +80,12 @@ def _run_units(fn, args_list, workers: int, what: str) -> None:
     if not args_list:
         return
     if workers <= 1:
-        for args in tqdm(args_list, desc=what, unit="unit"):
+        for args in progress(args_list, desc=what, unit="unit"):
             fn(*args)
         return
     with cf.ProcessPoolExecutor(workers, initializer=single_thread) as pool:
         futures = [pool.submit(fn, *args) for args in args_list]
-        for future in tqdm(cf.as_completed(futures), total=len(futures), desc=what, unit="unit"):
+        for future in progress(cf.as_completed(futures), total=len(futures), desc=what, unit="unit"):
             future.result()  # re-raise a worker's error here, with its traceback
 
 

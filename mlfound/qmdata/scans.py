@@ -11,9 +11,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from mlfound.data.files import atomic_write_bytes
+from mlfound.progress import progress
 from mlfound.qmdata import geometries, levels
 from mlfound.qmdata.corpus import single_thread
 from mlfound.qmdata.recipes import TARGET_MOLECULES
@@ -49,8 +49,8 @@ def make_scan(name: str, scan: TorsionScan, out_dir: Path, workers: int) -> Path
     lot = levels.LEVELS[scan.lot]
     symbols, frames_a = geometries.torsion_scan(scan.smiles, scan.torsion_smarts, scan.angles_deg, scan.seed)
     with cf.ProcessPoolExecutor(workers, initializer=single_thread) as pool:
-        labels = list(tqdm(pool.map(levels.label, [lot] * len(frames_a), [symbols] * len(frames_a), frames_a),
-                           total=len(frames_a), desc=f"scan {name}", unit="point"))
+        labels = list(progress(pool.map(levels.label, [lot] * len(frames_a), [symbols] * len(frames_a), frames_a),
+                               total=len(frames_a), desc=f"scan {name}", unit="point"))
     atoms_list = []
     for angle, pos_a, (energy_ev, forces) in zip(scan.angles_deg, frames_a, labels):
         atoms = Atoms(symbols, positions=pos_a)

@@ -1,0 +1,29 @@
+"""Progress of long commands: in a log (not a terminal) plain lines, no carriage returns, the final count always;
+nothing at all when turned off."""
+import io
+
+from mlfound import progress as progress_module
+from mlfound.progress import progress
+
+
+def test_in_a_log_each_refresh_is_a_plain_line_and_the_final_count_is_always_written(monkeypatch):
+    log = io.StringIO()  # not a terminal
+    monkeypatch.setattr(progress_module, "LOG_INTERVAL_S", 3600.0)  # no refresh between start and end
+    for _ in progress(range(7), desc="fine-tune h", unit="step", file=log):
+        pass
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 2, lines
+    assert lines[0].startswith("fine-tune h: 0/7 step (0%)") and lines[-1].startswith("fine-tune h: 7/7 step (100%)")
+    stopped = io.StringIO()
+    bar = progress(range(7), desc="read", unit="file", file=stopped)
+    for i in bar:
+        if i == 2:
+            break
+    bar.close()
+    # tqdm counts an item when the next one is asked for: the loop stopped in the third
+    assert stopped.getvalue().splitlines()[-1].startswith("read: 2/7 file (29%)")
+
+
+def test_turned_off_it_writes_nothing():
+    log = io.StringIO()
+    assert list(progress(range(3), desc="x", file=log, enabled=False)) == [0, 1, 2] and log.getvalue() == ""
