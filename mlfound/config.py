@@ -25,10 +25,10 @@ LOADER_PREFETCH = 2
 
 
 class DataConfig(_Strict):
-    shard_root: Path
+    shard_root: Path  # <shard_root>/<task>/ as tools/shard_dataset.py writes it
     tasks: list[str] = Field(min_length=1)  # pretraining tasks: <shard_root>/<task>/manifest.json
-    max_atoms_per_batch: int = Field(128, ge=1)
-    max_graphs_per_batch: int | None = Field(None, ge=1)
+    max_atoms_per_batch: int = Field(128, ge=1)  # atom budget of one batch: graphs are added while they fit
+    max_graphs_per_batch: int | None = Field(None, ge=1)  # cap on graphs per batch as well; None: the atom budget alone
     shard_url_template: str | None = None  # stream shards from a mirror of shard_root: mlfound/data/urls.py
 
     @field_validator("tasks")
@@ -60,17 +60,19 @@ class DataConfig(_Strict):
 
 
 class SamplingConfig(_Strict):
+    # task draw probability: uniform, proportional to task size, or size^(1/temperature)
     strategy: Literal["uniform", "proportional", "temperature"] = "temperature"
-    temperature: float = Field(2.0, gt=0)
+    temperature: float = Field(2.0, gt=0)  # of the temperature strategy: 1 proportional, large values approach uniform
 
 
 class MetaConfig(_Strict):
+    # reptile (k inner steps, pseudo-gradient outer step), joint (gradients averaged) or single (one task)
     mode: Literal["reptile", "joint", "single"] = "reptile"
     inner_steps: int = Field(10, description="k: inner optimizer steps per outer step (reptile)")
-    inner_lr: float = Field(1e-3, gt=0)
+    inner_lr: float = Field(1e-3, gt=0)  # Adam lr of the Reptile inner steps
     outer_lr: float = Field(1.0, gt=0, description="ε for reptile; the optimizer lr for joint/single")
     outer_lr_final: float = Field(0.0, ge=0, description="linear anneal target of the outer lr")
-    single_task: str | None = None
+    single_task: str | None = None  # the task of mode single (one of data.tasks)
     sampling: SamplingConfig = SamplingConfig()
 
     @model_validator(mode="after")
@@ -83,8 +85,8 @@ class MetaConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    energy_weight: float = Field(10.0, ge=0)
-    forces_weight: float = Field(1.0, ge=0)
+    energy_weight: float = Field(10.0, ge=0)  # weight of the MSE of energy per atom, in units of the task's scale σ
+    forces_weight: float = Field(1.0, ge=0)  # weight of the MSE of force components, in σ per Å
     stress_weight: float = Field(1.0, ge=0)  # virial per atom, in σ units like the energy; where labels have it
 
 
@@ -114,9 +116,9 @@ OWNED_DEEPSPEED_KEYS = {
 
 
 class DeepSpeedConfig(_Strict):
-    zero_stage: int = Field(0, ge=0)
+    zero_stage: int = Field(0, ge=0)  # ZeRO stage 0, 1 or 2 (optimizer state, then gradients partitioned over ranks)
     gradient_clipping: float = Field(0.0, ge=0, description="0 disables; DeepSpeed's own default is 1.0")
-    bf16: bool = False
+    bf16: bool = False  # bfloat16 weights and compute on GPUs; references and the energy sum stay float64
     extra: dict[str, Any] = {}  # passed through to DeepSpeed's config (monitors, comms logging, ...)
 
     @field_validator("extra")
@@ -138,19 +140,19 @@ class DeepSpeedConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    outer_steps: int = Field(100, ge=0)
+    outer_steps: int = Field(100, ge=0)  # outer steps per rank: the schedule's length
     stop_after_steps: int | None = Field(None, ge=0, description="stop early (job time limit); "
                                          "the schedule still spans outer_steps, resume continues it")
-    log_every: int = Field(10, ge=1)
-    eval_every: int = Field(50, ge=1)
-    save_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)  # steps between lines of the JSONL metrics log (and the tracker)
+    eval_every: int = Field(50, ge=1)  # steps between validations on every task's val split
+    save_every: int = Field(50, ge=1)  # steps between checkpoints (the final step is always saved)
     compile_forces: bool = Field(False, description="energy, forces and stress from one graph torch.compile fuses "
                                  "(mlfound.model.compiled): ~3x faster steps on CPU after a compile of minutes")
 
 
 class WandbConfig(_Strict):
-    project: str
-    entity: str | None = None
+    project: str  # the W&B project the run logs to
+    entity: str | None = None  # the W&B team or user; None: your default
     name: str | None = None  # the run's display name; W&B's own when unset
     mode: Literal["online", "offline"] = Field("online", description="offline: written under the log folder, "
                                                "uploaded later with `wandb sync` (clusters without internet)")
@@ -164,8 +166,8 @@ class LoggingConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    run_dir: Path
-    seed: int = 0
+    run_dir: Path  # checkpoints, config.json, the JSONL logs and TensorBoard files; one run owns it (a lock)
+    seed: int = 0  # model initialisation, task draws and stream order: a run is a pure function of it and the data
     data: DataConfig
     model: ModelConfig = ModelConfig()
     meta: MetaConfig = MetaConfig()

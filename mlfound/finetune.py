@@ -47,8 +47,8 @@ class ReplayConfig(BaseModel):
     next task (round robin) from the pretraining shards, trained on its own head."""
     model_config = ConfigDict(extra="forbid")
     shard_root: Path  # manifests are read here; the shards too, unless shard_url_template is given
-    tasks: list[str]
-    every: int = Field(4, ge=1)
+    tasks: list[str]  # pretraining tasks replayed in turn (heads of the release)
+    every: int = Field(4, ge=1)  # one replayed batch every this many steps
     shard_url_template: str | None = None  # as data.shard_url_template: shards from a mirror, sha256-checked
 
 
@@ -57,33 +57,34 @@ class FinetuneConfig(BaseModel):
     head: str  # an existing head, or the name of a new head for a new LoT
     init: str = "auto"  # new head only: "auto" or the existing head to copy
     lot: dict = {}  # new head only: LoT metadata recorded in the release
-    freeze: Literal["none", "trunk"] = "none"
+    freeze: Literal["none", "trunk"] = "none"  # trunk: train the head alone
     # Adam lr, decayed by a cosine to lr * lr_final_ratio at max_steps. On the demo target (N = 200, 3000 steps) a
     # constant 1e-3 left test forces at 191 meV/Å and the energy error jumping between evaluations; cosine 1e-2: 154.
     lr: float = Field(1e-2, gt=0)
     lr_trunk: float | None = Field(None, gt=0)  # default: lr
     lr_head: float | None = Field(None, gt=0)  # default: lr
+    # cosine decay to lr * lr_final_ratio at max_steps, or constant
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    lr_final_ratio: float = Field(0.01, ge=0, le=1)
+    lr_final_ratio: float = Field(0.01, ge=0, le=1)  # the cosine's end as a fraction of lr
     # σ of the fine-tuned head: "source" keeps the copied head's (from the pretraining corpus); "data" sets the
     # training set's RMS force (as MACE's rms_forces_scaling), rescaling the head's last layer so that no
     # prediction changes before the first step: only what one optimizer step means in eV/Å changes
     head_scale: Literal["source", "data"] = "source"
     warmup_steps: int = Field(0, ge=0)  # lr rises linearly from lr / warmup_steps to lr over these steps
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the weights (ema-pytorch beta); None: no EMA
-    max_steps: int = Field(3000, ge=0)
-    eval_every: int = Field(50, ge=1)
+    max_steps: int = Field(3000, ge=0)  # optimizer steps (one batch each)
+    eval_every: int = Field(50, ge=1)  # steps between validations (early stopping, the kept step, the tracker)
     # evaluations without improvement; None: run max_steps. Harmless at 3000 steps (the kept step was the same in
     # 7 of 8 E2 fine-tunes); at 6000 it stopped cosine runs on a plateau at high lr, 8-13% worse on validation
     # than running the schedule out (docs/benchmarks.md §6), so longer budgets want None.
     patience: int | None = Field(10, ge=1)
-    max_atoms_per_batch: int = Field(100, ge=1)
-    energy_weight: float = Field(10.0, ge=0)
-    forces_weight: float = Field(1.0, ge=0)
-    stress_weight: float = Field(1.0, ge=0)
-    seed: int = 0
+    max_atoms_per_batch: int = Field(100, ge=1)  # atom budget of one batch
+    energy_weight: float = Field(10.0, ge=0)  # weight of the MSE of energy per atom, in units of the head's scale σ
+    forces_weight: float = Field(1.0, ge=0)  # weight of the MSE of force components, in σ per Å
+    stress_weight: float = Field(1.0, ge=0)  # weight of the MSE of virial per atom (σ units), with stress labels
+    seed: int = 0  # the batch order (and, from scratch, the initial weights)
     replay: ReplayConfig | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:1, ...
     check_units: bool = True  # refuse data that cannot be in eV and Å (mlfound.data.plausibility)
     # forces from one graph torch.compile fuses (mlfound.model.compiled): ~3x faster steps on CPU, after a compile
     # of 0.5-3.5 minutes; the same results to float32 rounding

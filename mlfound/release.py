@@ -13,7 +13,8 @@ and by ``mlfound show``: one flipped bit in a weight, or an edited cutoff, is an
 changed, never a silently different model.
 
 Releases are found by path or by name through ``models/registry.json`` (name -> file, sha256, LoTs);
-the name ``default`` is the entry marked ``"default": true``, the release the README's user path starts from.
+the name ``default`` is the entry marked ``"default": true``, the release the user path of
+docs/getting-started.md starts from.
 """
 from __future__ import annotations
 

@@ -36,12 +36,13 @@ class _Strict(BaseModel):
 
 class Pretrain(_Strict):
     corpus: RootPath  # every *.extxyz here is sharded into `shards` when a task has none there
-    shards: RootPath
+    shards: RootPath  # where the corpus is sharded (reused when every task's manifest is there)
     config: RootPath  # the pretraining RunConfig; run_dir, seed and data.shard_root are set by the tool
     overrides: list[str] = []  # dotted overrides of `config` for every method (and the scratch model)
     grad_steps: int = Field(3000, ge=1)  # gradient steps per rank, every method
+    # single, joint or reptile_k<inner steps>, each pretrained once per seed
     methods: list[str] = ["single", "joint", "reptile_k1", "reptile_k5", "reptile_k20"]
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)  # pretraining seeds (MACE's training seeds too)
 
     @field_validator("methods")
     @classmethod
@@ -53,17 +54,18 @@ class Pretrain(_Strict):
 
 
 class Target(_Strict):
-    file: RootPath
+    file: RootPath  # extxyz of the target LoT with energies and forces
     head: str  # the new head fine-tuned for the target LoT
-    test: int = Field(50, ge=1)
+    test: int = Field(50, ge=1)  # structures held out for testing
+    # structures held out for validation (recipe choice, early stopping); the rest is the training pool
     val: int = Field(25, ge=1)
     scan: RootPath | None = None  # a torsion scan at the target LoT, for the smoothness columns
 
 
 class Finetune(_Strict):
-    sizes: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
-    subsets: list[int] = Field([0, 1], min_length=1)
-    max_steps: int = Field(2000, ge=1)
+    sizes: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)  # training-set sizes N
+    subsets: list[int] = Field([0, 1], min_length=1)  # nested draws of N structures per size (seeded by the index)
+    max_steps: int = Field(2000, ge=1)  # steps of every fine-tune, every recipe
     recipes: dict[str, dict[str, Any]] = Field(min_length=1)  # name -> FinetuneConfig fields
 
     @field_validator("recipes")
@@ -74,7 +76,7 @@ class Finetune(_Strict):
 
 
 class Mace(_Strict):
-    enabled: bool = False
+    enabled: bool = False  # MACE from scratch on the same splits and subsets (needs .venv-mace)
     # of configs/peers/mace_recipes.yaml: one name for every N, or one per fine-tuning size ({10: plain, 50:
     # plain_6k}), as MACE's best recipe on validation depends on N; "grid" is what E1/E2 first ran
     recipe: str | dict[int, str] = "grid"
@@ -101,18 +103,19 @@ def mace_recipes() -> dict[str, dict[str, Any]]:
 class Md(_Strict):
     n: int = Field(ge=1)  # the fine-tuning size whose models run MD
     runs: int = Field(10, ge=1)  # per method
-    steps: int = Field(4000, ge=1)
-    temperature_k: float = Field(600.0, gt=0)
-    timestep_fs: float = Field(0.5, gt=0)
+    steps: int = Field(4000, ge=1)  # Langevin steps per run
+    temperature_k: float = Field(600.0, gt=0)  # Langevin temperature
+    timestep_fs: float = Field(0.5, gt=0)  # time step
 
 
 class Goal(_Strict):
     """What the report checks (issue 12, item 5): at N = n the best pretrained start's test force MAE is
     ``below_scratch`` (a fraction) under scratch's and ``better_than_mace`` times under MACE's, and every
     Reptile start is ahead of joint. The report says which hold; with no results at N = n it says so."""
-    n: int = Field(50, ge=1)
+    n: int = Field(50, ge=1)  # the training size the goal is judged at
+    # the best pretrained start's test force MAE at least this fraction below scratch's
     below_scratch: float = Field(0.30, gt=0, lt=1)
-    better_than_mace: float = Field(1.5, gt=0)
+    better_than_mace: float = Field(1.5, gt=0)  # and at least this many times below MACE's
 
 
 class Experiment(_Strict):

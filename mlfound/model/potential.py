@@ -34,14 +34,15 @@ def _ignore_compiled_constants(module, incompatible_keys) -> None:
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    channels: int = Field(32, ge=1)
+    channels: int = Field(32, ge=1)  # features per irrep order in the hidden layers
+    # highest rotation order of the hidden features (and, with correlation 1, of edge directions)
     l_max: int = Field(2, ge=0, le=4)
-    num_layers: int = Field(3, ge=1)
-    cutoff_a: float = Field(5.0, gt=0)
-    num_basis: int = Field(8, ge=1)
-    radial_hidden: int = Field(64, ge=1)
+    num_layers: int = Field(3, ge=1)  # message-passing layers
+    cutoff_a: float = Field(5.0, gt=0)  # radial cutoff of the neighbour graph (Å)
+    num_basis: int = Field(8, ge=1)  # Bessel radial basis functions
+    radial_hidden: int = Field(64, ge=1)  # width of the radial MLP
     radial_layers: int = Field(1, ge=1)  # hidden layers of the radial MLP (NequIP's default; release format 2)
-    head_hidden: int = Field(32, ge=1)
+    head_hidden: int = Field(32, ge=1)  # width of each task head's MLP
     # None: counted from the training shards' manifests at the cutoff when pretraining starts (train.build), so
     # the release stores the number; releases before format 5 hold the fixed 10.0 they were trained with
     avg_num_neighbors: float | None = Field(None, gt=0)

@@ -39,7 +39,7 @@ def one_node(shard_root, tmp_path_factory):
 
 
 def node_command(launcher: str, node_rank: int, port: int, hostfile: Path) -> list[str]:
-    """What one node runs: the commands of README.md's "Several nodes", with 127.0.0.1 as the first node."""
+    """What one node runs: the commands of docs/how-to/multinode.md, with 127.0.0.1 as the first node."""
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                 "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port), PRETRAIN]
