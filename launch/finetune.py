@@ -70,6 +70,9 @@ def finetune_command(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true",
                    help="forces from one graph torch.compile fuses: ~3x faster steps on CPU after a compile of 1-3 min")
+    p.add_argument("--committee", type=int, default=default("committee"),
+                   help="K: also train K - 1 heads on the fine-tuned trunk (bootstrap resamples, trunk frozen), whose "
+                   "spread the calculator and `mlfound evaluate --committee` report; K times the training time")
     p.add_argument("--log-dir", type=Path, help="TensorBoard and W&B files (default: beside --out, its name + .logs)")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
                    help="log to TensorBoard (default: when the tensorboard package is installed)")
@@ -100,7 +103,7 @@ def finetune_command(argv=None) -> int:
                          eval_every=args.eval_every, patience=args.patience or None,
                          max_atoms_per_batch=args.max_atoms, energy_weight=args.energy_weight,
                          forces_weight=args.forces_weight, stress_weight=args.stress_weight, seed=args.seed,
-                         replay=replay, device=args.device, compile_forces=args.compile,
+                         replay=replay, device=args.device, compile_forces=args.compile, committee=args.committee,
                          check_units=not args.no_unit_check)
     start = reinitialised(load(model_path), args.seed) if args.from_scratch else load(model_path)
     wandb = WandbConfig(project=args.wandb_project, entity=args.wandb_entity, mode=args.wandb_mode) \

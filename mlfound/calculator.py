@@ -13,6 +13,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.md import velocitydistribution
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from mlfound.committee import members, spread
 from mlfound.data.record import DEFAULT_MIN_DISTANCE_A, DataError, Record, closest_pair
 from mlfound.predict import predict_with_stress
 from mlfound.release import Release, load
@@ -32,12 +33,17 @@ class MLFoundCalculator(Calculator):
 
     Atoms closer than ``min_distance_a`` (periodic images included) are an error naming them: two atoms
     at one position give NaN energies and forces, and an MD run would carry on with them silently.
-    ``min_distance_a=0`` switches the guard off."""
+    ``min_distance_a=0`` switches the guard off.
+
+    ``committee=True`` (a head fine-tuned with ``--committee K``) also evaluates the head's K - 1 other members
+    (K times the cost) and adds their spread to ``results``: ``committee_energy_std`` (eV/atom),
+    ``committee_forces_deviation`` (per atom, eV/Å) and ``committee_max_forces_deviation`` (eV/Å), DeePMD's
+    model deviation; energy and forces stay the head's own (mlfound/committee.py)."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, model: Release | str, head: str, dtype: str = "float32", device: str = "cpu",
-                 min_distance_a: float = DEFAULT_MIN_DISTANCE_A, **kwargs):
+                 min_distance_a: float = DEFAULT_MIN_DISTANCE_A, committee: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.min_distance_a = min_distance_a
         if dtype not in DTYPES:
@@ -45,6 +51,9 @@ class MLFoundCalculator(Calculator):
         self.release = model if isinstance(model, Release) else load(model)
         self.release.check_head(head)
         self.head = head
+        self.members = members(self.release.metadata, head) if committee else [head]
+        if committee and len(self.members) == 1:
+            raise ValueError(f"head {head!r} has no committee: fine-tune it with launch/finetune.py --committee K")
         self.model = copy.deepcopy(self.release.model).to(device=device, dtype=DTYPES[dtype]).eval()
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -67,5 +76,12 @@ class MLFoundCalculator(Calculator):
                                               f"{self.atoms.cell.rank}")
         energy_ev, forces, stresses = predict_with_stress(self.model, [record], self.head, True, compute_stress)
         self.results = {"energy": float(energy_ev[0]), "free_energy": float(energy_ev[0]), "forces": forces[0]}
+        if len(self.members) > 1:
+            others = [predict_with_stress(self.model, [record], member, True, False) for member in self.members[1:]]
+            committee = spread([float(energy_ev[0])] + [float(e[0]) for e, _, _ in others],
+                               [forces[0]] + [f[0] for _, f, _ in others], len(record.z))
+            self.results |= {"committee_energy_std": committee["energy_std_ev_atom"],
+                             "committee_forces_deviation": committee["forces_deviation_ev_a"],
+                             "committee_max_forces_deviation": committee["max_forces_deviation_ev_a"]}
         if compute_stress:
             self.results["stress"] = full_3x3_to_voigt_6_stress(stresses[0])

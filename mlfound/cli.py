@@ -74,6 +74,8 @@ def _main(argv=None) -> int:
     p.add_argument("--scan", action="store_true", help="DATA is a scan in order: report smoothness and plot it")
     p.add_argument("--plot", type=Path, help="scan plot (PNG); default <data stem>.<head>.png")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
+    p.add_argument("--committee", action="store_true", help="a head fine-tuned with --committee K: whether its "
+                   "members' spread predicts the head's force error (Spearman, per structure and per atom)")
     p.add_argument("--parity", type=Path, help="parity plot (PNG) of energies and forces; default with --json: "
                    "beside it, <json stem>.parity.png")
     add_reading_arguments(p)
@@ -220,7 +222,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from mlfound.evaluate import evaluate, parity_values, plot_parity, plot_scan, scan_report
+    from mlfound.evaluate import committee_report, evaluate, parity_values, plot_parity, plot_scan, scan_report
     from mlfound.metrics import format_error_table
     from mlfound.release import load
 
@@ -233,6 +235,13 @@ def cmd_evaluate(args) -> int:
     results = {"model": str(release.path), "data": str(args.data), "head": args.head,
                "errors": evaluate(release, records, args.head, progress=True)}
     print(format_error_table({args.head: results["errors"]}))
+    if args.committee:
+        report = results["committee"] = committee_report(release, records, args.head)
+        deviation, error = (1e3 * report[f"mean_max_forces_{what}_ev_a"] for what in ("deviation", "error"))
+        print(f"committee of {len(report['members'])}: Spearman rank correlation of the force deviation with the "
+              f"force error {report['spearman_per_structure']:.2f} per structure (largest per atom: {deviation:.0f} "
+              f"vs {error:.0f} meV/Å on average), {report['spearman_per_atom']:.2f} per atom; "
+              f"{report['num_structures']} structures")
     if parity:
         results["parity_plot"] = str(plot_parity(parity_values(release, records, args.head), parity,
                                                  f"{args.head} on {args.data.name}"))

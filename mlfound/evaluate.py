@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from mlfound.data.files import atomic_write
-from mlfound.data.record import Record
+from mlfound.committee import force_deviation, members
+from mlfound.data.record import DataError, Record
 from mlfound.data.references import reference_energy
 from mlfound.metrics import error_table
 from mlfound.predict import check_head_elements, head_batches, predict
@@ -100,6 +101,32 @@ def plot_scan(angles: np.ndarray, model_energy_ev: np.ndarray, reference_energy_
     ax.set_title(title)
     ax.legend()
     return _save(fig, path)
+
+
+def committee_report(release: Release, records: list[Record], head: str) -> dict:
+    """Whether the spread of ``head``'s committee predicts the head's error on labelled ``records``: Spearman
+    rank correlations of the per-atom force deviation with the per-atom force error (|F - F_ref|, eV/Å), per
+    atom and per structure (the largest of each, as an active-learning loop ranks structures)."""
+    from scipy.stats import spearmanr
+
+    names = members(release.metadata, head)
+    if len(names) == 1:
+        raise ReleaseError(f"{release.path}: head {head!r} has no committee; fine-tune it with --committee K")
+    forces_by_member = [predict(release.model, records, name)[1] for name in names]
+    deviations, errors = [], []
+    for g, record in enumerate(records):
+        if record.forces_ev_a is not None:
+            deviations.append(force_deviation(np.stack([forces[g] for forces in forces_by_member])))
+            errors.append(np.linalg.norm(forces_by_member[0][g] - record.forces_ev_a, axis=1))
+    if len(deviations) < 3:
+        raise DataError(f"a committee report needs at least 3 structures with forces; these records have "
+                        f"{len(deviations)}")
+    largest_deviation, largest_error = [d.max() for d in deviations], [e.max() for e in errors]
+    return {"members": names, "num_structures": len(deviations),
+            "spearman_per_structure": float(spearmanr(largest_deviation, largest_error).statistic),
+            "spearman_per_atom": float(spearmanr(np.concatenate(deviations), np.concatenate(errors)).statistic),
+            "mean_max_forces_deviation_ev_a": float(np.mean(largest_deviation)),
+            "mean_max_forces_error_ev_a": float(np.mean(largest_error))}
 
 
 PARITY_PANELS = {"energy": ("energy per atom above the head's\nelement references (eV/atom)", "meV/atom"),

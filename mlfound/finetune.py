@@ -26,6 +26,7 @@ import torch
 from ema_pytorch import EMA
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlfound import committee
 from mlfound.data.batching import AtomBudgetBatcher
 from mlfound.data.plausibility import check_units
 from mlfound.data.readers import lot_label
@@ -89,6 +90,9 @@ class FinetuneConfig(BaseModel):
     # forces from one graph torch.compile fuses (mlfound.model.compiled): ~3x faster steps on CPU, after a compile
     # of 0.5-3.5 minutes; the same results to float32 rounding
     compile_forces: bool = False
+    # heads of this LoT on the fine-tuned trunk (mlfound.committee): the head, and K - 1 heads drawn afresh and
+    # trained on bootstrap resamples with the trunk frozen, whose spread flags structures to distrust
+    committee: int = Field(1, ge=1)
 
 
 @dataclasses.dataclass
@@ -206,15 +210,43 @@ def finetune(base: Release, train: list[Record], val: list[Record] | None, cfg: 
         rescale_head(model, cfg.head, data_scale_ev(train))
     model.compiled_forces = cfg.compile_forces
     history, best_step = _train(model, train, val, cfg, progress, tracker or Tracker())
+    model = _train_committee(model, train, val, cfg, progress)
     model.compiled_forces = False  # a runtime choice: the release's model starts eager, as a loaded one does
     heads_meta[cfg.head]["finetune_data"] = {"num_train": len(train), "num_val": len(val or []),
                                     "sources": sorted({Path(r.source).name for r in train + (val or [])})}
+    if cfg.committee > 1:
+        names = committee.member_names(cfg.head, cfg.committee)
+        heads_meta[cfg.head]["committee"] = names
+        heads_meta |= {name: {"lot": heads_meta[cfg.head].get("lot", {}), "committee_of": cfg.head}
+                       for name in names[1:]}
     stage = {"stage": "finetune", "head": cfg.head, "initialised_from": source, "best_step": best_step,
              "config": cfg.model_dump(mode="json"), "head_scores": scores,
              "final_validation": history[-1]["errors"] if history else {}}
     metadata = release_metadata(model.cpu(), heads_meta, base.metadata.get("training"),
                                 base.metadata.get("history", []) + [stage])
     return FinetuneResult(Release(model.eval(), metadata), scores, history, best_step)
+
+
+def _train_committee(model: Potential, train: list[Record], val: list[Record] | None, cfg: FinetuneConfig,
+                     progress: bool) -> Potential:
+    """``model`` with members 1..K-1 of ``cfg.head``'s committee: each a head with the head's references and
+    scale, weights drawn afresh (seeded), trained like the head on a bootstrap resample of ``train`` with the
+    trunk frozen, so the head itself and its trunk stay exactly as fine-tuned."""
+    references = dict(zip(model.elements, model.references_ev[model.task_names.index(cfg.head)].tolist()))
+    for index, member in enumerate(committee.member_names(cfg.head, cfg.committee)[1:], start=1):
+        seed = cfg.seed + index
+        model = add_head(model, member, cfg.head, references)
+        torch.manual_seed(seed)
+        for layer in model.heads.heads[member]:
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+        resample = [train[i] for i in np.random.default_rng(seed).integers(0, len(train), len(train))]
+        # no EMA: its average of the frozen trunk could differ from it by rounding, and so move the head itself
+        member_cfg = cfg.model_copy(update={"head": member, "freeze": "trunk", "replay": None, "ema_decay": None,
+                                            "seed": seed, "committee": 1})
+        model.compiled_forces = cfg.compile_forces
+        _train(model, resample, val, member_cfg, progress, Tracker())
+    return model
 
 
 def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg: FinetuneConfig,
