@@ -33,6 +33,10 @@ class _LogLines(tqdm):
             self._last_line = line
         return True
 
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        """Shown with the next line: a forced refresh would print the count tqdm last synced, not the current one."""
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
     def close(self):
         if not self.disable:
             self.display()  # the final count, whatever the interval

@@ -24,6 +24,18 @@ def test_in_a_log_each_refresh_is_a_plain_line_and_the_final_count_is_always_wri
     assert stopped.getvalue().splitlines()[-1].startswith("read: 2/7 file (29%)")
 
 
+def test_a_postfix_waits_for_the_next_line_and_is_never_shown_with_a_stale_count(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr(progress_module, "LOG_INTERVAL_S", 3600.0)
+    bar = progress(range(100), desc="fine-tune h", unit="step", file=log)
+    for step in bar:
+        if step % 10 == 0:
+            bar.set_postfix(val_F=step)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and lines[-1].startswith("fine-tune h: 100/100 step (100%)") and "val_F=90" in lines[-1]
+
+
 def test_turned_off_it_writes_nothing():
     log = io.StringIO()
     assert list(progress(range(3), desc="x", file=log, enabled=False)) == [0, 1, 2] and log.getvalue() == ""
