@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["getting-started.md", "how-to/data.md", "how-to/pretrain.md", "how-to/multinode.md", "how-to/finetune.md",
-         "how-to/uncertainty.md", "how-to/tracking.md", "how-to/simulate.md"]  # in the order a reader follows them: later pages use runs/demo
+         "how-to/uncertainty.md", "how-to/tracking.md", "how-to/simulate.md", "how-to/deploy.md"]  # in the order a reader follows them: later pages use runs/demo
 MARKER = re.compile(r"<!-- docs-test: (quick|slow|skip)\b(.*?)-->")
 LINKED = ["data", "configs", "launch", "tools", "models"]  # read by the commands; they write under runs/
 
