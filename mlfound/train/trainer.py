@@ -60,6 +60,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None):
         self.rank, self.world_size = init_distributed()
         self.run_dir = Path(cfg.run_dir)
+        self.tracker = Tracker()  # rank 0 opens TensorBoard / W&B when training starts (``train``)
         self._lock = self._lock_run_dir()  # before anything in run_dir is read or written
         try:
             self._build(cfg, resume)
@@ -95,7 +96,6 @@ class Trainer:
             validation_dirs(cfg), cfg.data.tasks, cfg.model.cutoff_a, cfg.data.max_atoms_per_batch,
             self.rank, self.world_size, cfg.data.shard_url_template)
         self._evaluation: tuple[int | None, dict] = (None, {})  # (step, table) of the latest evaluation
-        self.tracker = Tracker()  # rank 0 opens TensorBoard / W&B when training starts (``train``)
 
     def _lock_run_dir(self) -> FolderLock | None:
         """Rank 0 locks run_dir; every rank learns the verdict (one tiny all-reduce), so all stop together."""

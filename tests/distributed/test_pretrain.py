@@ -202,12 +202,14 @@ def test_a_step_is_saved_before_it_is_evaluated(tmp_path):
     trainer.cfg = load_config(None, ["train.outer_steps=2", "train.eval_every=1", "train.save_every=1"],
                               base={"run_dir": str(tmp_path), "data": {"shard_root": "none", "tasks": TASKS}})
     trainer.rank, trainer.world_size, trainer.step, trainer.run_dir, trainer.resume_tag = 0, 1, 0, tmp_path, None
+    trainer.manifests = {}
     trainer.tasks_of_step = lambda step: TASKS[:1]
     trainer.outer_step = lambda tasks: calls.append("step")
     trainer.save = lambda: calls.append(f"save {trainer.step}")
     trainer.evaluate = lambda: calls.append(f"evaluate {trainer.step}") or {}
     trainer.loader = types.SimpleNamespace(close=lambda: calls.append("close loader"))
     trainer.train()
+    trainer.tracker.close()
     assert calls[:7] == ["step", "save 1", "evaluate 1", "step", "save 2", "evaluate 2", "close loader"]
 
 
