@@ -83,7 +83,7 @@ class _WandB:
 
         self.state_path = log_dir / WANDB_STATE
         resuming = start_step > 0 and self.state_path.exists()
-        state = json.loads(self.state_path.read_text()) if resuming else {"id": secrets.token_hex(4), "last_step": -1}
+        state = _read_state(self.state_path) if resuming else {"id": secrets.token_hex(4), "last_step": -1}
         self.run_id, self.last_step = state["id"], state["last_step"]
         self.held = self.last_step  # steps up to here reached W&B before this process (a killed job's)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, mode=cfg.mode, dir=str(log_dir),
@@ -103,3 +103,15 @@ class _WandB:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def _read_state(path: Path) -> dict:
+    """The W&B run a resume continues; a file that is not the one this module writes is named, never guessed."""
+    try:
+        state = json.loads(path.read_text())
+        if isinstance(state, dict) and isinstance(state.get("id"), str) and isinstance(state.get("last_step"), int):
+            return state
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    raise ConfigError(f"{path} is not the W&B state mlfound writes ({{\"id\": ..., \"last_step\": ...}}): remove it "
+                      "to log the resumed run to a new W&B run, or set logging.wandb to null")

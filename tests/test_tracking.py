@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from mlfound.config import ConfigError, LoggingConfig, WandbConfig
-from mlfound.tracking import TENSORBOARD_DIR, open_tracker
+from mlfound.tracking import TENSORBOARD_DIR, WANDB_STATE, open_tracker
 
 
 @pytest.fixture
@@ -25,3 +25,13 @@ def test_a_backend_asked_for_but_not_installed_is_named(tmp_path, without_tracki
 def test_tensorboard_is_on_by_default_only_where_it_is_installed(tmp_path, without_tracking_packages):
     assert open_tracker(tmp_path, LoggingConfig(), {}, start_step=0).backends == []
     assert not (tmp_path / TENSORBOARD_DIR).exists()
+
+
+@pytest.mark.parametrize("text", ['{"id": "a1b2c3d4", "last_st', '{"id": 7}', ""])
+def test_a_truncated_or_edited_wandb_state_is_named_on_resume(tmp_path, text):
+    """A resume continues the W&B run this file names; a file that is cut short or edited is refused with what to
+    do, before W&B is started (new runs never read it)."""
+    (tmp_path / WANDB_STATE).write_text(text)
+    with pytest.raises(ConfigError, match=r"wandb_run.json is not the W&B state mlfound writes .* remove it"):
+        open_tracker(tmp_path, LoggingConfig(tensorboard=False, wandb=WandbConfig(project="p", mode="offline")),
+                     {}, start_step=4)
