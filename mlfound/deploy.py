@@ -40,6 +40,7 @@ from mlfound.data.batching import neighbour_list
 from mlfound.data.files import sha256_file
 from mlfound.data.record import Record
 from mlfound.model import Potential
+from mlfound.progress import stages
 from mlfound.release import Release
 
 METADATA_FILE = "mlfound.json"
@@ -104,10 +105,12 @@ def deploy(release: Release, head: str, out: Path, dtype: str = "float64") -> Pa
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        with _torchscript_deprecation_silenced():
+        with _torchscript_deprecation_silenced(), stages(["script", "write"], desc=f"deploy {head}") as start:
+            start("script")
             module = jit.compile(DeployedHead(model, head))
+            start("write")
             torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
-        os.replace(tmp, out)
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out

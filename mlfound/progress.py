@@ -3,6 +3,8 @@ most every ``LOG_INTERVAL_S`` seconds and one at the end, instead of a bar redra
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -18,6 +20,28 @@ def progress(iterable=None, *, desc: str, unit: str = "it", total: int | None = 
         return tqdm(iterable, desc=desc, unit=unit, total=total, file=file, disable=not enabled)
     return _LogLines(iterable, desc=desc, unit=unit, total=total, file=file, mininterval=LOG_INTERVAL_S,
                      bar_format=LOG_FORMAT)
+
+
+@contextmanager
+def stages(names: Sequence[str], *, desc: str, enabled: bool = True, file=None) -> Iterator:
+    """Progress of a command made of a few long steps rather than a loop (export, deploy): each call of the
+    yielded ``start(name)`` ends the step before it and shows ``name`` while the next one runs."""
+    bar = progress(desc=desc, unit="step", total=len(names), enabled=enabled, file=file)
+    started = []
+
+    def start(name: str) -> None:
+        if started:
+            bar.update()
+        started.append(name)
+        bar.set_postfix(step=name)
+        bar.refresh()
+
+    try:
+        yield start
+        if started:
+            bar.update()
+    finally:
+        bar.close()
 
 
 class _LogLines(tqdm):

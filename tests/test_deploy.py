@@ -98,6 +98,7 @@ def test_deploy_refuses_an_unknown_head_and_the_module_an_unknown_element(parace
     assert "no head 'hf_631g'; available heads" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
     assert main(["deploy", "demo-reptile", "--head", HEAD, "--out", str(tmp_path / "m.pt")]) == 0
+    assert f"deploy {HEAD}: 2/2 step (100%)" in capsys.readouterr().err  # its progress, in a log
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["m.pt"]  # no temporary left
     module = torch.jit.load(str(tmp_path / "m.pt"))
     rec = paracetamol[0]

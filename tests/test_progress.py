@@ -3,7 +3,7 @@ nothing at all when turned off."""
 import io
 
 from mlfound import progress as progress_module
-from mlfound.progress import progress
+from mlfound.progress import progress, stages
 
 
 def test_in_a_log_each_refresh_is_a_plain_line_and_the_final_count_is_always_written(monkeypatch):
@@ -39,3 +39,23 @@ def test_a_postfix_waits_for_the_next_line_and_is_never_shown_with_a_stale_count
 def test_turned_off_it_writes_nothing():
     log = io.StringIO()
     assert list(progress(range(3), desc="x", file=log, enabled=False)) == [0, 1, 2] and log.getvalue() == ""
+
+
+def test_steps_of_a_command_without_a_loop_are_named_as_they_start_and_counted_when_they_end():
+    log = io.StringIO()
+    with stages(["read the weights", "write the release"], desc="export ckpt", file=log) as start:
+        start("read the weights")
+        start("write the release")
+    lines = log.getvalue().splitlines()  # the bar's first line, then one as each step starts, then the end
+    assert len(lines) == 4, lines
+    assert lines[1].startswith("export ckpt: 0/2 step (0%)") and "step=read the weights" in lines[1], lines
+    assert lines[2].startswith("export ckpt: 1/2 step (50%)") and "step=write the release" in lines[2], lines
+    assert lines[3].startswith("export ckpt: 2/2 step (100%)"), lines
+    failed = io.StringIO()
+    try:
+        with stages(["script", "write"], desc="deploy h", file=failed) as start:
+            start("script")
+            raise RuntimeError("scripting failed")
+    except RuntimeError:
+        pass
+    assert failed.getvalue().splitlines()[-1].startswith("deploy h: 0/2 step (0%)")  # no step counted as done

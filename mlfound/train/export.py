@@ -12,6 +12,7 @@ import torch
 
 from mlfound.config import RunConfig
 from mlfound.model import Potential
+from mlfound.progress import stages
 from mlfound.release import ReleaseError, release_metadata, save_release
 from mlfound.train import checkpoint
 from mlfound.train.guards import weights_digest
@@ -32,16 +33,20 @@ def export(run_or_checkpoint: Path, out: Path, allow_untrained: bool = False) ->
     cfg = RunConfig(**info["config"])
     model = Potential(cfg.model, info["elements"], info["tasks"], {t: {} for t in info["tasks"]},
                       {t: 1.0 for t in info["tasks"]})
-    model.load_state_dict(_fp32_state(ckpt, cfg))
-    if not allow_untrained and weights_digest(model) == info.get("initial_weights_sha256"):
-        raise ReleaseError(f"{ckpt}: its weights are still the initial ones (step {info['step']}: no step updated "
-                           "them), so a release of it would be an untrained model; export it anyway with "
-                           "--allow-untrained (e.g. as a from-scratch baseline)")
-    history = [{"stage": "pretrain", "mode": cfg.meta.mode, "outer_steps": info["step"],
-                "inner_steps": cfg.meta.inner_steps, "tasks": info["tasks"], "checkpoint": str(ckpt)}]
-    metadata = release_metadata(model, info["heads"], training={"config": info["config"], "step": info["step"]},
-                                history=history)
-    return save_release(model, metadata, out)
+    with stages(["read the weights", "check them", "write the release"], desc=f"export {ckpt.name}") as start:
+        start("read the weights")  # for bf16, rebuilt from every rank's optimizer shards: the long step
+        model.load_state_dict(_fp32_state(ckpt, cfg))
+        start("check them")
+        if not allow_untrained and weights_digest(model) == info.get("initial_weights_sha256"):
+            raise ReleaseError(f"{ckpt}: its weights are still the initial ones (step {info['step']}: no step "
+                               "updated them), so a release of it would be an untrained model; export it anyway "
+                               "with --allow-untrained (e.g. as a from-scratch baseline)")
+        start("write the release")
+        history = [{"stage": "pretrain", "mode": cfg.meta.mode, "outer_steps": info["step"],
+                    "inner_steps": cfg.meta.inner_steps, "tasks": info["tasks"], "checkpoint": str(ckpt)}]
+        metadata = release_metadata(model, info["heads"],
+                                    training={"config": info["config"], "step": info["step"]}, history=history)
+        return save_release(model, metadata, out)
 
 
 def _fp32_state(ckpt: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
