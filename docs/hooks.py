@@ -50,7 +50,23 @@ def config_reference() -> str:
     for title, target, prefix in CONFIGS:
         lines += [f"## {title}", ""]
         lines += _model_tables(_import(target), prefix)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + methods_table()) + "\n"
+
+
+def methods_table() -> list[str]:
+    """The methods of ``meta.method``: what each sets (mlfound/meta/methods.py)."""
+    from mlfound.meta.methods import METHODS
+
+    lines = ["## Methods (`meta.method`, `pretrain.methods`)", "",
+             "Named points of the one outer step (`mlfound/meta/methods.py`); a config may set any field on top.", "",
+             "| method | k | inner | outer | heads rescaled | what it is |", "|---|---|---|---|---|---|"]
+    for name, method in METHODS.items():
+        meta = method["meta"]
+        inner = f"{meta['inner']['name']} {meta['inner']['lr']:g}"
+        outer = f"{meta['outer']['name']} {meta['outer']['lr']:g} → {meta['outer']['lr_final']:g}"
+        lines.append(f"| `{name}` | {meta['inner_steps']} | {inner} | {outer} | {meta['rescale_heads']} | "
+                     f"{_cell(method['description'])} |")
+    return lines
 
 
 def _model_tables(model: type[BaseModel], prefix: str) -> list[str]:
@@ -106,7 +122,8 @@ def _type_name(annotation) -> str:
 
 def _default(field) -> str:
     if field.default is PydanticUndefined and field.default_factory is None:
-        return "required"
+        set_by = (field.json_schema_extra or {}).get("set_by")
+        return f"from `{set_by}`" if set_by else "required"
     value = field.default_factory() if field.default is PydanticUndefined else field.default
     return f"`{value!r}`" if not isinstance(value, BaseModel) else "(section)"
 

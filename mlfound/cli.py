@@ -185,7 +185,8 @@ def cmd_show(args) -> int:
         print(f"{name:<14}{lot_text:<24}{count:>11}{head['scale_ev']:>10.3f}  {origin}")
     for stage in meta["history"]:
         if stage["stage"] == "pretrain":
-            print(f"history: pretrain ({stage['mode']}, {stage['outer_steps']} outer steps, "
+            method = stage.get("method", stage.get("mode"))  # releases before the methods table: "mode"
+            print(f"history: pretrain ({method}, {stage['outer_steps']} outer steps, "
                   f"k = {stage['inner_steps']})")
         else:
             print(f"history: fine-tune head {stage['head']} (best step {stage['best_step']})")

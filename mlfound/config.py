@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlfound.data.urls import check_url_template
+from mlfound.meta.methods import from_older_form, method_fields
 from mlfound.model.potential import ModelConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -65,22 +66,61 @@ class SamplingConfig(_Strict):
     temperature: float = Field(2.0, gt=0)  # of the temperature strategy: 1 proportional, large values approach uniform
 
 
+# Fields with no default of their own: the method (meta.method) sets them; the reference says so.
+BY_METHOD = {"set_by": "meta.method"}
+
+
+class InnerOptimizerConfig(_Strict):
+    name: Literal["sgd", "adam"] = Field(json_schema_extra=BY_METHOD, description="optimizer of the k inner steps on each rank's copy")
+    lr: float = Field(gt=0, json_schema_extra=BY_METHOD,
+                      description="its learning rate; the pseudo-gradient is (θ0 − θk) / lr")
+    betas: tuple[float, float] = Field((0.0, 0.999), description="Adam's (beta1, beta2); beta1 0: no momentum "
+                                       "within the k steps")
+    persist: bool = Field(False, description="keep its state (Adam's moments) from one outer step to the next, "
+                          "per rank (checkpointed); false: a fresh optimizer each outer step")
+
+
+class OuterOptimizerConfig(_Strict):
+    name: Literal["interpolation", "sgd", "nesterov", "adam"] = Field(
+        json_schema_extra=BY_METHOD, description="interpolation: θ ← θ0 + lr·mean(θk − θ0) (Reptile's ε); sgd, nesterov (SGD with Nesterov "
+                    "momentum) and adam step on the pseudo-gradient averaged over ranks")
+    lr: float = Field(gt=0, json_schema_extra=BY_METHOD,
+                      description="its learning rate (ε for interpolation), annealed linearly to lr_final")
+    lr_final: float = Field(ge=0, json_schema_extra=BY_METHOD, description="the outer lr at train.outer_steps")
+    momentum: float = Field(0.9, ge=0, lt=1, description="nesterov's momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam's (beta1, beta2)")
+
+
 class MetaConfig(_Strict):
-    # reptile (k inner steps, pseudo-gradient outer step), joint (gradients averaged) or single (one task)
-    mode: Literal["reptile", "joint", "single"] = "reptile"
-    inner_steps: int = Field(10, description="k: inner optimizer steps per outer step (reptile)")
-    inner_lr: float = Field(1e-3, gt=0)  # Adam lr of the Reptile inner steps
-    outer_lr: float = Field(1.0, gt=0, description="ε for reptile; the optimizer lr for joint/single")
-    outer_lr_final: float = Field(0.0, ge=0, description="linear anneal target of the outer lr")
-    single_task: str | None = None  # the task of mode single (one of data.tasks)
+    """One outer step for every method (mlfound/meta/methods.py): ``method`` names a point, whose fields are
+    the defaults of the ones below; any field set here wins."""
+    method: str = Field("reptile_k5", description="a name of mlfound/meta/methods.py: joint, single, "
+                        "reptile_k1/5/20, adam_outer_k1/5/20")
+    inner_steps: int = Field(json_schema_extra=BY_METHOD, description="k: inner optimizer steps per outer step")
+    inner: InnerOptimizerConfig
+    outer: OuterOptimizerConfig
+    rescale_heads: bool = Field(json_schema_extra=BY_METHOD, description="scale a head's update by R / n (ranks / ranks that trained its task), "
+                                "so its step does not shrink with the cluster")
+    single_task: str | None = Field(None, description="train this task alone on every rank (method single)")
     sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = from_older_form(data)
+        method = data.get("method", cls.model_fields["method"].default)
+        point = method_fields(method)  # ValueError naming the known methods
+        return {**point, **data, **{key: {**point[key], **data[key]} for key in ("inner", "outer")
+                                    if isinstance(data.get(key), dict)}}
 
     @model_validator(mode="after")
     def _check(self):
         if self.inner_steps < 1:
             raise ValueError(f"meta.inner_steps (k) must be >= 1, got {self.inner_steps}")
-        if self.mode == "single" and self.single_task is None:
-            raise ValueError("meta.mode 'single' needs meta.single_task")
+        if self.method == "single" and self.single_task is None:
+            raise ValueError("meta.method 'single' needs meta.single_task")
         return self
 
 
@@ -91,8 +131,8 @@ class LossConfig(_Strict):
 
 
 _PRECISION = "the typed field deepspeed.bf16 (fp16 and amp are not supported)"
-_OUTER_OPTIMIZER = ("the outer optimizer and its lr schedule come from meta.mode (SGD for reptile, Adam for "
-                    "joint/single), meta.outer_lr and meta.outer_lr_final")
+_OUTER_OPTIMIZER = ("the outer optimizer and its lr schedule come from meta.method and meta.outer "
+                    "(mlfound/meta/methods.py)")
 _BATCHES = "batches are atom-budget graphs: use data.max_atoms_per_batch and data.max_graphs_per_batch"
 # DeepSpeed keys the typed config sets (mlfound/train/engine.py::deepspeed_config) or must not be changed
 # behind its back, each with what to use instead: an override in deepspeed.extra would train differently

@@ -140,7 +140,7 @@ def add_head(model: Potential, head: str, source: str, references_ev: dict[int, 
                       {**scales, head: scales[source]})
     state = {k: v for k, v in model.state_dict().items() if k not in ("references_ev", "scales_ev")}
     missing, unexpected = grown.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith(f"heads.heads.{head}.") or k in ("references_ev", "scales_ev")
+    assert not unexpected and all(k.startswith(Potential.head_prefix(head)) or k in ("references_ev", "scales_ev")
                                   for k in missing), (missing, unexpected)
     grown.heads.heads[head].load_state_dict(model.heads.heads[source].state_dict())
     return grown.to(next(model.parameters()).device)

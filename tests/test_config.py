@@ -16,7 +16,7 @@ def with_extra(extra: dict):
     ({"bf16": {"enabled": True}}, "deepspeed.extra.bf16: set the typed field deepspeed.bf16"),
     ({"fp16": {"enabled": True}}, "deepspeed.extra.fp16: precision comes from the typed field deepspeed.bf16"),
     ({"gradient_clipping": 1.0}, "set deepspeed.gradient_clipping instead"),
-    ({"optimizer": {"type": "Adam"}}, "meta.mode (SGD for reptile, Adam for joint/single), meta.outer_lr"),
+    ({"optimizer": {"type": "Adam"}}, "come from meta.method and meta.outer"),
     ({"scheduler": {"type": "WarmupLR"}}, "deepspeed.extra.scheduler: the outer optimizer and its lr schedule"),
     ({"train_batch_size": 8}, "deepspeed.extra.train_batch_size: batches are atom-budget graphs"),
 ])
@@ -79,3 +79,32 @@ def test_loader_settings(recwarn):
 def test_a_task_listed_twice_is_refused():
     with pytest.raises(ConfigError, match=r"data.tasks: tasks \['a'\] are listed more than once"):
         load_config(None, base={**BASE, "data": {"shard_root": "shards", "tasks": ["a", "b", "a"]}})
+
+
+def test_a_method_is_a_point_whose_fields_a_config_may_still_set():
+    joint = load_config(None, ["meta.method=joint"], base=BASE).meta
+    assert (joint.inner_steps, joint.inner.name, joint.inner.lr, joint.outer.name) == (1, "sgd", 1.0, "adam")
+    tuned = load_config(None, ["meta.method=reptile_k20", "meta.inner.lr=1e-2", "meta.outer.lr=0.5"], base=BASE).meta
+    assert (tuned.inner_steps, tuned.inner.name, tuned.inner.lr, tuned.outer.name, tuned.outer.lr,
+            tuned.outer.lr_final) == (20, "adam", 1e-2, "interpolation", 0.5, 0.0)
+    with pytest.raises(ConfigError, match="unknown method 'reptile_k7': use one of .*'joint'"):
+        load_config(None, ["meta.method=reptile_k7"], base=BASE)
+    with pytest.raises(ConfigError, match="meta.method 'single' needs meta.single_task"):
+        load_config(None, ["meta.method=single"], base=BASE)
+
+
+def test_an_older_configs_meta_reads_as_the_point_it_ran():
+    """Checkpoints and releases of older runs hold meta.mode and flat learning rates, with the old defaults
+    (k 10, inner Adam 1e-3, outer 1 -> 0); joint's inner_steps and inner_lr never did anything."""
+    reptile = load_config(None, base={**BASE, "meta": {"mode": "reptile", "inner_steps": 2, "inner_lr": 1e-2,
+                                                       "outer_lr": 0.8, "outer_lr_final": 0.2}}).meta
+    assert (reptile.inner_steps, reptile.inner.name, reptile.inner.lr, reptile.inner.betas, reptile.outer.name,
+            reptile.outer.lr, reptile.outer.lr_final, reptile.rescale_heads) == (
+        2, "adam", 1e-2, (0.0, 0.999), "interpolation", 0.8, 0.2, True)
+    assert load_config(None, base={**BASE, "meta": {"mode": "reptile"}}).meta.inner_steps == 10
+    joint = load_config(None, base={**BASE, "meta": {"mode": "joint", "inner_steps": 5, "inner_lr": 3e-3,
+                                                     "outer_lr": 1e-3, "outer_lr_final": 1e-4}}).meta
+    assert (joint.method, joint.inner_steps, joint.inner.name, joint.inner.lr, joint.outer.name, joint.outer.lr,
+            joint.outer.lr_final, joint.rescale_heads) == ("joint", 1, "sgd", 1.0, "adam", 1e-3, 1e-4, False)
+    with pytest.raises(ConfigError, match="older form of meta.method.*use one form, not both"):
+        load_config(None, ["meta.method=joint"], base={**BASE, "meta": {"mode": "reptile"}})

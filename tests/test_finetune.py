@@ -24,6 +24,7 @@ from mlfound.finetune import (
     head_scores,
     reinitialised,
 )
+from mlfound.model import Potential
 from mlfound.predict import network_energy, predict
 from mlfound.release import load, save_release
 from mlfound.tracking import TENSORBOARD_DIR, open_tracker
@@ -214,7 +215,7 @@ def test_frozen_trunk_and_replay_train_exactly_the_chosen_parts(base, splits, de
     after = dict(finetune(base, train, None, cfg, progress=False).release.model.named_parameters())
     for name, value in base.model.named_parameters():
         changed = not torch.equal(after[name], value)
-        trained = name.startswith(("heads.heads.hf_sto3g.", "heads.heads.gfn2_xtb."))
+        trained = name.startswith((Potential.head_prefix("hf_sto3g"), Potential.head_prefix("gfn2_xtb")))
         assert changed == trained, name
     # the replayed shards streamed from a mirror over HTTP train exactly as the local ones
     move_shards(tmp_path / "shards", tmp_path / "mirror")

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         rows.append((f"{name}: s/step", [r["s_per_step"] for r in runs], "{:.3f}"))
         rows.append((f"{name}: data wait %", [100 * r["data_wait"] for r in runs], "{:.1f}"))
     cfg = load_config(args.config, args.overrides)
-    print(f"# {args.config}: {cfg.meta.mode} k={cfg.meta.inner_steps}, "
+    print(f"# {args.config}: {cfg.meta.method} k={cfg.meta.inner_steps}, "
           f"max {cfg.data.max_atoms_per_batch} atoms/batch, prefetch {cfg.data.loader_prefetch}; "
           f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"{'measurement':<36}{'workers 0':>10}" + "".join(f"{f'workers {w}':>11}{'x w0':>7}" for w in args.workers))

@@ -28,7 +28,7 @@ EXTRAPOLATE_PARAMS = (None, 10_000_000, 100_000_000)  # None: the benchmarked mo
 
 
 def measure(config: str, stage: int, overrides: list[str]) -> dict:
-    cfg = load_config(config, [*overrides, "meta.mode=joint", "meta.outer_lr=1e-3", "meta.outer_lr_final=1e-3",
+    cfg = load_config(config, [*overrides, "meta.method=joint", "meta.outer.lr=1e-3", "meta.outer.lr_final=1e-3",
                                f"deepspeed.zero_stage={stage}", f"run_dir=runs/bench_zero/stage{stage}"])
     trainer = Trainer(cfg)
     for step in range(2):

@@ -19,8 +19,8 @@ its last checkpoint, written every 5% of the run):
   shards    pretrain.corpus/*.extxyz into pretrain.shards (10% validation) when a task has none
   pretrain  2 DeepSpeed ranks per run, pretrain.grad_steps gradient steps per rank, every method at each
             seed before that seed's units: `single` (the LoT whose head `auto` picks for the target after a
-            joint run), `joint` (multi-head Adam) and `reptile_k<k>`; `none` is the model at its random
-            initialisation
+            joint run), `joint` (multi-head Adam), `reptile_k<k>` and any other name of
+            mlfound/meta/methods.py; `none` is the model at its random initialisation
   finetune  a new head for the target LoT, `init=auto`, on N structures of a fixed pool (finetune.subsets
             draws per N); every recipe of finetune.recipes runs and the one whose kept weights have the lowest
             validation loss (one loss form for all) is alone tested (test split, torsion scan); scratch goes

@@ -1,7 +1,6 @@
 """An experiment as one YAML file (configs/experiments/): the corpus and how it is pretrained, the target,
 the fine-tuning recipes, MACE and MD, and the RunConfig each pretraining run gets from them. It is checked
 whole when loaded, so a typo fails before hours of pretraining and not after."""
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from mlfound.config import ConfigError, describe, load_config, load_validated
 from mlfound.finetune import FinetuneConfig
+from mlfound.meta.methods import METHODS, method_fields
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: relative paths of an experiment are relative to it
 MACE_PYTHON = ROOT / ".venv-mace" / "bin" / "python"
@@ -40,16 +40,16 @@ class Pretrain(_Strict):
     config: RootPath  # the pretraining RunConfig; run_dir, seed and data.shard_root are set by the tool
     overrides: list[str] = []  # dotted overrides of `config` for every method (and the scratch model)
     grad_steps: int = Field(3000, ge=1)  # gradient steps per rank, every method
-    # single, joint or reptile_k<inner steps>, each pretrained once per seed
+    # names of mlfound/meta/methods.py, each pretrained once per seed
     methods: list[str] = ["single", "joint", "reptile_k1", "reptile_k5", "reptile_k20"]
     seeds: list[int] = Field([0, 1, 2], min_length=1)  # pretraining seeds (MACE's training seeds too)
 
     @field_validator("methods")
     @classmethod
     def _known(cls, methods: list[str]) -> list[str]:
-        unknown = [m for m in methods if m not in ("single", "joint") and not re.fullmatch(r"reptile_k[1-9]\d*", m)]
+        unknown = [m for m in methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}: use single, joint or reptile_k<inner steps>")
+            raise ValueError(f"unknown methods {unknown}: use names of mlfound/meta/methods.py: {sorted(METHODS)}")
         return methods
 
 
@@ -191,18 +191,13 @@ def starts(exp: Experiment) -> list[str]:
 
 
 def outer_steps(method: str, grad_steps: int) -> int:
-    """Outer steps of a run of ``grad_steps`` gradient steps per rank (Reptile takes k per outer step)."""
-    if method in ("single", "joint"):
-        return grad_steps
-    return max(grad_steps // int(method.removeprefix("reptile_k")), 1)
+    """Outer steps of a run of ``grad_steps`` gradient steps per rank (each outer step takes k)."""
+    return max(grad_steps // method_fields(method)["inner_steps"], 1)
 
 
 def method_overrides(method: str, grad_steps: int) -> list[str]:
     """Overrides of each method, all at ``grad_steps`` gradient steps per rank."""
-    steps = [f"train.outer_steps={outer_steps(method, grad_steps)}"]
-    if method in ("single", "joint"):
-        return [f"meta.mode={method}", *steps, "meta.outer_lr=2e-3", "meta.outer_lr_final=2e-4"]
-    return ["meta.mode=reptile", f"meta.inner_steps={method.removeprefix('reptile_k')}", *steps]
+    return [f"meta.method={method}", f"train.outer_steps={outer_steps(method, grad_steps)}"]
 
 
 def run_overrides(exp: Experiment, method: str, run_dir: Path, seed: int, single_task: str | None) -> list[str]:

@@ -170,7 +170,7 @@ def verdict_lines(exp: Experiment, rows: list[dict]) -> list[str]:
     else:
         lines.append("MACE from scratch: no results at this N (mace.enabled false or not run yet), no verdict")
     sizes = [n for n in exp.finetune.sizes if ("joint", n) in f_mae]
-    for method in [m for m in exp.pretrain.methods if m.startswith("reptile")] if sizes else []:
+    for method in [m for m in exp.pretrain.methods if m not in ("single", "joint")] if sizes else []:
         change = {n: f_mae[method, n] / f_mae["joint", n] - 1 for n in sizes if (method, n) in f_mae}
         ahead = len(change) == len(sizes) and all(c < 0 for c in change.values())
         lines.append(f"{method} vs joint, force MAE change at N = {', '.join(map(str, change))}: "
@@ -193,7 +193,8 @@ def markdown_lines(exp: Experiment, rows: list[dict], best_single: str) -> list[
     for method in [*starts(exp), "mace"]:
         if not any((method, n) in cells for n in sizes):
             continue
-        label = labels.get(method) or f"Reptile k = {method.removeprefix('reptile_k')}"
+        label = labels.get(method) or (f"Reptile k = {method.removeprefix('reptile_k')}"
+                                       if method.startswith("reptile_k") else f"`{method}`")
         row = []
         for n in sizes:
             mean_std = cells[method, n]["f_mae"] if (method, n) in cells else None

@@ -1,4 +1,5 @@
-"""Meta-learning: task sampling, the loss, and the Reptile inner loop / pseudo-gradient.
+"""Meta-learning: task sampling, the loss, the methods table and the one outer step (inner loop,
+pseudo-gradient, surrogate loss).
 
 Pure torch: no DeepSpeed calls here (they live in ``mlfound.train``).
 """

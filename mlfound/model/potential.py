@@ -103,6 +103,11 @@ class Potential(nn.Module):
             setattr(self, name, value.to(getattr(self, name).device))
         return self
 
+    @staticmethod
+    def head_prefix(task: str) -> str:
+        """How the names of ``task``'s head parameters begin (``named_parameters``, state dicts)."""
+        return f"heads.heads.{task}."
+
     def missing_references(self, task: str, elements) -> list[int]:
         """Elements among ``elements`` for which ``task``'s head has no reference energy."""
         refs = self.references_ev[self.task_names.index(task)]

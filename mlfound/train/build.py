@@ -58,19 +58,19 @@ def build_batchers(cfg: RunConfig, rank: int, world_size: int,
 
 
 def build_sampler(cfg: RunConfig, manifests: dict[str, dict]) -> TaskSampler:
-    """Which task each rank trains at each step; in mode single, always ``meta.single_task``."""
+    """Which task each rank trains at each step; with ``meta.single_task``, always that one."""
     sizes = {t: m["num_records"] for t, m in manifests.items()
-             if cfg.meta.mode != "single" or t == cfg.meta.single_task}
+             if cfg.meta.single_task is None or t == cfg.meta.single_task}
     return TaskSampler(sizes, cfg.meta.sampling.strategy, cfg.meta.sampling.temperature, cfg.seed)
 
 
 def build_loader(cfg: RunConfig, rank: int, world_size: int, sampler: TaskSampler,
                  device: torch.device) -> StepLoader:
-    """This rank's batches in the order the loop takes them: k per step in reptile, one in joint/single."""
+    """This rank's batches in the order the loop takes them: k (``meta.inner_steps``) per step."""
     batchers = build_batchers(cfg, rank, world_size, with_neighbours=not cfg.data.neighbours_on_device)
     return StepLoader(batchers, dict(zip(sampler.task_names, sampler.probabilities.tolist())),
                       functools.partial(sampler.draw, rank=rank),
-                      cfg.meta.inner_steps if cfg.meta.mode == "reptile" else 1, device,
+                      cfg.meta.inner_steps, device,
                       cfg.data.loader_workers, cfg.data.loader_prefetch, cfg.data.neighbours_on_device)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mlfound.config import MetaConfig
 from mlfound.data.files import DiskFullError, atomic_write, free_bytes, is_disk_full
 from mlfound.train.guards import TrainingError
 
@@ -95,8 +96,10 @@ def saved_config(run_dir: Path, tag: str) -> dict:
         raise FileNotFoundError(f"{info} missing: the checkpoint was written by an older mlfound, so what it was "
                                 "trained as cannot be checked; start a new run_dir")
     try:
-        return json.loads(info.read_text())["config"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        config = json.loads(info.read_text())["config"]
+        # meta as today's form writes it: a checkpoint of an older mlfound (meta.mode) compares as the point it ran
+        return {**config, "meta": MetaConfig.model_validate(config["meta"]).model_dump(mode="json")}
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:  # JSON and pydantic errors are ValueErrors
         raise TrainingError(f"{info} is unreadable ({type(err).__name__}: {err}); {_EARLIER}") from None
 
 

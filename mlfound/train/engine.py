@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from mlfound.config import RunConfig
+from mlfound.config import OuterOptimizerConfig, RunConfig
 
 
 def init_distributed() -> tuple[int, int]:
@@ -45,15 +45,13 @@ def deepspeed_config(cfg: RunConfig) -> dict:
 
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module):
-    """Engine with a client torch optimizer (no JIT-compiled ops) and a linear outer-lr anneal."""
+    """Engine with the outer optimizer (a client torch optimizer: no JIT-compiled ops) and a linear outer-lr
+    anneal; what it steps on is the pseudo-gradient (mlfound/meta/methods.py)."""
     import deepspeed
 
-    if cfg.meta.mode == "reptile":
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.meta.outer_lr)
-    else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.meta.outer_lr)
+    optimizer = outer_optimizer(cfg.meta.outer, model.parameters())
     total = max(cfg.train.outer_steps, 1)
-    final_ratio = cfg.meta.outer_lr_final / cfg.meta.outer_lr
+    final_ratio = cfg.meta.outer.lr_final / cfg.meta.outer.lr
 
     def anneal(step: int) -> float:
         return 1.0 + (final_ratio - 1.0) * min(step, total) / total
@@ -62,3 +60,12 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
     return engine
+
+
+def outer_optimizer(outer: OuterOptimizerConfig, parameters) -> torch.optim.Optimizer:
+    """Interpolation is SGD on what the trainer hands it for that optimizer, θ0 − θk (lr = Reptile's ε)."""
+    if outer.name in ("interpolation", "sgd"):
+        return torch.optim.SGD(parameters, lr=outer.lr)
+    if outer.name == "nesterov":
+        return torch.optim.SGD(parameters, lr=outer.lr, momentum=outer.momentum, nesterov=True)
+    return torch.optim.Adam(parameters, lr=outer.lr, betas=outer.betas)

@@ -42,7 +42,7 @@ def export(run_or_checkpoint: Path, out: Path, allow_untrained: bool = False) ->
                                "updated them), so a release of it would be an untrained model; export it anyway "
                                "with --allow-untrained (e.g. as a from-scratch baseline)")
         start("write the release")
-        history = [{"stage": "pretrain", "mode": cfg.meta.mode, "outer_steps": info["step"],
+        history = [{"stage": "pretrain", "method": cfg.meta.method, "outer_steps": info["step"],
                     "inner_steps": cfg.meta.inner_steps, "tasks": info["tasks"], "checkpoint": str(ckpt)}]
         metadata = release_metadata(model, info["heads"],
                                     training={"config": info["config"], "step": info["step"]}, history=history)

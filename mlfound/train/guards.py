@@ -10,8 +10,8 @@ import torch
 # Safe to change when resuming: how the run is optimised, batched, logged and fed, not what it trains.
 # Everything else (the model, the set of tasks, the seed, the method and its sampling, ZeRO stage, precision)
 # must equal the checkpoint's: the saved weights, optimizer state and streams mean nothing under another one.
-SAFE_ON_RESUME = ("run_dir", "train.", "loss.", "logging.", "meta.inner_steps", "meta.inner_lr", "meta.outer_lr",
-                  "meta.outer_lr_final", "deepspeed.gradient_clipping", "deepspeed.extra", "data.shard_root",
+SAFE_ON_RESUME = ("run_dir", "train.", "loss.", "logging.", "meta.inner_steps", "meta.inner.lr", "meta.outer.lr",
+                  "meta.outer.lr_final", "deepspeed.gradient_clipping", "deepspeed.extra", "data.shard_root",
                   "data.shard_url_template", "data.max_atoms_per_batch", "data.max_graphs_per_batch",
                   "data.loader_workers", "data.loader_prefetch", "data.neighbours_on_device")
 

@@ -1,6 +1,6 @@
-"""The pretraining loop: per outer step, each rank draws its task, then Reptile (k inner steps on a
-plain copy, pseudo-gradient through the engine), joint (one gradient step on its own task's batch,
-averaged over ranks) or single (one task everywhere)."""
+"""The pretraining loop: per outer step, each rank draws its task, takes k inner steps on a plain copy and
+hands the pseudo-gradient to the engine's outer optimizer; Reptile, joint and single are points of this one
+step (mlfound/meta/methods.py)."""
 from __future__ import annotations
 
 import copy
@@ -14,8 +14,9 @@ from mlfound.config import RunConfig
 from mlfound.data.files import FolderInUseError, FolderLock, atomic_write_bytes
 from mlfound.data.loader import StepLoader
 from mlfound.meta.loss import LossWeights, potential_loss
-from mlfound.meta.reptile import inner_loop, scale_task_heads, surrogate_loss
+from mlfound.meta.outer_step import inner_loop, inner_optimizer, pseudo_gradient, scale_task_heads, surrogate_loss
 from mlfound.metrics import error_table, format_error_table
+from mlfound.model import Potential
 from mlfound.tracking import Tracker, open_tracker
 from mlfound.train import checkpoint
 from mlfound.train.build import (
@@ -31,7 +32,6 @@ from mlfound.train.engine import build_engine, init_distributed
 from mlfound.train.guards import TrainingError, all_finite, non_finite_ranks, resume_changes, weights_digest
 from mlfound.train.validation import validation_batches
 
-HEAD_PREFIX = "heads.heads."
 VALIDATION_LOG = "validation.jsonl"
 
 
@@ -84,6 +84,8 @@ class Trainer:
         self.engine = build_engine(cfg, model)
         self.device = self.engine.device  # CPU, or this rank's GPU
         self.work.to(self.device)
+        # meta.inner.persist: one inner optimizer for the run, its state in each rank's checkpoint file
+        self.inner_optimizer = inner_optimizer(cfg.meta.inner, self.work.parameters()) if cfg.meta.inner.persist else None
         self.param_names = [n for n, _ in self.engine.module.named_parameters()]
         self.initial_weights = weights_digest(self.engine.module)  # export refuses a run that never moved them
         self.sampler = build_sampler(cfg, self.manifests)
@@ -170,24 +172,22 @@ class Trainer:
     def outer_step(self, tasks: list[str]) -> None:
         task = tasks[self.rank]
         batches = _TimedBatches(self.loader, self.step, task, self._window)
-        parts: list[dict] = []
+        losses: list[torch.Tensor] = []  # the loss each inner step optimises, kept on the device
 
         def loss_fn(model, batch):
-            loss, part = potential_loss(model, batch, self.weights)
-            parts.append(part)
+            loss, _ = potential_loss(model, batch, self.weights)
+            losses.append(loss.detach())
             return loss
 
-        if self.cfg.meta.mode == "reptile":
-            theta0 = [p.detach().clone() for p in self.engine.module.parameters()]
-            inner = torch.optim.Adam(self.work.parameters(), lr=self.cfg.meta.inner_lr, betas=(0.0, 0.999))
-            delta = inner_loop(self.work, theta0, batches, self.cfg.meta.inner_steps, inner, loss_fn)
-            self._stop_unless_finite(all_finite(delta), tasks)
-            scale_task_heads(delta, self.param_names, HEAD_PREFIX, task, self.world_size / tasks.count(task))
-            loss = surrogate_loss(list(self.engine.module.parameters()), delta)
-        else:
-            loss = loss_fn(self.engine.module, next(batches))
-            self._stop_unless_finite(torch.isfinite(loss), tasks)
-        self.engine.backward(loss)
+        meta = self.cfg.meta
+        theta0 = [p.detach().clone() for p in self.engine.module.parameters()]
+        inner = self.inner_optimizer or inner_optimizer(meta.inner, self.work.parameters())
+        displacement = inner_loop(self.work, theta0, batches, meta.inner_steps, inner, loss_fn)
+        self._stop_unless_finite(all_finite(displacement), tasks)
+        handed = pseudo_gradient(displacement, meta.inner.lr, meta.outer.name)
+        if meta.rescale_heads:
+            scale_task_heads(handed, self.param_names, Potential.head_prefix(task), self.world_size / tasks.count(task))
+        self.engine.backward(surrogate_loss(list(self.engine.module.parameters()), handed))
         logged = (self.step + 1) % self.cfg.train.log_every == 0
         grad_norm = _local_grad_norm(self.engine.module) if logged else None
         self.engine.step()
@@ -198,17 +198,16 @@ class Trainer:
         self._check_update()
         self._window["tasks"].extend(tasks)  # every rank's task: known here without communication
         position = self.cfg.data.tasks.index(task)  # losses stay on the device until a log step
-        self._window["loss_sum"][position] += sum(p["energy_mse"] + p.get("forces_mse", 0.0) + p.get("stress_mse", 0.0)
-                                                  for p in parts)
-        self._window["loss_count"][position] += len(parts)
+        self._window["loss_sum"][position] += sum(losses)
+        self._window["loss_count"][position] += len(losses)
 
     def _stop_unless_finite(self, finite: torch.Tensor, tasks: list[str]) -> None:
         """Before the update: a non-finite loss or pseudo-gradient on any rank stops every rank at this step."""
         ranks = non_finite_ranks(finite, self.rank, self.world_size)
         if ranks:
             where = ", ".join(f"rank {r} (task {tasks[r]})" for r in ranks)
-            self._stop(f"non-finite loss or gradient on {where}; stopped before applying it", "meta.inner_lr or "
-                       "meta.outer_lr, or check that task's data")
+            self._stop(f"non-finite loss or gradient on {where}; stopped before applying it", "meta.inner.lr or "
+                       "meta.outer.lr, or check that task's data")
 
     def _check_update(self) -> None:
         """No overflow step is tolerated: mlfound trains in fp32 or bf16 (fp16 is refused), which need no loss
@@ -216,7 +215,7 @@ class Trainer:
         ranks). Weights that an update made non-finite give a non-finite loss at the next step, and ``save``
         checks them too."""
         if self.engine.skipped_steps != self._skipped_steps:
-            self._stop("DeepSpeed skipped the update as an overflow", "meta.outer_lr, or set "
+            self._stop("DeepSpeed skipped the update as an overflow", "meta.outer.lr, or set "
                        "deepspeed.gradient_clipping")
 
     def _stop(self, what: str, lower: str, step: int | None = None) -> None:
@@ -283,12 +282,14 @@ class Trainer:
 
     def save(self) -> Path:
         if not all_finite(self.engine.module.parameters()).item():  # identical on every rank: all stop here
-            self._stop("the weights are not finite; not saved", "meta.outer_lr", step=self.step)
+            self._stop("the weights are not finite; not saved", "meta.outer.lr", step=self.step)
         client_state = {"step": self.step, "config": self.cfg.model_dump(mode="json"),
                         "initial_weights_sha256": self.initial_weights,
                         "manifest_fingerprints": {t: m["fingerprint"] for t, m in self.manifests.items()}}
         rank_state = {"streams": self.loader.state_dict(),  # of the batches consumed, not prefetched
                       "torch_rng": torch.get_rng_state()}
+        if self.inner_optimizer is not None:
+            rank_state["inner_optimizer"] = self.inner_optimizer.state_dict()
         return checkpoint.save(self.engine, self.run_dir, self.step, client_state, rank_state, self.rank,
                                self.model_info())
 
@@ -312,6 +313,11 @@ class Trainer:
         self.initial_weights = client_state.get("initial_weights_sha256", self.initial_weights)
         self.loader.load_state_dict(rank_state["streams"])
         torch.set_rng_state(rank_state["torch_rng"])
+        if self.inner_optimizer is not None:
+            if "inner_optimizer" not in rank_state:
+                raise TrainingError(f"checkpoint {tag} holds no inner optimizer state, but meta.inner.persist is "
+                                    "true: resume with the checkpoint's meta.inner.persist (false)")
+            self.inner_optimizer.load_state_dict(rank_state["inner_optimizer"])
         self._forget_logs_after_step()
         if self.rank == 0:
             print(f"resumed from {checkpoint.checkpoint_dir(self.run_dir) / tag} (step {self.step})", flush=True)

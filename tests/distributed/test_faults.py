@@ -16,8 +16,8 @@ from mlfound.train import checkpoint
 from tests.distributed.test_pretrain import ROOT, torchrun, write_config
 
 pytestmark = pytest.mark.faults  # pytest -m faults: the fault-injection suite
-MODES = {"reptile-zero1": ({"mode": "reptile"}, 1),
-         "joint-zero2": ({"mode": "joint", "outer_lr": 1e-3, "outer_lr_final": 1e-4}, 2)}
+MODES = {"reptile-zero1": ({}, 1),  # write_config's Reptile
+         "joint-zero2": ({"method": "joint", "outer": {"lr": 1e-3, "lr_final": 1e-4}}, 2)}
 STEPS = 24
 SAVE_EVERY = 4
 

@@ -16,8 +16,9 @@ import yaml
 from mlfound.config import load_config
 from mlfound.data.shard_stats import mean_neighbours
 from mlfound.meta.loss import LossWeights, potential_loss
-from mlfound.meta.reptile import inner_loop, scale_task_heads
+from mlfound.meta.outer_step import inner_loop, scale_task_heads
 from mlfound.meta.sampling import TaskSampler
+from mlfound.model import Potential
 from mlfound.release import load
 from mlfound.train import checkpoint
 from mlfound.train.build import build_batchers, build_potential, load_manifests
@@ -31,11 +32,14 @@ def write_config(tmp_path, shard_root, **sections) -> Path:
            "data": {"shard_root": str(shard_root), "tasks": TASKS, "max_atoms_per_batch": 30},
            "model": {"channels": 8, "l_max": 1, "num_layers": 1, "cutoff_a": 4.0, "radial_hidden": 8,
                      "head_hidden": 8},
-           "meta": {"mode": "reptile", "inner_steps": 2, "inner_lr": 1e-2, "outer_lr": 0.8, "outer_lr_final": 0.2,
+           "meta": {"method": "reptile_k5", "inner_steps": 2, "inner": {"lr": 1e-2}, "outer": {"lr": 0.8, "lr_final": 0.2},
                     "sampling": {"strategy": "uniform"}},
            "train": {"outer_steps": 4, "log_every": 2, "eval_every": 100, "save_every": 100}}
     for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values} if isinstance(values, dict) else values
+        if name == "meta" and "method" in values:  # another method: its own point, not the default's fields
+            raw[name] = {"sampling": raw["meta"]["sampling"], **values}
+        else:
+            raw[name] = {**raw.get(name, {}), **values} if isinstance(values, dict) else values
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -57,28 +61,29 @@ def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def serial_run(cfg, mode: str) -> dict[str, torch.Tensor]:
-    """The same algorithm in one process: ranks' inner loops one after another, averaged by hand."""
+    """Reptile (Adam inside, SGD on θ0 − θk outside) or joint (the ranks' gradients averaged, Adam), written
+    out in one process as they were before the general outer step: ranks one after another, averaged by hand."""
     torch.manual_seed(cfg.seed)
     model = build_potential(cfg, load_manifests(cfg))
     names = [n for n, _ in model.named_parameters()]
     batchers = [build_batchers(cfg, rank, 2) for rank in range(2)]
     sampler = TaskSampler({t: 1 for t in TASKS}, "uniform", seed=cfg.seed)
     weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight)
-    outer = (torch.optim.SGD if mode == "reptile" else torch.optim.Adam)(model.parameters(), lr=cfg.meta.outer_lr)
-    total, ratio = cfg.train.outer_steps, cfg.meta.outer_lr_final / cfg.meta.outer_lr
+    outer = (torch.optim.SGD if mode == "reptile" else torch.optim.Adam)(model.parameters(), lr=cfg.meta.outer.lr)
+    total, ratio = cfg.train.outer_steps, cfg.meta.outer.lr_final / cfg.meta.outer.lr
     for step in range(total):
         for group in outer.param_groups:
-            group["lr"] = cfg.meta.outer_lr * (1.0 + (ratio - 1.0) * step / total)
+            group["lr"] = cfg.meta.outer.lr * (1.0 + (ratio - 1.0) * step / total)
         tasks = [sampler.draw(step, rank) for rank in range(2)]
         grads = []
         for rank, task in enumerate(tasks):
             if mode == "reptile":
                 work = copy.deepcopy(model)
-                inner = torch.optim.Adam(work.parameters(), lr=cfg.meta.inner_lr, betas=(0.0, 0.999))
+                inner = torch.optim.Adam(work.parameters(), lr=cfg.meta.inner.lr, betas=(0.0, 0.999))
                 theta0 = [p.detach().clone() for p in model.parameters()]
                 delta = inner_loop(work, theta0, batchers[rank][task], cfg.meta.inner_steps, inner,
                                    lambda m, b: potential_loss(m, b, weights)[0])
-                scale_task_heads(delta, names, "heads.heads.", task, 2 / tasks.count(task))
+                scale_task_heads(delta, names, Potential.head_prefix(task), 2 / tasks.count(task))
                 grads.append(delta)
             else:
                 model.zero_grad()
@@ -157,22 +162,54 @@ def test_reptile_bf16_matches_serial_fp32_to_bf16_precision(shard_root, tmp_path
     assert exported["references_ev"].dtype == torch.float64
 
 
-def test_joint_two_ranks_equals_serial_gradient_averaging(shard_root, tmp_path):
-    config = write_config(tmp_path, shard_root, meta={"mode": "joint", "outer_lr": 1e-3, "outer_lr_final": 1e-4},
-                          deepspeed={"zero_stage": 2})
-    cfg = load_config(config)
-    torchrun(config)
-    assert_same_parameters(final_parameters(cfg.run_dir), serial_run(cfg, "joint"))
+JOINT_LRS = {"lr": 1e-3, "lr_final": 1e-4}
+# reptile_k1 moved to joint's point by hand: one plain SGD step at lr 1 inside, Adam outside, no head rescaling
+K1_AS_JOINT = {"method": "reptile_k1", "inner": {"name": "sgd", "lr": 1.0}, "outer": {"name": "adam", **JOINT_LRS},
+               "rescale_heads": False}
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_joint_two_ranks_equals_serial_gradient_averaging_and_k1_at_its_point_is_joint_bit_for_bit(
+        shard_root, tmp_path, zero_stage):
+    """Joint runs through the general outer step (no code of its own): it equals the ranks' gradients averaged
+    by hand, and reptile_k1 given joint's inner and outer optimizers equals it bit for bit."""
+    (tmp_path / "joint").mkdir()
+    (tmp_path / "k1").mkdir()
+    joint = write_config(tmp_path / "joint", shard_root, meta={"method": "joint", "outer": JOINT_LRS},
+                         deepspeed={"zero_stage": zero_stage})
+    k1 = write_config(tmp_path / "k1", shard_root, meta=K1_AS_JOINT, deepspeed={"zero_stage": zero_stage})
+    torchrun(joint)
+    torchrun(k1)
+    joint_params = final_parameters(load_config(joint).run_dir)
+    assert_same_parameters(joint_params, serial_run(load_config(joint), "joint"))
+    k1_params = final_parameters(load_config(k1).run_dir)
+    assert_same_parameters(k1_params, joint_params, rtol=0, atol=0)  # bit for bit (NaN references alike)
+
+
+def test_on_one_rank_k1_at_joints_point_is_joint_bit_for_bit(shard_root, tmp_path):
+    (tmp_path / "joint").mkdir()
+    (tmp_path / "k1").mkdir()
+    joint = write_config(tmp_path / "joint", shard_root, meta={"method": "joint", "outer": JOINT_LRS})
+    k1 = write_config(tmp_path / "k1", shard_root, meta=K1_AS_JOINT)
+    for config in (joint, k1):
+        done = run_one_process(config)
+        assert done.returncode == 0, done.stderr[-3000:]
+    joint_params = final_parameters(load_config(joint).run_dir)
+    k1_params = final_parameters(load_config(k1).run_dir)
+    assert_same_parameters(k1_params, joint_params, rtol=0, atol=0)  # bit for bit (NaN references alike)
 
 
 def test_resume_equals_uninterrupted_run(shard_root, tmp_path):
     """A job that hit its time limit at step 2 of 4 and was killed after logging step 3 (fake lines here),
-    resumed with overrides before and after --resume: the parameters of an uninterrupted run, and logs
+    resumed with overrides before and after --resume: the parameters of an uninterrupted run (the inner
+    optimizer's state persisted across outer steps, so it must come back from each rank's file), and logs
     that hold each step once."""
     (tmp_path / "whole").mkdir()
     (tmp_path / "split").mkdir()
-    whole = write_config(tmp_path / "whole", shard_root, deepspeed={"zero_stage": 1})
-    split = write_config(tmp_path / "split", shard_root, deepspeed={"zero_stage": 1}, train={"eval_every": 2})
+    persist = {"inner": {"lr": 1e-2, "persist": True}}  # each rank's inner Adam state must travel too
+    whole = write_config(tmp_path / "whole", shard_root, meta=persist, deepspeed={"zero_stage": 1})
+    split = write_config(tmp_path / "split", shard_root, meta=persist, deepspeed={"zero_stage": 1},
+                         train={"eval_every": 2})
     run_dir = load_config(split).run_dir
     torchrun(whole)
     torchrun(split, "train.stop_after_steps=2")
@@ -255,14 +292,30 @@ def test_overrides_on_both_sides_of_resume(shard_root, tmp_path):
     assert "meta.bogus: Extra inputs" in done.stderr and "train.bogus: Extra inputs" in done.stderr, done.stderr
 
 
-def test_single_mode_in_one_process_trains_only_its_task(shard_root, tmp_path):
-    config = write_config(tmp_path, shard_root, meta={"mode": "single", "single_task": "hf_sto3g",
-                                                      "outer_lr": 1e-3, "outer_lr_final": 1e-3})
+def test_single_in_one_process_trains_only_its_task(shard_root, tmp_path):
+    config = write_config(tmp_path, shard_root, meta={"method": "single", "single_task": "hf_sto3g",
+                                                      "outer": {"lr": 1e-3, "lr_final": 1e-3}})
     done = run_one_process(config)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "mixture gfn2_xtb=0.00 hf_sto3g=1.00" in done.stdout
     records = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics_rank0.jsonl").read_text().splitlines()]
     assert set(records[-1]["loss"]) == {"hf_sto3g"} and records[-1]["step"] == 4
+
+
+def test_the_logged_loss_is_the_loss_the_step_optimises(shard_root, tmp_path):
+    """The weighted loss of the step's batch at the initial weights (one task, one step), not a sum of parts."""
+    config = write_config(tmp_path, shard_root, meta={"method": "single", "single_task": "hf_sto3g"},
+                          loss={"energy_weight": 3.0, "forces_weight": 0.5},
+                          train={"outer_steps": 1, "log_every": 1})
+    done = run_one_process(config)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cfg = load_config(config)
+    torch.manual_seed(cfg.seed)
+    model = build_potential(cfg, load_manifests(cfg))
+    batch = next(build_batchers(cfg, 0, 1)["hf_sto3g"])
+    expected = potential_loss(model, batch, LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight))[0].item()
+    logged = json.loads((cfg.run_dir / "metrics_rank0.jsonl").read_text().splitlines()[0])["loss"]["hf_sto3g"]
+    assert logged == pytest.approx(expected, rel=1e-6)
 
 
 def test_interrupted_save_is_never_resumed(tmp_path):

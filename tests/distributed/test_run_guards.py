@@ -1,6 +1,7 @@
 """A run is right or it stops, on real 2-rank DeepSpeed runs: a non-finite step stops every rank and keeps the
 last good checkpoint; export refuses weights no step moved; a resume is checked against the checkpoint (the
 task order may change, the model may not); a run owns its run_dir; a full disk during a save is named."""
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import pytest
 from mlfound.config import load_config
 from mlfound.data.files import FolderLock
 from mlfound.train import checkpoint
+from mlfound.train.guards import TrainingError
 from tests.data.helpers import demo_slice, shard
 from tests.data.test_files import fill, small_disk  # noqa: F401  (a fixture)
 from tests.distributed.conftest import TASKS
@@ -44,7 +46,7 @@ def test_a_non_finite_step_stops_every_rank_and_keeps_the_last_good_checkpoint(s
                           train={"outer_steps": 4, "save_every": 2, "log_every": 1})
     run_dir = load_config(config).run_dir
     torchrun(config)
-    done = launch(config, "--resume", "auto", "train.outer_steps=8", "meta.inner_lr=1e12")
+    done = launch(config, "--resume", "auto", "train.outer_steps=8", "meta.inner.lr=1e12")
     assert done.returncode != 0
     errors = error_lines(done)
     assert len(errors) == 2, done.stderr[-3000:]  # one line from each rank, the same step
@@ -57,8 +59,8 @@ def test_a_non_finite_step_stops_every_rank_and_keeps_the_last_good_checkpoint(s
     assert exported.returncode == 0, exported.stderr[-2000:]  # the last good state is still a release
 
 
-@pytest.mark.parametrize("meta", [{"mode": "reptile", "inner_lr": 1e12},
-                                  {"mode": "joint", "outer_lr": 1e12, "outer_lr_final": 1e12}])
+@pytest.mark.parametrize("meta", [{"inner": {"lr": 1e12}},
+                                  {"method": "joint", "outer": {"lr": 1e12, "lr_final": 1e12}}])
 def test_a_diverging_run_saves_nothing_past_its_last_finite_step(shard_root, tmp_path, meta):
     """Reptile with a huge inner lr is non-finite at step 1; joint with a huge outer lr takes one finite (huge)
     Adam step and is non-finite at step 2. Saving every step, no checkpoint holds the failing step."""
@@ -71,7 +73,7 @@ def test_a_diverging_run_saves_nothing_past_its_last_finite_step(shard_root, tmp
     assert len(failed_at) == 1 and all("not finite" in line or "non-finite" in line for line in errors), errors
     run_dir = load_config(config).run_dir
     tag = checkpoint.latest_tag(run_dir)
-    if meta["mode"] == "reptile":
+    if "method" not in meta:  # the default, Reptile
         assert failed_at == {1} and tag is None
     elif tag is not None:  # joint: a first huge but finite Adam step may have been saved
         assert int(tag.removeprefix("step")) < failed_at.pop()
@@ -81,7 +83,7 @@ def test_a_diverging_run_saves_nothing_past_its_last_finite_step(shard_root, tmp
 
 def test_export_refuses_weights_no_step_moved_unless_asked(shard_root, tmp_path):
     """An outer lr far below the weights' float32 resolution: every step runs, none moves a weight."""
-    config = write_config(tmp_path, shard_root, meta={"outer_lr": 1e-30, "outer_lr_final": 1e-30},
+    config = write_config(tmp_path, shard_root, meta={"outer": {"lr": 1e-30, "lr_final": 1e-30}},
                           train={"outer_steps": 2})
     run_dir = load_config(config).run_dir
     torchrun(config)
@@ -103,7 +105,7 @@ def test_resume_with_the_tasks_in_another_order_equals_an_uninterrupted_run(shar
     torchrun(whole)
     torchrun(split, "train.stop_after_steps=3")
     reordered = f"data.tasks=[{','.join(reversed(TASKS))}]"
-    done = torchrun(split, "--resume", "auto", reordered, "meta.outer_lr_final=0.2")
+    done = torchrun(split, "--resume", "auto", reordered, "meta.outer.lr_final=0.2")
     assert (f"resume: changed since checkpoint step00000003: data.tasks order {list(reversed(TASKS))} "
             f"(the checkpoint's {TASKS} is kept)") in done.stdout
     run_dir = load_config(split).run_dir
@@ -242,3 +244,26 @@ def test_compiled_forces_may_change_on_resume_and_a_checkpoint_from_before_it_re
     assert resume_changes(saved, current, "step_1") == ["train.compile_forces (unset) -> True"]
     toggled = {**current, "train": {**current["train"], "compile_forces": False}}
     assert resume_changes(toggled, current, "step_1") == ["train.compile_forces False -> True"]
+
+
+def test_a_checkpoint_of_the_older_meta_form_resumes_as_the_method_it_ran(tmp_path):
+    """A checkpoint written before the methods table holds meta.mode and flat learning rates: it compares as
+    the point it ran, so the same run resumes under today's form and a lower outer lr is a listed change, while
+    another method stops the run."""
+    from mlfound.config import RunConfig
+    from mlfound.train.guards import resume_changes
+
+    base = {"run_dir": "r", "data": {"shard_root": "s", "tasks": ["a"]}}
+    current = RunConfig.model_validate({**base, "meta": {"method": "reptile_k5", "inner_steps": 2, "inner": {
+        "lr": 1e-2, "name": "adam"}, "outer": {"lr": 0.8, "lr_final": 0.2}}}).model_dump(mode="json")
+    older = {**current, "meta": {"mode": "reptile", "inner_steps": 2, "inner_lr": 1e-2, "outer_lr": 0.5,
+                                 "outer_lr_final": 0.2, "sampling": current["meta"]["sampling"]}}
+    ckpt = checkpoint.checkpoint_dir(tmp_path) / "step00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "complete.json").write_text("{}")
+    (ckpt / checkpoint.MODEL_INFO).write_text(json.dumps({"config": older}))
+    saved = checkpoint.saved_config(tmp_path, "step00000002")
+    assert resume_changes(saved, current, "step00000002") == ["meta.outer.lr 0.5 -> 0.8"]
+    joint = RunConfig.model_validate({**base, "meta": {"method": "joint"}}).model_dump(mode="json")
+    with pytest.raises(TrainingError, match="meta.method"):
+        resume_changes(saved, joint, "step00000002")

@@ -46,8 +46,8 @@ def test_validation_table_is_the_same_on_one_and_two_ranks(small_root, tmp_path)
 
 
 def test_a_one_record_task_trains_on_two_ranks(small_root, tmp_path):
-    config = write_config(tmp_path, small_root, meta={"mode": "single", "single_task": "gfn2_xtb", "outer_lr": 1e-3,
-                                                      "outer_lr_final": 1e-3},
+    config = write_config(tmp_path, small_root, meta={"method": "single", "single_task": "gfn2_xtb",
+                                                      "outer": {"lr": 1e-3, "lr_final": 1e-3}},
                           train={"outer_steps": 2, "log_every": 1, "eval_every": 2, "save_every": 2})
     done = torchrun(config)
     assert "mixture gfn2_xtb=1.00 hf_sto3g=0.00" in done.stdout

@@ -10,8 +10,9 @@ import torch
 from mlfound.data.batching import collate
 from mlfound.data.readers import SourceSpec, read_source
 from mlfound.meta.loss import LossWeights, potential_loss
-from mlfound.meta.reptile import inner_loop, scale_task_heads, surrogate_loss
+from mlfound.meta.outer_step import inner_loop, pseudo_gradient, scale_task_heads, surrogate_loss
 from mlfound.meta.sampling import TaskSampler
+from mlfound.model import Potential
 from tests.model.test_potential import CONFIG, TASKS, make_potential
 
 
@@ -83,11 +84,39 @@ def test_k1_sgd_reptile_equals_one_sgd_step(batches):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
 
 
+def test_one_plain_sgd_step_at_lr_1_hands_over_the_gradient_bit_for_bit(batches):
+    """Joint training is the general outer step at k = 1 with inner SGD at lr 1: its pseudo-gradient must be
+    the gradient itself, not θ0 − (θ0 − g) with θ's rounding in it."""
+    model = make_potential()
+    loss_fn(model, batches[0]).backward()
+    gradient = [p.grad.clone() for p in model.parameters()]
+    work = copy.deepcopy(model)
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    displacement = inner_loop(work, theta0, iter(batches), 1, torch.optim.SGD(work.parameters(), lr=1.0), loss_fn)
+    for handed, g in zip(pseudo_gradient(displacement, 1.0, "adam"), gradient):
+        assert torch.equal(handed, g)
+    # k plain SGD steps at lr η: (θ0 − θk) / η, the sum of the k gradients along the way (by hand here)
+    lr = 1e-3
+    by_hand = copy.deepcopy(model)
+    summed = [torch.zeros_like(p) for p in by_hand.parameters()]
+    for batch in batches[:2]:
+        by_hand.zero_grad()
+        loss_fn(by_hand, batch).backward()
+        with torch.no_grad():
+            for total, p in zip(summed, by_hand.parameters()):
+                total += p.grad
+                p -= lr * p.grad
+    displacement = inner_loop(work, theta0, iter(batches), 2, torch.optim.SGD(work.parameters(), lr=lr), loss_fn)
+    for handed, total in zip(pseudo_gradient(displacement, lr, "sgd"), summed):
+        torch.testing.assert_close(handed, total, rtol=1e-5, atol=1e-6)
+    assert pseudo_gradient([torch.ones(2)], 0.5, "interpolation")[0].tolist() == [1.0, 1.0]  # θ0 − θk as it is
+
+
 def test_head_rescaling_touches_only_that_head():
     model = make_potential()
     names = [n for n, _ in model.named_parameters()]
     grads = [torch.ones_like(p) for p in model.parameters()]
-    scale_task_heads(grads, names, "heads.heads.", "hf_sto3g", 2.0)
+    scale_task_heads(grads, names, Potential.head_prefix("hf_sto3g"), 2.0)
     for name, g in zip(names, grads):
         assert g.max().item() == (2.0 if name.startswith("heads.heads.hf_sto3g.") else 1.0), name
 

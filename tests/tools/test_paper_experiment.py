@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from mlfound.config import ConfigError
-from mlfound.experiment.config import load_experiment, recipes_for, run_overrides
+from mlfound.experiment.config import load_experiment, pretrain_config, recipes_for, run_overrides
 from mlfound.experiment.plan import Unit, is_done, plan_units, result_path, start_model, unit_inputs
 from mlfound.experiment.prepare import make_shards, pretrain
 from mlfound.experiment.report import markdown_lines, verdict_lines
@@ -251,6 +251,19 @@ def test_mace_recipe_per_size_runs_each_n_with_its_own_and_must_cover_every_size
         load_experiment(toy, ["mace.enabled=true", "mace.recipe={10: plain}"])
     with pytest.raises(ConfigError, match="mace.recipe: .*'plian' is not a recipe"):
         load_experiment(toy, ["mace.recipe={10: plain, 25: plian}"])
+
+
+def test_methods_are_names_of_the_methods_table_and_each_runs_its_point_at_equal_gradient_steps():
+    """The experiment reads mlfound/meta/methods.py as the trainer does: a run is its method's name and
+    grad_steps / k outer steps; a name not in the table is refused when the experiment loads."""
+    exp = load_experiment(ROOT / "configs" / "experiments" / "e1.yaml",
+                          ["pretrain.methods=[joint, reptile_k20, adam_outer_k5]", "pretrain.grad_steps=3000"])
+    runs = {method: pretrain_config(exp, method, Path("run"), seed=0) for method in exp.pretrain.methods}
+    assert {m: (c.meta.method, c.meta.inner_steps, c.train.outer_steps) for m, c in runs.items()} == {
+        "joint": ("joint", 1, 3000), "reptile_k20": ("reptile_k20", 20, 150), "adam_outer_k5": ("adam_outer_k5", 5, 600)}
+    assert (runs["adam_outer_k5"].meta.outer.name, runs["joint"].meta.outer.name) == ("adam", "adam")
+    with pytest.raises(ConfigError, match=r"unknown methods \['reptile_k7'\]: use names of mlfound/meta/methods.py"):
+        load_experiment(ROOT / "configs" / "experiments" / "e1.yaml", ["pretrain.methods=[joint, reptile_k7]"])
 
 
 def test_unknown_recipe_key_fails_before_anything_runs(tmp_path):
