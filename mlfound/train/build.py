@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -26,9 +27,15 @@ def load_manifests(cfg: RunConfig) -> dict[str, dict]:
 
 
 def task_scale_ev(manifest: dict) -> float:
-    """σ_task: RMS force (eV/Å) when the task has forces, else the per-atom residual energy spread."""
+    """σ_task: RMS force (eV/Å) when the task has forces, else the per-atom residual energy spread, else (one
+    structure, or energies the references fit exactly) 1 eV, said out loud."""
     stats = manifest["stats"]
-    return stats["forces_rms_ev_a"] or stats["residual_per_atom_std_ev"] or 1.0
+    scale_ev = stats["forces_rms_ev_a"] or stats["residual_per_atom_std_ev"]
+    if not scale_ev:
+        warnings.warn(f"task {manifest['task']}: no forces and no spread of energy per atom after the reference "
+                      "fit, so its loss scale σ is 1 eV; give it forces or more structures for a data-derived σ",
+                      stacklevel=2)
+    return scale_ev or 1.0
 
 
 def with_data_normalisers(cfg: RunConfig, manifests: dict[str, dict]) -> RunConfig:
@@ -75,8 +82,14 @@ def build_loader(cfg: RunConfig, rank: int, world_size: int, sampler: TaskSample
 
 
 def validation_dirs(cfg: RunConfig) -> dict:
-    return {task: cfg.data.shard_root / task / VALIDATION_DIR for task in cfg.data.tasks
-            if (cfg.data.shard_root / task / VALIDATION_DIR / "manifest.json").exists()}
+    """Each task's validation shards; a task without them is named once (it is trained, never evaluated)."""
+    dirs = {task: cfg.data.shard_root / task / VALIDATION_DIR for task in cfg.data.tasks}
+    missing = [task for task, folder in dirs.items() if not (folder / "manifest.json").exists()]
+    if missing:
+        warnings.warn(f"tasks {missing} have no validation split under {cfg.data.shard_root}: they are trained but "
+                      "never evaluated; shard them with tools/shard_dataset.py --val-fraction to evaluate them",
+                      stacklevel=2)
+    return {task: folder for task, folder in dirs.items() if task not in missing}
 
 
 def manifest_provenance(manifest: dict) -> dict:

@@ -302,6 +302,30 @@ def test_single_in_one_process_trains_only_its_task(shard_root, tmp_path):
     assert set(records[-1]["loss"]) == {"hf_sto3g"} and records[-1]["step"] == 4
 
 
+def test_a_task_without_a_validation_split_is_named_not_silently_left_out(shard_root, tmp_path):
+    import shutil
+
+    from mlfound.data.shards import VALIDATION_DIR
+
+    root = tmp_path / "shards"
+    shutil.copytree(shard_root, root)
+    shutil.rmtree(root / "hf_sto3g" / VALIDATION_DIR)
+    config = write_config(tmp_path, root, train={"outer_steps": 2, "eval_every": 2})
+    done = run_one_process(config)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tasks ['hf_sto3g'] have no validation split" in done.stderr and "never evaluated" in done.stderr
+    evaluated = json.loads((load_config(config).run_dir / "validation.jsonl").read_text().splitlines()[-1])["tasks"]
+    assert sorted(evaluated) == sorted(t for t in TASKS if t != "hf_sto3g")
+
+
+def test_a_task_with_no_data_derived_scale_says_its_scale_is_1_ev():
+    from mlfound.train.build import task_scale_ev
+
+    with pytest.warns(UserWarning, match="task one: no forces and no spread .* σ is 1 eV"):
+        assert task_scale_ev({"task": "one", "stats": {"forces_rms_ev_a": 0.0, "residual_per_atom_std_ev": 0.0}}) == 1.0
+    assert task_scale_ev({"task": "f", "stats": {"forces_rms_ev_a": 0.5, "residual_per_atom_std_ev": 0.0}}) == 0.5
+
+
 def test_the_logged_loss_is_the_loss_the_step_optimises(shard_root, tmp_path):
     """The weighted loss of the step's batch at the initial weights (one task, one step), not a sum of parts."""
     config = write_config(tmp_path, shard_root, meta={"method": "single", "single_task": "hf_sto3g"},
