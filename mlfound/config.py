@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mlfound.data.urls import check_url_template
 from mlfound.meta.methods import from_older_form, method_fields
-from mlfound.model.potential import ModelConfig
+from mlfound.model.config import ModelConfig
 
 M = TypeVar("M", bound=BaseModel)
 

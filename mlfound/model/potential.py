@@ -11,10 +11,10 @@ edge vectors strains both. ASE's sign: positive stress is tension, pressure is -
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from mlfound.model import compiled
+from mlfound.model.config import ModelConfig
 from mlfound.model.heads import TaskHeads
 from mlfound.model.ops import COMPILED_CONSTANT
 from mlfound.model.trunk import Trunk
@@ -30,39 +30,6 @@ def _drop_compiled_constants(module, state_dict, prefix, local_metadata) -> None
 def _ignore_compiled_constants(module, incompatible_keys) -> None:
     for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
         keys[:] = [k for k in keys if COMPILED_CONSTANT not in k]
-
-
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    channels: int = Field(32, ge=1)  # features per irrep order in the hidden layers
-    # highest rotation order of the hidden features (and, with correlation 1, of edge directions)
-    l_max: int = Field(2, ge=0, le=4)
-    num_layers: int = Field(3, ge=1)  # message-passing layers
-    cutoff_a: float = Field(5.0, gt=0)  # radial cutoff of the neighbour graph (Å)
-    num_basis: int = Field(8, ge=1)  # Bessel radial basis functions
-    radial_hidden: int = Field(64, ge=1)  # width of the radial MLP
-    radial_layers: int = Field(1, ge=1)  # hidden layers of the radial MLP (NequIP's default; release format 2)
-    head_hidden: int = Field(32, ge=1)  # width of each task head's MLP
-    # None: counted from the training shards' manifests at the cutoff when pretraining starts (train.build), so
-    # the release stores the number; releases before format 5 hold the fixed 10.0 they were trained with
-    avg_num_neighbors: float | None = Field(None, gt=0)
-    scalar_last_layer: bool = True  # the last layer outputs only the invariants the heads read (release format 2)
-    correlation: int = Field(1, ge=1, le=4)  # body order - 1 of each layer's features: 1 two-body, 3 as MACE
-    # with correlation > 1: messages keep every l <= l_max, so the last layer's products see vectors (format 4)
-    product_messages_all_l: bool = True
-    # with correlation > 1: spherical harmonics and the product basis's features up to this l, above l_max (as
-    # MACE's max_ell, 3 by default there); None: l_max (format 6)
-    product_l_max: int | None = Field(None, ge=0, le=4)
-
-    @model_validator(mode="after")
-    def _product_l_max_fits(self):
-        if self.product_l_max is not None and self.product_l_max < self.l_max:
-            raise ValueError(f"product_l_max {self.product_l_max} is below l_max {self.l_max}: the product basis "
-                             "multiplies at least the features the layers pass on")
-        if self.product_l_max not in (None, self.l_max) and self.correlation == 1:
-            raise ValueError(f"product_l_max {self.product_l_max} needs a product basis (correlation > 1); the "
-                             "two-body trunk (correlation 1) would ignore it")
-        return self
 
 
 class Potential(nn.Module):
@@ -83,10 +50,7 @@ class Potential(nn.Module):
                 refs[t, self.elements.index(int(z))] = e
         self.register_buffer("references_ev", refs)  # (T, S) float64
         self.register_buffer("scales_ev", torch.tensor([scales_ev[t] for t in task_names], dtype=torch.float64))
-        self.trunk = Trunk(len(self.elements), config.channels, config.l_max, config.num_layers, config.cutoff_a,
-                           config.num_basis, config.radial_hidden, config.radial_layers, config.avg_num_neighbors,
-                           config.scalar_last_layer, config.correlation, config.product_messages_all_l,
-                           config.product_l_max)
+        self.trunk = Trunk(config, len(self.elements))
         self.heads = TaskHeads(task_names, config.channels, config.head_hidden)
         # forces (and stress) from one traced graph that torch.compile fuses (mlfound.model.compiled): a runtime
         # choice, not part of the architecture or the release; batches without edges stay eager

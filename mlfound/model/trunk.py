@@ -14,6 +14,7 @@ from e3nn import o3
 from e3nn.nn import FullyConnectedNet, Gate
 from torch import nn
 
+from mlfound.model.config import ModelConfig
 from mlfound.model.ops import one_hot
 from mlfound.model.radial import BesselBasis
 
@@ -127,31 +128,30 @@ class Interaction(nn.Module):
 class Trunk(nn.Module):
     """Species indices and edge vectors -> per-atom invariant features (N, C)."""
 
-    def __init__(self, num_species: int, channels: int, l_max: int, num_layers: int, cutoff_a: float,
-                 num_basis: int, radial_hidden: int, radial_layers: int, avg_num_neighbors: float,
-                 scalar_last_layer: bool, correlation: int = 1, product_messages_all_l: bool = True,
-                 product_l_max: int | None = None):
-        """``product_l_max``: with correlation > 1, the l up to which edge directions are expanded and the product
-        basis multiplies features (MACE's max_ell), while the features passed between layers stop at l_max."""
+    def __init__(self, config: ModelConfig, num_species: int):
+        """``config.product_l_max``: with correlation > 1, the l up to which edge directions are expanded and the
+        product basis multiplies features (MACE's max_ell), while the features passed between layers stop at
+        l_max. ``config.avg_num_neighbors`` must be set (pretraining counts it from the data)."""
         super().__init__()
+        channels, l_max = config.channels, config.l_max
         self.embedding = nn.Embedding(num_species, channels)
-        product_l_max = l_max if product_l_max is None else product_l_max
+        product_l_max = l_max if config.product_l_max is None else config.product_l_max
         self.irreps_sh = o3.Irreps.spherical_harmonics(product_l_max)
         self.spherical_harmonics = o3.SphericalHarmonics(self.irreps_sh, normalize=True, normalization="component")
-        self.radial_basis = BesselBasis(cutoff_a, num_basis)
+        self.radial_basis = BesselBasis(config.cutoff_a, config.num_basis)
         irreps = o3.Irreps(f"{channels}x0e")
         self.layers = nn.ModuleList()
-        for index in range(num_layers):
+        for index in range(config.num_layers):
             # only scalars leave the trunk, so the last layer need not compute l > 0 outputs (NequIP does the same)
-            last = index == num_layers - 1 and scalar_last_layer
+            last = index == config.num_layers - 1 and config.scalar_last_layer
             irreps_out = hidden_irreps(channels, 0 if last else l_max)
             irreps_product = hidden_irreps(channels, product_l_max)
             # the product basis contracts vectors into invariants only if the messages carry them, even where the
             # layer outputs scalars alone (as MACE's last layer); without, its products were of scalars only
-            all_l = correlation > 1 and product_messages_all_l
-            layer = Interaction(irreps, irreps_out, self.irreps_sh, num_basis, radial_hidden, radial_layers,
-                                avg_num_neighbors, correlation, irreps_product, num_species,
-                                irreps_product if all_l else irreps_out, hidden_irreps(channels, l_max))
+            all_l = config.correlation > 1 and config.product_messages_all_l
+            layer = Interaction(irreps, irreps_out, self.irreps_sh, config.num_basis, config.radial_hidden,
+                                config.radial_layers, config.avg_num_neighbors, config.correlation, irreps_product,
+                                num_species, irreps_product if all_l else irreps_out, hidden_irreps(channels, l_max))
             self.layers.append(layer)
             irreps = layer.irreps_out
         self.readout = o3.Linear(irreps, o3.Irreps(f"{channels}x0e"))
