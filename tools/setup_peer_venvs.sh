@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Separate venvs for the peer frameworks the benchmarks compare against (mace-torch pins e3nn 0.4.4,
-# which would clash with mlfound's e3nn 0.6; see ../shared/platform-notes.md section 7).
+# which would clash with mlfound's e3nn 0.6 in one environment).
 #   bash tools/setup_peer_venvs.sh            # creates .venv-mace and .venv-nequip next to .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."

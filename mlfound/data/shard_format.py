@@ -1,6 +1,7 @@
 """How one record is packed into one webdataset tar member (msgpack), and back.
 
-One member per record halves the size against one member per array (platform-notes.md §6).
+One member per record halves the size against one member per array (each tar member costs a 512-byte header
+and padding: 5,000 small records took 51 MB as five arrays each, 26.5 MB as one npz each).
 msgpack with raw little-endian array bytes decodes ~10x faster than an npz per record, whose
 per-array header parsing dominated the input pipeline. Arrays keep their float64 values exactly.
 

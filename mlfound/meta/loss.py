@@ -2,8 +2,9 @@
 
 Energy per atom, forces and the virial per atom (stress x volume / atoms, an energy per atom like the first)
 are divided by the task's scale σ so tasks with different label magnitudes weigh alike; graphs without force
-or stress labels contribute what they have. DESIGN.md records
-that an energy weight ~10x the force weight kept energies from degrading on small data.
+or stress labels contribute what they have. The default energy weight is 10x the force weight: with the
+forces weighted 10x the energy instead, energies ended worse than the references alone, and the 10:1 weighting
+fixed that at +9% force error (the project's first measurements).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """One small readout per task on the shared trunk.
 
 Every head runs on every atom and a fixed one-hot mask selects each atom's task: the autograd
-graph is then identical on every rank, which ZeRO-1/2 needs (platform-notes.md, Pitfall 2).
+graph is then identical on every rank, which ZeRO-1/2 needs: with rank-dependent sets of used parameters,
+DeepSpeed 0.19's ZeRO-1/2 silently corrupts gradients (no error), measured on our machines.
 """
 import torch
 from torch import nn
