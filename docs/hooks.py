@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The typed configs a user writes: (title, model, dotted prefix, where it is written)
 CONFIGS = [("Pretraining run (`launch/pretrain.py --config`)", "mlfound.config:RunConfig", ""),
            ("Fine-tuning (`launch/finetune.py`, `mlfound.finetune.finetune`)", "mlfound.finetune:FinetuneConfig", ""),
-           ("Paper experiment (`tools/paper_experiment.py --experiment`)", "mlfound.experiment.config:Experiment", "")]
+           ("Paper experiment (`tools/paper_experiment.py --experiment`)", "experiments.config:Experiment", "")]
 # Every command, as a user types it; `mlfound` also lists each subcommand
 COMMANDS = ["mlfound", "launch/pretrain.py", "launch/finetune.py", "tools/shard_dataset.py", "tools/make_qm_dataset.py",
             "tools/run_md.py", "tools/compare_scratch.py", "tools/paper_experiment.py", "tools/bench_data.py",
@@ -133,6 +133,8 @@ def _cell(text: str) -> str:
 
 
 def _import(target: str):
+    if str(ROOT) not in sys.path:  # experiments/ lives beside mlfound, not installed (at call time: mkdocs
+        sys.path.insert(0, str(ROOT))  # takes its own entry back off sys.path after loading this file)
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
 

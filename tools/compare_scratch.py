@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside mlfound, not installed
 
 import numpy as np  # noqa: E402
 
@@ -118,9 +119,10 @@ def parse_recipe(option: str, text: str) -> tuple[str, dict]:
 def check_model_changes(model_path, recipes: dict[str, dict]) -> None:
     """Each recipe's model changes over ``--model``'s architecture (not ModelConfig's defaults, which a release
     need not share) make a valid model: a bad combination fails before the first unit, naming the recipe."""
+    from pydantic import ValidationError
+
     from mlfound.config import ConfigError, describe
     from mlfound.release import load, resolve
-    from pydantic import ValidationError
 
     config = load(resolve(model_path)).model.config
     for name, recipe in recipes.items():
@@ -131,8 +133,8 @@ def check_model_changes(model_path, recipes: dict[str, dict]) -> None:
 
 
 def check_mace_recipes(names: list[str]) -> None:
+    from experiments.config import MACE_RECIPES, mace_recipes, repo_relative
     from mlfound.config import ConfigError
-    from mlfound.experiment.config import MACE_RECIPES, mace_recipes, repo_relative
 
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
@@ -144,9 +146,8 @@ def check_mace_recipes(names: list[str]) -> None:
 
 
 def make_split(args) -> dict[str, Path]:
-    from mlfound.data.sets import load_records, split_records, write_extxyz
-
     from mlfound.data.files import atomic_write_bytes, sha256_file
+    from mlfound.data.sets import load_records, split_records, write_extxyz
 
     if not args.target.is_file():
         raise FileNotFoundError(f"--target {args.target}: no such file")
@@ -167,11 +168,10 @@ def make_split(args) -> dict[str, Path]:
 def unit_inputs(args, recipes: dict, unit: tuple) -> dict:
     """What a unit's result depends on beyond the split: the recipe, and for mlfound the FinetuneConfig it resolves
     to (so a result made under other defaults is refused, not reused under the recipe's name) and the start."""
+    from experiments.config import mace_recipes
     from mlfound.data.files import sha256_file
     from mlfound.finetune import FinetuneConfig
     from mlfound.release import resolve
-
-    from mlfound.experiment.config import mace_recipes
 
     framework, name, _, _ = unit
     if framework == "mace":
@@ -224,8 +224,8 @@ def run_unit(job) -> dict:
 
 
 def train_records(split: dict[str, Path], head: str, n: int, subset: int) -> list:
+    from experiments.prepare import train_subset
     from mlfound.data.sets import load_records
-    from mlfound.experiment.prepare import train_subset
 
     return train_subset(load_records(split["pool"], head), n, subset)
 

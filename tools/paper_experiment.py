@@ -43,7 +43,7 @@ out the bulky, remade parts), the start models and every unit's result are commi
 command in a fresh clone goes on from there. Paths in the record are relative to the repository, and a unit's
 result holds its start model's sha256, so a result is reused only with the model it was made from.
 
-The library behind it is mlfound.experiment (config, plan, prepare, units, report, grid).
+The library behind it is experiments (config, plan, prepare, units, report, grid).
 """
 import argparse
 import os
@@ -51,13 +51,14 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside mlfound, not installed
 
+from experiments.config import ROOT, load_experiment  # noqa: E402
+from experiments.grid import report_so_far, run_experiment  # noqa: E402
+from experiments.prepare import check_same_models, make_shards  # noqa: E402
 from mlfound.config import ConfigError  # noqa: E402
 from mlfound.data.files import FolderLock
 from mlfound.errors import run_main  # noqa: E402
-from mlfound.experiment.config import ROOT, load_experiment  # noqa: E402
-from mlfound.experiment.grid import report_so_far, run_experiment  # noqa: E402
-from mlfound.experiment.prepare import check_same_models, make_shards  # noqa: E402
 
 
 def main(argv=None) -> int:

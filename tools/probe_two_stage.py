@@ -17,18 +17,19 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ lives beside mlfound, not installed
 
 import numpy as np  # noqa: E402
 
+from experiments.config import ROOT, load_experiment, portable, resolved_recipes  # noqa: E402
+from experiments.plan import Unit  # noqa: E402
+from experiments.prepare import check_same_models, make_shards, make_split, train_subset  # noqa: E402
+from experiments.units import best_recipe  # noqa: E402
 from mlfound.config import ConfigError  # noqa: E402
 from mlfound.data.files import FolderLock, atomic_write_bytes, json_text, sha256_file  # noqa: E402
 from mlfound.data.sets import load_records, split_records  # noqa: E402
 from mlfound.errors import run_main  # noqa: E402
 from mlfound.evaluate import evaluate  # noqa: E402
-from mlfound.experiment.config import ROOT, load_experiment, portable, resolved_recipes  # noqa: E402
-from mlfound.experiment.plan import Unit  # noqa: E402
-from mlfound.experiment.prepare import check_same_models, make_shards, make_split, train_subset  # noqa: E402
-from mlfound.experiment.units import best_recipe  # noqa: E402
 from mlfound.finetune import FinetuneConfig, finetune  # noqa: E402
 from mlfound.release import load, save_release  # noqa: E402
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
+from experiments.config import load_experiment, pretrain_config, recipes_for, run_overrides
+from experiments.plan import Unit, is_done, plan_units, result_path, start_model, unit_inputs
+from experiments.prepare import make_shards, pretrain
+from experiments.report import markdown_lines, verdict_lines
 from mlfound.config import ConfigError
-from mlfound.experiment.config import load_experiment, pretrain_config, recipes_for, run_overrides
-from mlfound.experiment.plan import Unit, is_done, plan_units, result_path, start_model, unit_inputs
-from mlfound.experiment.prepare import make_shards, pretrain
-from mlfound.experiment.report import markdown_lines, verdict_lines
 from mlfound.finetune import FinetuneConfig
 from mlfound.model_card import read_card
 from mlfound.release import load, read_metadata

@@ -5,11 +5,11 @@ import json
 import time
 from pathlib import Path
 
-from mlfound.experiment.config import Experiment
-from mlfound.experiment.plan import Unit, is_done, plan_units, print_plan, result_path, start_model
-from mlfound.experiment.prepare import choose_single_task, make_split, prepare_starts, pretrain
-from mlfound.experiment.report import write_model_cards, write_report
-from mlfound.experiment.units import run_unit
+from experiments.config import Experiment
+from experiments.plan import Unit, is_done, plan_units, print_plan, result_path, start_model
+from experiments.prepare import choose_single_task, make_split, prepare_starts, pretrain
+from experiments.report import write_model_cards, write_report
+from experiments.units import run_unit
 
 
 def run_experiment(exp: Experiment, out: Path, workers: int, title: str) -> None:

@@ -4,9 +4,19 @@ import dataclasses
 import json
 from pathlib import Path
 
+from experiments.config import (
+    COTRAIN,
+    MACE_CLI,
+    MACE_PYTHON,
+    ROOT,
+    Experiment,
+    mace_recipes,
+    portable,
+    recipes_for,
+    resolved_recipes,
+    starts,
+)
 from mlfound.data.files import sha256_file
-from mlfound.experiment.config import (COTRAIN, MACE_CLI, MACE_PYTHON, ROOT, Experiment, mace_recipes, portable,
-                                      recipes_for, resolved_recipes, starts)
 
 
 @dataclasses.dataclass(frozen=True)

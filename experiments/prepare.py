@@ -1,7 +1,6 @@
 """What the units share, made once and reused: the corpus's shards, the target's fixed split, the start
 models (scratch and one 2-rank DeepSpeed pretraining run per method and seed) and the single-task choice."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -9,17 +8,18 @@ from pathlib import Path
 
 import torch
 
+from experiments.config import ROOT, Experiment, portable, pretrain_config, run_overrides
+from experiments.plan import start_model
 from mlfound.config import ConfigError
 from mlfound.data.files import atomic_write_bytes, json_text
 from mlfound.data.sets import load_records, split_records, write_extxyz
 from mlfound.data.sets import subset as draw
-from mlfound.experiment.config import ROOT, Experiment, portable, pretrain_config, run_overrides
-from mlfound.experiment.plan import start_model
 from mlfound.finetune import choose_init_head, head_scores
 from mlfound.release import load, release_metadata, save_release
 from mlfound.train.build import build_potential, load_manifests
 from mlfound.train.checkpoint import latest_tag
 from mlfound.train.export import export
+from mlfound.train.launch import start
 
 
 def make_shards(exp: Experiment) -> None:
@@ -89,20 +89,17 @@ def prepare_starts(exp: Experiment, out: Path, split: dict[str, Path]) -> str:
 
 
 def pretrain(exp: Experiment, out: Path, method: str, seed: int, single_task: str | None = None) -> Path:
-    """A 2-rank DeepSpeed run of launch/pretrain.py, exported as a release (skipped if already there);
+    """A 2-rank DeepSpeed pretraining run (``mlfound.train.launch.start``), exported as a release (skipped if already there);
     a run stopped midway (killed job, lost node) goes on from its last checkpoint."""
     release = start_model(out, method, seed)
     if release.exists():
         return release
     run_dir = out / "pretrain" / f"{method}_s{seed}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "launch" / "pretrain.py"), "--config", str(exp.pretrain.config),
-           *run_overrides(exp, method, run_dir, seed, single_task), "--resume", "auto"]
     if (tag := latest_tag(run_dir)) is not None:
         print(f"pretraining {method} seed {seed}: resuming from its checkpoint {tag}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1"}
     tic = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = start(exp.pretrain.config, run_overrides(exp, method, run_dir, seed, single_task), ranks=2,
+                 resume="auto", env={"MLFOUND_NO_SHM_OP": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"pretraining {method} seed {seed} failed:\n{done.stderr[-3000:]}")
     export(run_dir, release)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.config import COTRAIN, ROOT, Experiment, portable, recipes_for, repo_relative, starts
 from mlfound.data.files import atomic_write_bytes, json_text
 from mlfound.evaluate import plot_learning_curves
-from mlfound.experiment.config import COTRAIN, ROOT, Experiment, portable, recipes_for, repo_relative, starts
 from mlfound.md_stability import StabilityRun, stability_summary
 from mlfound.model_card import card_from_results
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 from ase.io import read
 
+from experiments.config import MACE_CLI, MACE_PYTHON, Experiment, finetune_config, recipes_for
+from experiments.plan import Unit, finetuned_model, result_path, start_model, unit_inputs
+from experiments.prepare import train_subset
 from mlfound.calculator import MLFoundCalculator
 from mlfound.data.files import atomic_write_bytes, json_text
 from mlfound.data.references import reference_energy
 from mlfound.data.sets import load_records, write_extxyz
 from mlfound.evaluate import evaluate, scan_report
-from mlfound.experiment.config import MACE_CLI, MACE_PYTHON, Experiment, finetune_config, recipes_for
-from mlfound.experiment.plan import Unit, finetuned_model, result_path, start_model, unit_inputs
-from mlfound.experiment.prepare import train_subset
 from mlfound.finetune import FinetuneConfig, finetune, fit_references
 from mlfound.md_stability import first_unphysical_event
 from mlfound.release import load, save_release

@@ -11,7 +11,7 @@ from mlfound.config import ConfigError, describe, load_config, load_validated
 from mlfound.finetune import FinetuneConfig
 from mlfound.meta.methods import METHODS, method_fields
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: relative paths of an experiment are relative to it
+ROOT = Path(__file__).resolve().parents[1]  # the repository: relative paths of an experiment are relative to it
 MACE_PYTHON = ROOT / ".venv-mace" / "bin" / "python"
 MACE_CLI = ROOT / "tools" / "peers" / "mace_cli.py"
 MACE_RECIPES = ROOT / "configs" / "peers" / "mace_recipes.yaml"  # what mace_cli.py --recipe NAME trains
