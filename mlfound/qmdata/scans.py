@@ -16,7 +16,7 @@ from mlfound.data.files import atomic_write_bytes
 from mlfound.progress import progress
 from mlfound.qmdata import geometries, levels
 from mlfound.qmdata.corpus import single_thread
-from mlfound.qmdata.recipes import TARGET_MOLECULES
+from mlfound.qmdata.recipes import MOLECULE_SETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ class TorsionScan:
 
 SCANS: dict[str, TorsionScan] = {
     # Paracetamol's ring-amide torsion at the fine-tuning target's LoT.
-    "paracetamol-amide": TorsionScan("paracetamol", TARGET_MOLECULES["paracetamol"], "c:c-[NX3]-[CX3;$(C=O)]",
+    "paracetamol-amide": TorsionScan("paracetamol", MOLECULE_SETS["target"]["paracetamol"], "c:c-[NX3]-[CX3;$(C=O)]",
                                      "hf_631g"),
 }
 

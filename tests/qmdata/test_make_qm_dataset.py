@@ -97,9 +97,8 @@ def test_the_urea_crystal_is_urea_with_its_hydrogen_bonds():
     from ase.neighborlist import neighbor_list
 
     from mlfound.qmdata.geometries import molecular_crystal
-    from mlfound.qmdata.recipes import UREA_CRYSTAL
 
-    symbols, pos_a, cell_a = molecular_crystal(UREA_CRYSTAL)
+    symbols, pos_a, cell_a = molecular_crystal(RECIPES["demo-periodic"].boxes["urea_crystal"])
     atoms = Atoms(symbols, positions=pos_a, cell=cell_a, pbc=True)
     assert atoms.get_chemical_formula() == "C4H16N8O4"
     i, j, d = neighbor_list("ijd", atoms, 1.5)
