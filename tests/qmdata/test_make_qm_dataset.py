@@ -113,3 +113,13 @@ def test_the_urea_crystal_is_urea_with_its_hydrogen_bonds():
     i, j, d = neighbor_list("ijd", atoms, 2.2)
     hydrogen_bonds = [x for a, b, x in zip(i, j, d) if symbols[a] == "O" and symbols[b] == "H"]
     assert len(hydrogen_bonds) == 16 and min(hydrogen_bonds) > 1.9  # each O accepts 4 H-bonds, none too close
+
+
+def test_a_malformed_recipe_is_named_with_its_file(tmp_path):
+    from mlfound.qmdata.recipes import load_recipes
+
+    path = tmp_path / "recipes.yaml"
+    path.write_text("molecules: {few: {water: O}}\nrecipes:\n  broken: {molecules: few, temperatures_k: [300.0], "
+                    "frames_per_temperature: 1, md_stride_steps: 5, tasks: [{lot: gfn2_xtb}]}\n")
+    with pytest.raises(ValueError, match=r"recipes.yaml: recipe 'broken' is malformed \(KeyError: 'molecules'\)"):
+        load_recipes(path)
