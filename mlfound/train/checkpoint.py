@@ -97,7 +97,8 @@ def saved_config(run_dir: Path, tag: str) -> dict:
                                 "trained as cannot be checked; start a new run_dir")
     try:
         config = json.loads(info.read_text())["config"]
-        # meta as today's form writes it: a checkpoint of an older mlfound (meta.mode) compares as the point it ran
+        # meta as today's form writes it: a checkpoint of an older mlfound (before the methods table) compares as
+        # the point it ran
         return {**config, "meta": MetaConfig.model_validate(config["meta"]).model_dump(mode="json")}
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:  # JSON and pydantic errors are ValueErrors
         raise TrainingError(f"{info} is unreadable ({type(err).__name__}: {err}); {_EARLIER}") from None

@@ -60,7 +60,7 @@ def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
     return state["module"]
 
 
-def serial_run(cfg, mode: str) -> dict[str, torch.Tensor]:
+def serial_run(cfg, reptile: bool) -> dict[str, torch.Tensor]:
     """Reptile (Adam inside, SGD on θ0 − θk outside) or joint (the ranks' gradients averaged, Adam), written
     out in one process as they were before the general outer step: ranks one after another, averaged by hand."""
     torch.manual_seed(cfg.seed)
@@ -69,7 +69,7 @@ def serial_run(cfg, mode: str) -> dict[str, torch.Tensor]:
     batchers = [build_batchers(cfg, rank, 2) for rank in range(2)]
     sampler = TaskSampler({t: 1 for t in TASKS}, "uniform", seed=cfg.seed)
     weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight)
-    outer = (torch.optim.SGD if mode == "reptile" else torch.optim.Adam)(model.parameters(), lr=cfg.meta.outer.lr)
+    outer = (torch.optim.SGD if reptile else torch.optim.Adam)(model.parameters(), lr=cfg.meta.outer.lr)
     total, ratio = cfg.train.outer_steps, cfg.meta.outer.lr_final / cfg.meta.outer.lr
     for step in range(total):
         for group in outer.param_groups:
@@ -77,7 +77,7 @@ def serial_run(cfg, mode: str) -> dict[str, torch.Tensor]:
         tasks = [sampler.draw(step, rank) for rank in range(2)]
         grads = []
         for rank, task in enumerate(tasks):
-            if mode == "reptile":
+            if reptile:
                 work = copy.deepcopy(model)
                 inner = torch.optim.Adam(work.parameters(), lr=cfg.meta.inner.lr, betas=(0.0, 0.999))
                 theta0 = [p.detach().clone() for p in model.parameters()]
@@ -112,7 +112,7 @@ def test_reptile_two_ranks_equals_serial_reference(shard_root, tmp_path, zero_st
         "the seed must give steps where ranks share a task and steps where each head is trained by one rank"
     done = torchrun(config)
     assert "step      2" in done.stdout and "E MAE" in done.stdout
-    assert_same_parameters(final_parameters(cfg.run_dir), serial_run(cfg, "reptile"))
+    assert_same_parameters(final_parameters(cfg.run_dir), serial_run(cfg, reptile=True))
     if zero_stage == 1:
         assert_export_reproduces_the_run(cfg, tmp_path)
 
@@ -148,7 +148,7 @@ def test_reptile_bf16_matches_serial_fp32_to_bf16_precision(shard_root, tmp_path
     config = write_config(tmp_path, shard_root, deepspeed={"zero_stage": 1, "bf16": True})
     cfg = load_config(config)
     torchrun(config)
-    params, serial = final_parameters(cfg.run_dir), serial_run(cfg, "reptile")
+    params, serial = final_parameters(cfg.run_dir), serial_run(cfg, reptile=True)
     assert_same_parameters(params, serial, rtol=2e-2, atol=2e-2)
     worst = max((params[n].float() - v.detach()).abs().max().item() for n, v in serial.items())
     assert worst > 1e-5, "bf16 rounding must show: the run was not in bf16"
@@ -181,7 +181,7 @@ def test_joint_two_ranks_equals_serial_gradient_averaging_and_k1_at_its_point_is
     torchrun(joint)
     torchrun(k1)
     joint_params = final_parameters(load_config(joint).run_dir)
-    assert_same_parameters(joint_params, serial_run(load_config(joint), "joint"))
+    assert_same_parameters(joint_params, serial_run(load_config(joint), reptile=False))
     k1_params = final_parameters(load_config(k1).run_dir)
     assert_same_parameters(k1_params, joint_params, rtol=0, atol=0)  # bit for bit (NaN references alike)
 
