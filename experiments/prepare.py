@@ -89,8 +89,8 @@ def prepare_starts(exp: Experiment, out: Path, split: dict[str, Path]) -> str:
 
 
 def pretrain(exp: Experiment, out: Path, method: str, seed: int, single_task: str | None = None) -> Path:
-    """A 2-rank DeepSpeed pretraining run (``mlfound.train.launch.start``), exported as a release (skipped if already there);
-    a run stopped midway (killed job, lost node) goes on from its last checkpoint."""
+    """A 2-rank DeepSpeed pretraining run (``mlfound.train.launch.start``), exported as a release (skipped if
+    already there); a run stopped midway (killed job, lost node) goes on from its last checkpoint."""
     release = start_model(out, method, seed)
     if release.exists():
         return release

@@ -71,7 +71,8 @@ BY_METHOD = {"set_by": "meta.method"}
 
 
 class InnerOptimizerConfig(_Strict):
-    name: Literal["sgd", "adam"] = Field(json_schema_extra=BY_METHOD, description="optimizer of the k inner steps on each rank's copy")
+    name: Literal["sgd", "adam"] = Field(json_schema_extra=BY_METHOD,
+                                         description="optimizer of the k inner steps on each rank's copy")
     lr: float = Field(gt=0, json_schema_extra=BY_METHOD,
                       description="its learning rate; the pseudo-gradient is (θ0 − θk) / lr")
     betas: tuple[float, float] = Field((0.0, 0.999), description="Adam's (beta1, beta2); beta1 0: no momentum "
@@ -82,7 +83,8 @@ class InnerOptimizerConfig(_Strict):
 
 class OuterOptimizerConfig(_Strict):
     name: Literal["interpolation", "sgd", "nesterov", "adam"] = Field(
-        json_schema_extra=BY_METHOD, description="interpolation: θ ← θ0 + lr·mean(θk − θ0) (Reptile's ε); sgd, nesterov (SGD with Nesterov "
+        json_schema_extra=BY_METHOD,
+        description="interpolation: θ ← θ0 + lr·mean(θk − θ0) (Reptile's ε); sgd, nesterov (SGD with Nesterov "
                     "momentum) and adam step on the pseudo-gradient averaged over ranks")
     lr: float = Field(gt=0, json_schema_extra=BY_METHOD,
                       description="its learning rate (ε for interpolation), annealed linearly to lr_final")
@@ -99,8 +101,9 @@ class MetaConfig(_Strict):
     inner_steps: int = Field(json_schema_extra=BY_METHOD, description="k: inner optimizer steps per outer step")
     inner: InnerOptimizerConfig
     outer: OuterOptimizerConfig
-    rescale_heads: bool = Field(json_schema_extra=BY_METHOD, description="scale a head's update by R / n (ranks / ranks that trained its task), "
-                                "so its step does not shrink with the cluster")
+    rescale_heads: bool = Field(json_schema_extra=BY_METHOD,
+                                description="scale a head's update by R / n (ranks / ranks that trained its task), "
+                                            "so its step does not shrink with the cluster")
     single_task: str | None = Field(None, description="train this task alone on every rank (method single)")
     sampling: SamplingConfig = SamplingConfig()
 

@@ -72,4 +72,5 @@ def from_older_form(meta: dict) -> dict:
         return {**rest, "method": mode, "outer": {"name": "adam", **outer_lrs}}
     k = rest.setdefault("inner_steps", 10)
     return {**rest, "method": f"reptile_k{k}" if f"reptile_k{k}" in METHODS else "reptile_k5",
-            "inner": {"name": "adam", "lr": meta.get("inner_lr", 1e-3)}, "outer": {"name": "interpolation", **outer_lrs}}
+            "inner": {"name": "adam", "lr": meta.get("inner_lr", 1e-3)},
+            "outer": {"name": "interpolation", **outer_lrs}}

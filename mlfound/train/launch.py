@@ -58,7 +58,8 @@ def start(config: Path, overrides: list[str], ranks: int = 2, resume: str | None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            "-m", "mlfound.train.launch", "--config", str(config), *overrides,
            *(["--resume", resume] if resume else [])]
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(cmd, check=False, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ class Trainer:
         self.device = self.engine.device  # CPU, or this rank's GPU
         self.work.to(self.device)
         # meta.inner.persist: one inner optimizer for the run, its state in each rank's checkpoint file
-        self.inner_optimizer = inner_optimizer(cfg.meta.inner, self.work.parameters()) if cfg.meta.inner.persist else None
+        self.inner_optimizer = (inner_optimizer(cfg.meta.inner, self.work.parameters()) if cfg.meta.inner.persist
+                                else None)
         self.param_names = [n for n, _ in self.engine.module.named_parameters()]
         self.initial_weights = weights_digest(self.engine.module)  # export refuses a run that never moved them
         self.sampler = build_sampler(cfg, self.manifests)
@@ -313,10 +314,7 @@ class Trainer:
         self.initial_weights = client_state.get("initial_weights_sha256", self.initial_weights)
         self.loader.load_state_dict(rank_state["streams"])
         torch.set_rng_state(rank_state["torch_rng"])
-        if self.inner_optimizer is not None:
-            if "inner_optimizer" not in rank_state:
-                raise TrainingError(f"checkpoint {tag} holds no inner optimizer state, but meta.inner.persist is "
-                                    "true: resume with the checkpoint's meta.inner.persist (false)")
+        if self.inner_optimizer is not None:  # meta.inner.persist cannot change on resume (resume_changes)
             self.inner_optimizer.load_state_dict(rank_state["inner_optimizer"])
         self._forget_logs_after_step()
         if self.rank == 0:
