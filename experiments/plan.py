@@ -17,6 +17,7 @@ from experiments.config import (
     starts,
 )
 from mlfound.data.files import sha256_file
+from mlfound.finetune import as_recorded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,5 +111,14 @@ def unit_inputs(exp: Experiment, out: Path, unit: Unit) -> dict:
 
 
 def is_done(exp: Experiment, out: Path, unit: Unit) -> bool:
+    """Whether ``unit``'s result is on disk, made from today's inputs (FinetuneConfig fields added since, at their
+    defaults, change nothing)."""
     path = result_path(out, unit)
-    return path.exists() and json.loads(path.read_text()).get("inputs") == unit_inputs(exp, out, unit)
+    if not path.exists():
+        return False
+    recorded = json.loads(path.read_text()).get("inputs", {})
+    inputs = unit_inputs(exp, out, unit)
+    if isinstance(inputs.get("recipes"), dict) and isinstance(recorded.get("recipes"), dict):
+        inputs["recipes"] = {name: as_recorded(config, recorded["recipes"].get(name, {}))
+                             for name, config in inputs["recipes"].items()}
+    return recorded == inputs

@@ -66,6 +66,9 @@ class FinetuneConfig(BaseModel):
     lr_head: float | None = Field(None, gt=0)  # default: lr
     # cosine decay to lr * lr_final_ratio at max_steps, or constant
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    amsgrad: bool = Field(False, description="Adam's AMSGrad variant (MACE's default optimizer)")
+    weight_decay: float = Field(0.0, ge=0, description="Adam's L2 penalty on every weight (MACE decays its "
+                                "interactions' weights by 5e-7)")
     lr_final_ratio: float = Field(0.01, ge=0, le=1)  # the cosine's end as a fraction of lr
     # σ of the fine-tuned head: "source" keeps the copied head's (from the pretraining corpus); "data" sets the
     # training set's RMS force (as MACE's rms_forces_scaling), rescaling the head's last layer so that no
@@ -160,6 +163,14 @@ def reinitialised(base: Release, seed: int, **model_changes) -> Release:
     return Release(fresh.eval(), release_metadata(fresh, heads, None, [stage]))
 
 
+def as_recorded(config: dict, recorded: dict) -> dict:
+    """``config`` (a FinetuneConfig dump) without the fields FinetuneConfig gained after ``recorded`` (an older
+    dump) was written, where they hold their defaults: a result made before an option existed is still the
+    result of the same fine-tune, and the record of a grid stays valid as the code grows."""
+    return {key: value for key, value in config.items()
+            if key in recorded or value != FinetuneConfig.model_fields[key].default}
+
+
 def data_scale_ev(records: list[Record]) -> float:
     """σ from fine-tuning data as pretraining takes it from a corpus (train.build.task_scale_ev): the RMS force
     component in eV/Å, else (no forces, or all zero: relaxed structures) the spread of energy per atom after a
@@ -251,7 +262,7 @@ def _train_committee(model: Potential, train: list[Record], val: list[Record] | 
 
 def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg: FinetuneConfig,
            progress: bool, tracker: Tracker) -> tuple[list[dict], int]:
-    optimizer = torch.optim.Adam(_param_groups(model, cfg))
+    optimizer = torch.optim.Adam(_param_groups(model, cfg), amsgrad=cfg.amsgrad, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
     weights = LossWeights(cfg.energy_weight, cfg.forces_weight, cfg.stress_weight)
     sigma = float(model.scales_ev[model.task_names.index(cfg.head)])

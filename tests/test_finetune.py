@@ -140,11 +140,12 @@ def test_head_scores_equal_a_least_squares_refit_by_hand(base, splits):
     assert auto.release.metadata["heads"]["hf_631g"]["initialised_from"] == best
 
 
-@pytest.mark.parametrize("ema_decay", [None, 0.9])
-def test_training_improves_validation_and_keeps_the_best_step(base, splits, ema_decay):
-    """With EMA, validation scores the averaged weights, and those are the weights the release keeps."""
+@pytest.mark.parametrize("options", [{}, {"ema_decay": 0.9}, {"amsgrad": True, "weight_decay": 1e-4}])
+def test_training_improves_validation_and_keeps_the_best_step(base, splits, options):
+    """With EMA, validation scores the averaged weights, and those are the weights the release keeps; MACE's
+    optimizer (AMSGrad, weight decay) trains too."""
     train, val = splits
-    cfg = FinetuneConfig(head="hf_631g", lr=3e-3, max_steps=60, eval_every=10, patience=None, ema_decay=ema_decay)
+    cfg = FinetuneConfig(head="hf_631g", lr=3e-3, max_steps=60, eval_every=10, patience=None, **options)
     result = finetune(base, train, val, cfg, progress=False)
     losses = {h["step"]: h["loss"] for h in result.history}
     assert min(losses.values()) < losses[0]

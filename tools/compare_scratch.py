@@ -193,7 +193,10 @@ def done(out: Path, unit: tuple, inputs: dict) -> bool:
 
 def check_same(path: Path, recorded: dict, inputs: dict) -> None:
     from mlfound.config import ConfigError
+    from mlfound.finetune import as_recorded
 
+    if "finetune_config" in inputs and isinstance(recorded.get("finetune_config"), dict):  # fields added since count
+        inputs = {**inputs, "finetune_config": as_recorded(inputs["finetune_config"], recorded["finetune_config"])}
     changed = sorted(k for k in inputs if recorded.get(k) != inputs[k])
     if changed:
         raise ConfigError(f"{path} was made from other inputs (differing: {', '.join(changed)}); give another "

@@ -61,6 +61,11 @@ def test_a_result_made_under_other_finetune_defaults_is_refused_and_the_release_
     reused = compare(tmp_path, "--finetune", "default={}")
     assert reused.returncode == 0 and "1 of 1 units on disk; running 0" in reused.stdout, reused.stderr
     assert any(line.split()[:2] == ["release", "default"] for line in reused.stdout.splitlines())
+    result = tmp_path / "results" / "release_default_n10_sub0.json"  # made before FinetuneConfig had `committee`
+    older = json.loads(result.read_text())
+    del older["inputs"]["finetune_config"]["committee"]
+    result.write_text(json.dumps(older))
+    assert "1 of 1 units on disk; running 0" in compare(tmp_path, "--finetune", "default={}").stdout
     mace = tmp_path / "results" / "mace_plain_n10_sub0.json"
     errors = {"forces_mae_mev_a": 100.0, "energy_mae_mev_atom": 2.0}
     made = {"mace_recipe": "plain", "mace_recipe_fields": {"updates": 1000}}  # "plain" as it was once defined

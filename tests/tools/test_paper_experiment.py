@@ -227,6 +227,13 @@ def test_a_result_is_reused_only_under_the_finetune_config_and_mace_recipe_that_
     assert not is_done(exp, out, unit)
     assert not is_done(load_experiment(toy_experiment(tmp_path, RECIPES), ["mace.enabled=true", "mace.recipe=plain"]),
                        out, mace)
+    # a result made before FinetuneConfig gained a field (here `committee`) is the same fine-tune while the field
+    # holds its default, and is run again once a recipe sets it
+    older = {name: {k: v for k, v in config.items() if k != "committee"} for name, config in inputs["recipes"].items()}
+    result_path(out, unit).write_text(json.dumps({"inputs": {**inputs, "recipes": older}}))
+    assert is_done(exp, out, unit)
+    with_committee = {**RECIPES, "fast": {**RECIPES["fast"], "committee": 2}}
+    assert not is_done(load_experiment(toy_experiment(tmp_path, with_committee), ["mace.enabled=true"]), out, unit)
 
 
 def test_an_unknown_mace_recipe_fails_when_the_experiment_loads():
