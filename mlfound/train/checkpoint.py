@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mlfound.config import MetaConfig
+from mlfound.config import RunConfig
 from mlfound.data.files import DiskFullError, atomic_write, free_bytes, is_disk_full
 from mlfound.train.guards import TrainingError
 
@@ -97,11 +97,15 @@ def saved_config(run_dir: Path, tag: str) -> dict:
                                 "trained as cannot be checked; start a new run_dir")
     try:
         config = json.loads(info.read_text())["config"]
-        # meta as today's form writes it: a checkpoint of an older mlfound (before the methods table) compares as
-        # the point it ran
-        return {**config, "meta": MetaConfig.model_validate(config["meta"]).model_dump(mode="json")}
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:  # JSON and pydantic errors are ValueErrors
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise TrainingError(f"{info} is unreadable ({type(err).__name__}: {err}); {_EARLIER}") from None
+    # as today's config writes it: fields added since take their defaults and an older meta its method, so a
+    # checkpoint of an older mlfound compares with the run by what it trained, not by the keys it lacked
+    try:
+        return RunConfig.model_validate(config).model_dump(mode="json")
+    except ValueError as err:  # pydantic's ValidationError
+        raise TrainingError(f"{info}: its config is not one this mlfound can run ({' '.join(str(err).split())}); "
+                            "resume with the mlfound that wrote it, or start a new run_dir") from None
 
 
 def restore(engine, run_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:

@@ -246,10 +246,10 @@ def test_compiled_forces_may_change_on_resume_and_a_checkpoint_from_before_it_re
     assert resume_changes(toggled, current, "step_1") == ["train.compile_forces False -> True"]
 
 
-def test_a_checkpoint_of_the_older_meta_form_resumes_as_the_method_it_ran(tmp_path):
-    """A checkpoint written before the methods table holds meta.mode and flat learning rates: it compares as
-    the point it ran, so the same run resumes under today's form and a lower outer lr is a listed change, while
-    another method stops the run."""
+def test_a_checkpoint_of_an_older_mlfound_resumes_as_the_run_it_was(tmp_path):
+    """A checkpoint written before the methods table holds meta.mode and flat learning rates, and lacks the
+    fields added since: it compares as the point it ran with those fields at their defaults, so the same run
+    resumes under today's form and a lower outer lr is a listed change, while another method stops the run."""
     from mlfound.config import RunConfig
     from mlfound.train.guards import resume_changes
 
@@ -257,7 +257,10 @@ def test_a_checkpoint_of_the_older_meta_form_resumes_as_the_method_it_ran(tmp_pa
     current = RunConfig.model_validate({**base, "meta": {"method": "reptile_k5", "inner_steps": 2, "inner": {
         "lr": 1e-2, "name": "adam"}, "outer": {"lr": 0.8, "lr_final": 0.2}}}).model_dump(mode="json")
     older = {**current, "meta": {"mode": "reptile", "inner_steps": 2, "inner_lr": 1e-2, "outer_lr": 0.5,
-                                 "outer_lr_final": 0.2, "sampling": current["meta"]["sampling"]}}
+                                 "outer_lr_final": 0.2, "sampling": current["meta"]["sampling"]},
+             # and fields added since (at their defaults now): absent from an older checkpoint, not a change
+             "model": {k: v for k, v in current["model"].items() if k != "product_l_max"}}
+    del older["logging"]
     ckpt = checkpoint.checkpoint_dir(tmp_path) / "step00000002"
     ckpt.mkdir(parents=True)
     (ckpt / "complete.json").write_text("{}")
