@@ -89,8 +89,9 @@ def _box(raw: dict) -> Box | Crystal:
         return Box(**raw)
     if kind != "crystal":
         raise ValueError(f"box kind {kind!r} is not box or crystal")
-    return Crystal(**{key: tuple(tuple(v) if isinstance(v, list) else v for v in value) if key == "basis_fractional"
-                      else tuple(value) if isinstance(value, list) else value for key, value in raw.items()})
+    fields = {key: tuple(value) if isinstance(value, list) else value for key, value in raw.items()}
+    fields["basis_fractional"] = tuple(tuple(xyz) for xyz in fields["basis_fractional"])
+    return Crystal(**fields)
 
 
 MOLECULE_SETS, RECIPES = load_recipes()
