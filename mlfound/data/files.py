@@ -100,6 +100,20 @@ class FolderInUseError(OSError):
         return self.args[0]
 
 
+# Lock files this process holds. A forked child (a DataLoader worker) shares the parent's open lock, and a killed
+# parent's workers outlive it for seconds: the child closes its copies, so the lock ends with its holder.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD_LOCK_FDS:
+        os.close(fd)  # the child's copy only: the parent's lock stays held
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class FolderLock:
     """An exclusive lock on a folder that one command fills: ``<folder>/.mlfound.lock``, an ``flock`` held for the
     command's life, with the holder's host, pid, command and start time written in it, removed at release. The
@@ -139,6 +153,7 @@ class FolderLock:
         os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
         self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
         return self
 
     def release(self) -> None:
@@ -146,6 +161,7 @@ class FolderLock:
         record, which the next holder reports)."""
         if self._fd is not None:
             (self.folder / self.NAME).unlink(missing_ok=True)
+            _HELD_LOCK_FDS.discard(self._fd)
             os.close(self._fd)
             self._fd = None
 

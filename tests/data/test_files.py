@@ -71,6 +71,24 @@ def test_a_second_writer_is_refused_with_the_holders_host_and_pid(tmp_path):
         assert clean.stale_holder is None
 
 
+def test_a_killed_holders_forked_workers_do_not_keep_its_lock(tmp_path):
+    """A run's DataLoader workers are forked children that outlive a killed run for seconds; they must not hold
+    its lock, or the next run on the folder is refused although its holder is dead."""
+    holder = subprocess.Popen([sys.executable, "-c", "import os, time; from mlfound.data.files import FolderLock; "
+                               f"FolderLock({str(tmp_path)!r}, 'test run').acquire()\n"
+                               "if os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.kill()  # the parent alone: its forked child lives on
+        holder.wait()
+        lock = FolderLock(tmp_path, "shard run").acquire()
+        assert lock.stale_holder["pid"] == holder.pid
+        lock.release()
+    finally:
+        subprocess.run(["pkill", "-f", str(tmp_path)], check=False)  # the orphaned child
+
+
 def test_shard_dataset_refuses_a_shard_root_another_run_writes(demo_dir, tmp_path):
     out = tmp_path / "shards"
     with FolderLock(out, "tools/shard_dataset.py run"):
