@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import inspect
 import re
@@ -100,18 +101,20 @@ def _nested_model(annotation) -> type[BaseModel] | None:
 
 def _field_comments(model: type[BaseModel]) -> dict[str, str]:
     """A field's meaning from the source when it has no description: its trailing comment, or the comment
-    lines right above it."""
-    comments, above = {}, []
-    for line in inspect.getsource(model).splitlines()[1:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("# "))
-            continue
-        match = re.match(r"\s{4}(\w+)\s*:", line)
-        if match and not line.startswith(" " * 5):
-            trailing = line.split("  # ", 1)[1] if "  # " in line else ""
-            comments[match.group(1)] = " ".join([*above, trailing]).strip()
+    lines right above it; inherited fields' from the class that declares them."""
+    comments = {}
+    for cls in reversed([c for c in model.__mro__ if issubclass(c, BaseModel) and c is not BaseModel]):
         above = []
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("# "))
+                continue
+            match = re.match(r"\s{4}(\w+)\s*:", line)
+            if match and not line.startswith(" " * 5):
+                trailing = line.split("  # ", 1)[1] if "  # " in line else ""
+                comments[match.group(1)] = " ".join([*above, trailing]).strip()
+            above = []
     return comments
 
 
@@ -157,14 +160,18 @@ def cli_reference() -> str:
         parser = command_parser(command)
         lines += [f"## `{command}`", "", "```text", parser.format_help().rstrip(), "```", ""]
         for name, sub in _subcommands(parser).items():
+            if sub.add_help is False:  # forwarded (mlfound shard, pretrain, finetune): the command's own parser
+                sub = command_parser(f"{command} {name}")
             lines += [f"### `{command} {name}`", "", "```text", sub.format_help().rstrip(), "```", ""]
     return "\n".join(lines) + "\n"
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:
     """The parser ``command``'s main builds, caught before it parses anything (nothing else runs)."""
-    if command == "mlfound":
-        from mlfound.cli import _main as main
+    if command.startswith("mlfound"):
+        from mlfound.cli import _main
+
+        main = functools.partial(_main, command.split()[1:])
     else:
         path = ROOT / command
         spec = importlib.util.spec_from_file_location(f"_docs_{path.stem}", path)
@@ -182,7 +189,7 @@ def command_parser(command: str) -> argparse.ArgumentParser:
         with contextlib.redirect_stdout(sys.stderr), _argv(command):
             main(*([[]] if inspect.signature(main).parameters else []))
     except _Parsed as parsed:
-        parsed.parser.prog = command if command == "mlfound" else f"python {command}"
+        parsed.parser.prog = command if command.startswith("mlfound") else f"python {command}"
         return parsed.parser
     finally:
         for name, method in originals.items():

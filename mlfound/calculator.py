@@ -53,7 +53,7 @@ class MLFoundCalculator(Calculator):
         self.head = head
         self.members = members(self.release.metadata, head) if committee else [head]
         if committee and len(self.members) == 1:
-            raise ValueError(f"head {head!r} has no committee: fine-tune it with launch/finetune.py --committee K")
+            raise ValueError(f"head {head!r} has no committee: fine-tune it with `mlfound finetune --committee K`")
         self.model = copy.deepcopy(self.release.model).to(device=device, dtype=DTYPES[dtype]).eval()
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):

@@ -1,5 +1,8 @@
-"""The ``mlfound`` command: export, deploy, show, split, evaluate, learning-curve.
+"""The ``mlfound`` command: shard, pretrain, finetune, export, deploy, show, split, evaluate, learning-curve.
 
+    mlfound shard DATA... --out SHARDS [--preset NAME]   # per-task webdataset shards (mlfound shard --help)
+    mlfound pretrain --config CONFIG [key=value ...]     # one process; many: torchrun -m mlfound.train.launch
+    mlfound finetune --model default --head H --train DATA --out new.safetensors
     mlfound export RUN_DIR --out model.safetensors [--register NAME [--default]] [--card CARD.json]
     mlfound export OLD.safetensors --out new.safetensors  # an older release rewritten (or given a card)
     mlfound deploy RELEASE --head HEAD --out model.pt [--dtype float32]  # TorchScript, runs without mlfound
@@ -30,9 +33,14 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in FORWARDED:  # a command with its own parser: it reads the rest of the line
+        return _forwarded(argv[0])(argv[1:], prog=f"mlfound {argv[0]}")
     parser = argparse.ArgumentParser(prog="mlfound", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in FORWARDED.items():
+        commands.add_parser(name, help=help_text, add_help=False)
 
     p = commands.add_parser("export", help="turn a training checkpoint (or an older release) into a release")
     p.add_argument("checkpoint", type=Path, help="run folder (its latest checkpoint), a checkpoint folder, or a "
@@ -41,7 +49,7 @@ def _main(argv=None) -> int:
     p.add_argument("--register", metavar="NAME", help="also list it under NAME in models/registry.json")
     p.add_argument("--description", help="registry description (default: the name's current one, if registered)")
     p.add_argument("--default", action="store_true", help="with --register: make it the release named 'default'")
-    p.add_argument("--card", type=Path, help="model card (JSON, as tools/paper_experiment.py writes them) to attach")
+    p.add_argument("--card", type=Path, help="model card (JSON, as the paper experiment writes them) to attach")
     p.add_argument("--allow-untrained", action="store_true",
                    help="export a checkpoint whose weights no step has updated (refused otherwise)")
     p.set_defaults(run=cmd_export)
@@ -94,6 +102,24 @@ def _main(argv=None) -> int:
     if getattr(args, "default", False) and not args.register:
         parser.error("--default needs --register NAME")
     return args.run(args)
+
+
+# commands whose parser lives beside their code; `mlfound NAME --help` prints it
+FORWARDED = {"shard": "QM source files as per-task webdataset shards with manifests",
+             "pretrain": "pretrain on many LoT tasks with DeepSpeed (one process; ranks: torchrun -m mlfound.train.launch)",
+             "finetune": "fine-tune a release on a small dataset, onto an existing head or a new one"}
+
+
+def _forwarded(name: str):
+    """The forwarded command's unwrapped function (this process's run_main already turns errors into one line)."""
+    if name == "shard":
+        from mlfound.data.shard_command import shard
+        return shard
+    if name == "pretrain":
+        from mlfound.train.launch import pretrain
+        return pretrain
+    from mlfound.finetune_command import finetune_command
+    return finetune_command
 
 
 def _reading(args) -> tuple[dict, dict]:

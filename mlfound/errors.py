@@ -2,8 +2,8 @@
 
 A user error (bad config, bad data, a file that is not a release, a run that cannot go on, a full disk, a folder
 another process writes) is the user's to fix, so it never ends in a traceback; anything else is a bug in mlfound
-and keeps its traceback. Every command (``mlfound``, ``launch/*.py``, ``tools/*.py``) runs its ``main`` through
-``run_main``; tests/tools/test_entry_points.py drives each with bad input.
+and keeps its traceback. Every command (``mlfound`` and the repository's scripts) runs its ``main`` through ``run_main``; the
+entry-point tests drive each with bad input.
 """
 from __future__ import annotations
 

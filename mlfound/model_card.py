@@ -4,7 +4,7 @@ from scratch, references alone) on the same structures.
 
 A card lives in the release header under ``model_card``, so the content hashes cover it and
 ``mlfound show`` prints it. Its learning curve is made from an experiment's results
-(``tools/paper_experiment.py`` writes one card per pretrained model), never typed in;
+(the paper experiment writes one card per pretrained model), never typed in;
 ``mlfound export MODEL --card CARD.json --out RELEASE`` attaches it. Size, heads, LoTs and structure
 counts are not repeated here: the release's own metadata holds them.
 """

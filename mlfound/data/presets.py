@@ -1,7 +1,7 @@
 """Public dataset layouts as presets: the format, keys, units and sign conventions of each, and the
 level-of-theory (LoT) tasks one of its files yields.
 
-``tools/shard_dataset.py --preset NAME`` and ``launch/finetune.py --preset NAME`` read through these, so that a
+``mlfound shard --preset NAME`` and ``mlfound finetune --preset NAME`` read through these, so that a
 user never types a dataset's keys or units. The sources and layouts are in docs/datasets.md; where a detail was
 not checked against a released file, it says so there.
 """
@@ -154,7 +154,7 @@ def add_reading_arguments(p) -> None:
     """The command-line options that ``reading_options`` takes, for every command that reads one task of a file."""
     p.add_argument("--preset", help="a public dataset's layout (docs/datasets.md): sets format, keys and units")
     p.add_argument("--preset-task", help="the preset's task (LoT) to read, for a preset with several")
-    p.add_argument("--format", help="reader (default: by file suffix); see tools/shard_dataset.py --help")
+    p.add_argument("--format", help="reader (default: by file suffix); see mlfound shard --help")
     p.add_argument("--energy-key", help="default: energy")
     p.add_argument("--forces-key", help="default: forces; 'none' for energy-only data")
     p.add_argument("--energy-unit", help="eV, hartree, kcal/mol, kJ/mol (default: the preset's, else the file's "

@@ -7,7 +7,7 @@ per-array header parsing dominated the input pipeline. Arrays keep their float64
 
 Reading a shard back goes through ``payloads``: Python's tarfile spent ~70 µs per member parsing headers,
 more than decoding and batching the record (docs/benchmarks.md §4), so the plain ustar members that
-tools/shard_dataset.py writes are sliced straight out of the shard's bytes; anything else (PAX headers of
+``mlfound shard`` writes are sliced straight out of the shard's bytes; anything else (PAX headers of
 older shards, other members) is read by webdataset and tarfile as before.
 """
 from __future__ import annotations

@@ -127,7 +127,7 @@ def mean_neighbours(manifests: dict[str, dict], cutoff_a: float) -> float:
     missing = [task for task, m in manifests.items() if "neighbour_pairs" not in m]
     if missing:
         raise DataError(f"the manifests of tasks {missing} have no neighbour counts (written by mlfound-shard 0.4 "
-                        "or older): re-run tools/shard_dataset.py on their sources, or set model.avg_num_neighbors")
+                        "or older): re-run `mlfound shard` on their sources, or set model.avg_num_neighbors")
     if cutoff_a > NEIGHBOUR_RADIUS_A:
         raise DataError(f"a manifest counts neighbours up to {NEIGHBOUR_RADIUS_A} Å, not to the model's cutoff "
                         f"{cutoff_a} Å: set model.avg_num_neighbors")

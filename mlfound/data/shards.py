@@ -102,7 +102,7 @@ def shard_tasks(sources_by_task: dict[str, list[SourceSpec]], out_dir: Path, opt
             if not Path(spec.path).is_file():
                 raise DataError(f"{spec.path}: no such file")
     todo: list[_Plan] = []
-    lock = FolderLock(out_dir, "tools/shard_dataset.py run").acquire()  # one writer per shard root
+    lock = FolderLock(out_dir, "mlfound shard run").acquire()  # one writer per shard root
     try:
         with _worker_pool(workers) as pool:  # stopped before the temporaries it writes to are removed
             run = _Execution(pool, workers, int(shuffle_buffer_mb * 2**20), progress)
@@ -129,17 +129,17 @@ def load_manifest(task_dir: Path) -> dict:
     task_dir = Path(task_dir)
     path = task_dir / MANIFEST_NAME
     if not path.exists():
-        raise DataError(f"{path}: no manifest; run tools/shard_dataset.py to create the shards for this task")
+        raise DataError(f"{path}: no manifest; run `mlfound shard` to create the shards for this task")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not readable JSON ({err}); the manifest is truncated or corrupted, "
-                        "re-run tools/shard_dataset.py") from None
+                        "re-run `mlfound shard`") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_MANIFEST_VERSIONS:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise DataError(f"{path}: manifest format {version} is not one this version reads "
                         f"{READABLE_MANIFEST_VERSIONS}; re-shard the sources with this version of "
-                        "tools/shard_dataset.py, or update mlfound")
+                        "`mlfound shard`, or update mlfound")
     _check_manifest(path, manifest, task_dir.parent.name if task_dir.name == VALIDATION_DIR else task_dir.name)
     manifest.setdefault("num_with_stress", 0)  # version 1 had no stress
     manifest["references_ev"] = {int(z): e for z, e in manifest["references_ev"].items()}
@@ -153,7 +153,7 @@ _SHARD_FIELDS = {"name": str, "sha256": str, "num_records": int}
 
 def _check_manifest(path: Path, manifest: dict, task: str) -> None:
     """A manifest edited by hand, or one of another task, fails here naming the field, not deep in a loader."""
-    advice = "the manifest was edited or corrupted: re-run tools/shard_dataset.py"
+    advice = "the manifest was edited or corrupted: re-run `mlfound shard`"
     for key, kind in _MANIFEST_FIELDS.items():
         if not isinstance(manifest.get(key), kind):
             raise DataError(f"{path}: field {key!r} is missing or not a {kind.__name__}; {advice}")
@@ -163,7 +163,7 @@ def _check_manifest(path: Path, manifest: dict, task: str) -> None:
                 raise DataError(f"{path}: shards[{i}] field {key!r} is missing or not a {kind.__name__}; {advice}")
     if manifest["task"] != task:
         raise DataError(f"{path}: the manifest is task {manifest['task']!r}, but its folder names task {task!r}; "
-                        "a task's shards must stay in the folder tools/shard_dataset.py wrote them to")
+                        "a task's shards must stay in the folder `mlfound shard` wrote them to")
     listed = sum(shard["num_records"] for shard in manifest["shards"])
     if manifest["num_records"] != listed:
         raise DataError(f"{path}: field 'num_records' is {manifest['num_records']}, but its shards list {listed} "

@@ -55,7 +55,7 @@ class TaskStream:
         self.shard_url_template = shard_url_template
         shard_sizes = [s["num_records"] for s in self.manifest["shards"]]
         if not shard_sizes:
-            raise DataError(f"{self.task_dir}: the manifest lists no shards; re-run tools/shard_dataset.py")
+            raise DataError(f"{self.task_dir}: the manifest lists no shards; re-run `mlfound shard`")
         few_shards = len(shard_sizes) < world_size  # then rank r keeps records i % world == r of every shard
         self.empty = disjoint and few_shards and max(shard_sizes) <= rank  # no shard has a record i == r
         self.whole_task = not disjoint and few_shards and max(shard_sizes) < world_size  # else the last rank gets none
@@ -176,10 +176,10 @@ class TaskStream:
         if hashlib.sha256(data).hexdigest() != info["sha256"]:
             if self.shard_url_template is None:
                 raise DataError(f"shard {location}: sha256 does not match the manifest; the file is corrupted or "
-                                "was changed, re-run tools/shard_dataset.py")
+                                "was changed, re-run `mlfound shard`")
             raise DataError(f"shard {location}: sha256 does not match {self.task_dir / MANIFEST_NAME}; the remote "
                             "copy is corrupted or not the shard the manifest describes: copy the shard root there "
-                            "again (after re-running tools/shard_dataset.py if the local shards changed)")
+                            "again (after re-running `mlfound shard` if the local shards changed)")
         return data
 
     def _read_shard(self, shard: int) -> list[bytes]:

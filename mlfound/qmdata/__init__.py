@@ -1,5 +1,5 @@
 """Generate real multi-fidelity QM datasets (RDKit + tblite xTB MD + PySCF/tblite labels).
 
 Needs the optional extra ``mlfound[qm]`` (tblite, pyscf, rdkit). Imported only by
-``tools/make_qm_dataset.py``; the rest of mlfound never needs a QM code.
+the command that makes the datasets; the rest of mlfound never needs a QM code.
 """

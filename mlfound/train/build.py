@@ -87,7 +87,7 @@ def validation_dirs(cfg: RunConfig) -> dict:
     missing = [task for task, folder in dirs.items() if not (folder / "manifest.json").exists()]
     if missing:
         warnings.warn(f"tasks {missing} have no validation split under {cfg.data.shard_root}: they are trained but "
-                      "never evaluated; shard them with tools/shard_dataset.py --val-fraction to evaluate them",
+                      "never evaluated; shard them with `mlfound shard --val-fraction` to evaluate them",
                       stacklevel=2)
     return {task: folder for task, folder in dirs.items() if task not in missing}
 

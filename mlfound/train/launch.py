@@ -1,12 +1,14 @@
-"""Pretraining as a command: ``launch/pretrain.py`` and ``python -m mlfound.train.launch`` run ``main`` in each
-rank; ``start`` starts a whole multi-rank run from Python (the paper experiment, tools), so no code of the
-library names a script.
+"""Pretraining as a command (``mlfound pretrain``): each rank runs ``main``; ``start`` starts a whole multi-rank
+run from Python (the paper experiment, tools), so no code of the library names a script.
 
-    torchrun --nproc_per_node 2 -m mlfound.train.launch --config configs/demo.yaml [key=value ...] [--resume auto]
+    deepspeed --num_gpus 2 --module mlfound.train.launch --config configs/demo.yaml [key=value ...] [--resume auto]
+    torchrun --nproc_per_node 2 -m mlfound.train.launch --config configs/demo.yaml
+    mlfound pretrain --config configs/demo.yaml          # one process
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -16,19 +18,15 @@ from mlfound.config import load_config
 from mlfound.errors import run_main
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog="python -m mlfound.train.launch") -> int:
     """The command: a user error is one line and exit code 2 (also when called from Python)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the deepspeed launcher leaves it unset
-    return run_main(pretrain, argv)
+    return run_main(functools.partial(pretrain, prog=prog), argv)
 
 
-def pretrain(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/pretrain.py", description=(
-        "Pretrain on many LoT tasks with DeepSpeed.\n\n"
-        "    deepspeed --num_gpus 2 launch/pretrain.py --config configs/demo.yaml [key=value ...] [--resume auto]\n"
-        "    torchrun --nproc_per_node 2 launch/pretrain.py --config configs/demo.yaml\n"
-        "    python launch/pretrain.py --config configs/demo.yaml          # one process"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+def pretrain(argv=None, prog=None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Pretrain on many LoT tasks with DeepSpeed.\n\n"
+                                     + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--resume", help="'auto' for the latest complete checkpoint, or a checkpoint tag")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed

@@ -91,10 +91,10 @@ def test_a_killed_holders_forked_workers_do_not_keep_its_lock(tmp_path):
 
 def test_shard_dataset_refuses_a_shard_root_another_run_writes(demo_dir, tmp_path):
     out = tmp_path / "shards"
-    with FolderLock(out, "tools/shard_dataset.py run"):
+    with FolderLock(out, "mlfound shard run"):
         done = subprocess.run([sys.executable, "tools/shard_dataset.py", str(demo_dir / "gfn2_xtb.extxyz"),
                                "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert f"pid {os.getpid()}" in done.stderr and "is in use by another tools/shard_dataset.py run" in done.stderr
+    assert f"pid {os.getpid()}" in done.stderr and "is in use by another mlfound shard run" in done.stderr
     assert not (out / "gfn2_xtb").exists()
     assert not (out / FolderLock.NAME).exists()  # released cleanly: nothing left behind

@@ -1,7 +1,6 @@
 """Public dataset presets read files in their exact layouts (tests/data/public_layouts.py) into records in eV and
 Å with the right force sign; ANI-1x's NaN labels are counted as unlabelled, Transition1x is not double counted,
 one file yields several LoT tasks, and a missing key is an error naming file, group and key."""
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -10,7 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
+from mlfound import finetune_command
 from mlfound.data import DataError
+from mlfound.data import shard_command as shard_dataset
 from mlfound.data.presets import PRESETS, preset_sources, reading_options
 from mlfound.data.readers import BadRecord, Record, SourceSpec, Unlabelled, lot_metadata, read_entries, read_source
 from mlfound.data.shards import load_manifest
@@ -32,19 +33,9 @@ from tests.data.public_layouts import (
     write_transition1x,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 COUNTS = {"methanol": 3, "water": 2}
 
 
-def load_module(path: Path):
-    """A command-line script as a module, to call its main() in this process."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-shard_dataset = load_module(ROOT / "tools" / "shard_dataset.py")
 
 
 @pytest.fixture
@@ -335,13 +326,12 @@ def test_shard_dataset_ani1x_kept_rejected_and_unlabelled_add_up(demo_dir, tmp_p
 def test_finetune_reads_one_task_of_a_preset(tiny_release_path, demo_dir, tmp_path, capsys):
     from mlfound.release import read_metadata
 
-    finetune = load_module(ROOT / "launch" / "finetune.py")
     path = write_spice2(tmp_path / "SPICE-2.0.1.hdf5", demo_molecules(demo_dir, "pbe0_631gs", {"methanol": 12}))
     out = tmp_path / "ft.safetensors"
     common = ["--model", str(tiny_release_path), "--max-steps", "0", "--out", str(out), "--train", str(path)]
-    assert finetune.main([*common, "--head", "spice2", "--preset", "spice2"]) == 0
+    assert finetune_command.main([*common, "--head", "spice2", "--preset", "spice2"]) == 0
     assert read_metadata(out)["heads"]["spice2"]["lot"]["lot_method"] == "wB97M-D3(BJ)"
-    assert finetune.main([*common, "--head", "x", "--preset", "ani1x"]) == 2
+    assert finetune_command.main([*common, "--head", "x", "--preset", "ani1x"]) == 2
     assert "pick one with --preset-task" in capsys.readouterr().err
 
 

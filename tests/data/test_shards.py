@@ -156,7 +156,7 @@ def test_manifests_count_neighbours_for_any_cutoff(demo_dir, tmp_path):
     assert with_data_normalisers(cfg, manifests).model.avg_num_neighbors == pytest.approx(brute_force(5.0))
     given = cfg.model_copy(update={"model": cfg.model.model_copy(update={"avg_num_neighbors": 12.0})})
     assert with_data_normalisers(given, {}).model.avg_num_neighbors == 12.0
-    with pytest.raises(DataError, match=r"tasks \['cu'\] have no neighbour counts .* re-run tools/shard_dataset.py"):
+    with pytest.raises(DataError, match=r"tasks \['cu'\] have no neighbour counts .* re-run `mlfound shard`"):
         mean_neighbours({**manifests, "cu": {k: v for k, v in manifests["cu"].items() if k != "neighbour_pairs"}}, 5.0)
     with pytest.raises(DataError, match="counts neighbours up to 8.0 Å, not to the model's cutoff 9.0 Å"):
         mean_neighbours(manifests, 9.0)

@@ -66,5 +66,5 @@ def test_corrupt_validation_shard_stops_the_run_before_training(small_root, tmp_
     done = run_one_process(config)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (f"error: shard {corrupt}: sha256 does not match the manifest; the "
-                                                    "file is corrupted or was changed, re-run tools/shard_dataset.py")
+                                                    "file is corrupted or was changed, re-run `mlfound shard`")
     assert not (tmp_path / "run" / "metrics_rank0.jsonl").exists(), "no training step before the data is checked"

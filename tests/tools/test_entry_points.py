@@ -1,5 +1,6 @@
 """Every entry point (`mlfound`, launch/*.py, tools/*.py) turns a user error into one line on stderr and exit
 code 2, never a traceback: each is driven here, as a user would run it, with input it must refuse."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,10 @@ BAD_INPUT = {
     "mlfound show": ["-m", "mlfound.cli", "show", MISSING],
     "mlfound split": ["-m", "mlfound.cli", "split", MISSING, "--out", "{tmp}", "--sizes", "a=1"],
     "mlfound evaluate": ["-m", "mlfound.cli", "evaluate", MISSING, MISSING, "--head", "h"],
+    "mlfound shard": ["-m", "mlfound.cli", "shard", MISSING, "--out", "{tmp}/shards"],
+    "mlfound pretrain": ["-m", "mlfound.cli", "pretrain", "--config", MISSING],
+    "mlfound finetune": ["-m", "mlfound.cli", "finetune", "--model", MISSING, "--head", "h", "--train", MISSING,
+                         "--out", "{tmp}/x.safetensors"],
     "mlfound learning-curve": ["-m", "mlfound.cli", "learning-curve", MISSING, "--data", MISSING, "--head", "h",
                                "--out", "{tmp}/c.png"],
     "launch/pretrain.py": ["launch/pretrain.py", "--config", MISSING],
@@ -47,6 +52,29 @@ def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "MLFOUND_NO_SHM_OP": "1",
                                "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)})
+
+
+def test_the_library_names_no_script():
+    """Nothing in mlfound/ names a file of tools/ or launch/, which an installed mlfound does not have: its advice
+    names `mlfound` commands, and those scripts are thin wrappers of them."""
+    named = [f"{path.relative_to(ROOT)}:{number}" for path in sorted((ROOT / "mlfound").rglob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"\b(tools|launch)/", line)]
+    assert not named
+
+
+@pytest.mark.parametrize("command, script", [("shard", "tools/shard_dataset.py"), ("finetune", "launch/finetune.py"),
+                                             ("pretrain", "launch/pretrain.py")])
+def test_mlfound_commands_and_their_scripts_print_the_same_help(command, script):
+    via_mlfound = subprocess.run([sys.executable, "-m", "mlfound.cli", command, "--help"], cwd=ROOT, text=True,
+                                 capture_output=True, timeout=120)
+    via_script = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, text=True, capture_output=True,
+                                timeout=120)
+    assert via_mlfound.returncode == via_script.returncode == 0, via_mlfound.stderr + via_script.stderr
+    usage_mlfound, rest_mlfound = via_mlfound.stdout.split("\n\n", 1)
+    usage_script, rest_script = via_script.stdout.split("\n\n", 1)
+    assert rest_mlfound == rest_script
+    # argparse wraps the usage by the program name's length
+    assert usage_mlfound.replace(f"mlfound {command}", "PROG").split() == usage_script.replace(script, "PROG").split()
 
 
 def test_every_entry_point_is_covered():
