@@ -208,7 +208,7 @@ def run_overrides(exp: Experiment, method: str, run_dir: Path, seed: int, single
         return shared
     single = [f"meta.single_task={single_task}"] if method == "single" else []
     checkpoint_every = max(outer_steps(method, exp.pretrain.grad_steps) // PRETRAIN_CHECKPOINTS, 1)
-    quiet = ["train.eval_every=100000", "train.log_every=100000", f"train.save_every={checkpoint_every}"]
+    quiet = ["train.eval_every=null", "train.log_every=null", f"train.save_every={checkpoint_every}"]
     return [*shared, *quiet, *method_overrides(method, exp.pretrain.grad_steps), *single]
 
 

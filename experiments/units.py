@@ -14,17 +14,17 @@ from experiments.config import MACE_CLI, MACE_PYTHON, Experiment, finetune_confi
 from experiments.plan import Unit, finetuned_model, result_path, start_model, unit_inputs
 from experiments.prepare import train_subset
 from mlfound.calculator import MLFoundCalculator
+from mlfound.config import LossConfig
 from mlfound.data.files import atomic_write_bytes, json_text
 from mlfound.data.references import reference_energy
 from mlfound.data.sets import load_records, write_extxyz
 from mlfound.evaluate import evaluate, scan_report
 from mlfound.finetune import FinetuneConfig, finetune, fit_references
 from mlfound.md_stability import first_unphysical_event
+from mlfound.meta.loss import validation_loss
 from mlfound.release import load, save_release
 
 ZERO_SHOT_REFERENCE_STRUCTURES = 50  # N = 0 refits the new head's references on this many pool structures
-DEFAULT_ENERGY_WEIGHT = FinetuneConfig.model_fields["energy_weight"].default  # of the recipe-independent
-DEFAULT_FORCES_WEIGHT = FinetuneConfig.model_fields["forces_weight"].default  # validation loss recipes compete on
 
 
 def run_unit(exp: Experiment, out: Path, split: dict[str, Path], unit: Unit) -> None:
@@ -75,9 +75,7 @@ def validation_loss_of_kept_weights(result) -> float:
     that change the loss weights or the source head (and so σ) still compare; for recipes that change neither
     it ranks recipes as FinetuneResult.history's minimum "loss" does. NaN (a diverged fine-tune) counts as inf."""
     errors = next(h["errors"] for h in result.history if h["step"] == result.best_step)
-    loss = DEFAULT_ENERGY_WEIGHT * (errors["energy_rmse_mev_atom"] / 1e3) ** 2
-    if errors["forces_rmse_mev_a"] == errors["forces_rmse_mev_a"]:  # not NaN: the split has forces
-        loss += DEFAULT_FORCES_WEIGHT * (errors["forces_rmse_mev_a"] / 1e3) ** 2
+    loss = validation_loss(errors, sigma_ev=1.0, weights=LossConfig())
     return loss if np.isfinite(loss) else float("inf")
 
 

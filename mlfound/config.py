@@ -26,7 +26,7 @@ LOADER_PREFETCH = 2
 
 
 class DataConfig(_Strict):
-    shard_root: Path  # <shard_root>/<task>/ as tools/shard_dataset.py writes it
+    shard_root: Path  # <shard_root>/<task>/ as `mlfound shard` writes it
     tasks: list[str] = Field(min_length=1)  # pretraining tasks: <shard_root>/<task>/manifest.json
     max_atoms_per_batch: int = Field(128, ge=1)  # atom budget of one batch: graphs are added while they fit
     max_graphs_per_batch: int | None = Field(None, ge=1)  # cap on graphs per batch as well; None: the atom budget alone
@@ -186,8 +186,9 @@ class TrainConfig(_Strict):
     outer_steps: int = Field(100, ge=0)  # outer steps per rank: the schedule's length
     stop_after_steps: int | None = Field(None, ge=0, description="stop early (job time limit); "
                                          "the schedule still spans outer_steps, resume continues it")
-    log_every: int = Field(10, ge=1)  # steps between lines of the JSONL metrics log (and the tracker)
-    eval_every: int = Field(50, ge=1)  # steps between validations on every task's val split
+    log_every: int | None = Field(10, ge=1)  # steps between lines of the JSONL metrics log (and tracker); None: none
+    # steps between validations on every task's val split; None: only the final one (after the last step)
+    eval_every: int | None = Field(50, ge=1)
     save_every: int = Field(50, ge=1)  # steps between checkpoints (the final step is always saved)
     compile_forces: bool = Field(False, description="energy, forces and stress from one graph torch.compile fuses "
                                  "(mlfound.model.compiled): ~3x faster steps on CPU after a compile of minutes")

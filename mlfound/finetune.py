@@ -33,7 +33,8 @@ from mlfound.data.readers import lot_label
 from mlfound.data.record import DataError, Record
 from mlfound.data.references import ReferenceFit, reference_energy
 from mlfound.data.streams import TaskStream
-from mlfound.meta.loss import LossWeights, potential_loss
+from mlfound.config import LossConfig
+from mlfound.meta.loss import potential_loss, validation_loss
 from mlfound.metrics import error_table
 from mlfound.model import Potential
 from mlfound.predict import head_batches, network_energy, predict
@@ -53,7 +54,9 @@ class ReplayConfig(BaseModel):
     shard_url_template: str | None = None  # as data.shard_url_template: shards from a mirror, sha256-checked
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(LossConfig):
+    """How one fine-tune trains; the loss weights (energy_weight, forces_weight, stress_weight) are pretraining's
+    LossConfig fields, with its defaults."""
     model_config = ConfigDict(extra="forbid")
     head: str  # an existing head, or the name of a new head for a new LoT
     init: str = "auto"  # new head only: "auto" or the existing head to copy
@@ -83,9 +86,6 @@ class FinetuneConfig(BaseModel):
     # than running the schedule out (docs/benchmarks.md §6), so longer budgets want None.
     patience: int | None = Field(10, ge=1)
     max_atoms_per_batch: int = Field(100, ge=1)  # atom budget of one batch
-    energy_weight: float = Field(10.0, ge=0)  # weight of the MSE of energy per atom, in units of the head's scale σ
-    forces_weight: float = Field(1.0, ge=0)  # weight of the MSE of force components, in σ per Å
-    stress_weight: float = Field(1.0, ge=0)  # weight of the MSE of virial per atom (σ units), with stress labels
     seed: int = 0  # the batch order (and, from scratch, the initial weights)
     replay: ReplayConfig | None = None
     device: str = "cpu"  # cpu, cuda, cuda:1, ...
@@ -264,7 +264,6 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
            progress: bool, tracker: Tracker) -> tuple[list[dict], int]:
     optimizer = torch.optim.Adam(_param_groups(model, cfg), amsgrad=cfg.amsgrad, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg))
-    weights = LossWeights(cfg.energy_weight, cfg.forces_weight, cfg.stress_weight)
     sigma = float(model.scales_ev[model.task_names.index(cfg.head)])
     val_batches = head_batches(val, cfg.head, model.task_names, model.config.cutoff_a,
                                cfg.max_atoms_per_batch) if val else []
@@ -279,7 +278,7 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
         """Record validation at ``step``; False once patience is exhausted."""
         nonlocal best, evaluations_since_best
         errors = error_table(scored, {cfg.head: val_batches}, cfg.device)[cfg.head]
-        loss = _validation_loss(errors, sigma, weights)
+        loss = validation_loss(errors, sigma, cfg)
         history.append({"step": step, "loss": loss, "errors": errors})
         _track(tracker, step, cfg.head, loss, errors, window, scheduler.get_last_lr()[0])
         if loss < best[0]:
@@ -296,10 +295,10 @@ def _train(model: Potential, train: list[Record], val: list[Record] | None, cfg:
     model.train()
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = potential_loss(model, next(train_batches).to(cfg.device), weights)
+        loss, _ = potential_loss(model, next(train_batches).to(cfg.device), cfg)
         if replay and step % cfg.replay.every == 0:
             loss = loss + potential_loss(model, next(replay[step // cfg.replay.every % len(replay)]).to(cfg.device),
-                                         weights)[0]
+                                         cfg)[0]
         if not torch.isfinite(loss):
             raise TrainingError(f"fine-tuning head {cfg.head!r}, step {step}: the loss is {loss.item()}; stopped "
                                 "before applying it, nothing written. Lower --lr (or --lr-trunk/--lr-head)")
@@ -396,14 +395,6 @@ def _replay_batchers(cfg: FinetuneConfig, model: Potential) -> list[AtomBudgetBa
     return [AtomBudgetBatcher(TaskStream(cfg.replay.shard_root / task, cfg.seed,
                                          shard_url_template=cfg.replay.shard_url_template), cfg.max_atoms_per_batch,
                               model.config.cutoff_a, model.task_names) for task in cfg.replay.tasks]
-
-
-def _validation_loss(errors: dict, sigma_ev: float, weights: LossWeights) -> float:
-    """The training loss's form on validation RMSEs (σ units), so early stopping watches what is optimised."""
-    loss = weights.energy * (errors["energy_rmse_mev_atom"] / 1e3 / sigma_ev) ** 2
-    if errors["forces_rmse_mev_a"] == errors["forces_rmse_mev_a"]:  # not NaN: the split has forces
-        loss += weights.forces * (errors["forces_rmse_mev_a"] / 1e3 / sigma_ev) ** 2
-    return loss
 
 
 def _refit_residual(records: list[Record], network_energy_ev: np.ndarray) -> dict[str, float]:

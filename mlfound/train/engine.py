@@ -3,30 +3,39 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 
 from mlfound.config import OuterOptimizerConfig, RunConfig
+
+NO_SHM_OP = "MLFOUND_NO_SHM_OP"  # "1": skip building DeepSpeed's CPU shared-memory op (tests, short runs)
 
 
 def init_distributed() -> tuple[int, int]:
     """Start the process group through DeepSpeed (gloo on CPU, nccl on GPU); (rank, world size).
 
     Without a launcher (a plain ``python`` run) this is a one-process world. On CPU, DeepSpeed
-    JIT-compiles a shared-memory comm op at init (~30 s, needs g++); set MLFOUND_NO_SHM_OP=1 to skip it."""
+    JIT-compiles a shared-memory comm op at init (~30 s, needs g++, cached); the environment variable
+    MLFOUND_NO_SHM_OP=1 skips it (DeepSpeed has no switch: its builder is replaced), which rank 0 says."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", "29511")):
         os.environ.setdefault(key, value)
-    if os.environ.get("MLFOUND_NO_SHM_OP") == "1":
+    no_shm_op = os.environ.get(NO_SHM_OP) == "1"
+    if no_shm_op:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     if get_accelerator().device_name() != "cpu":  # collectives before the engine exists need this rank's device
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
+    if no_shm_op and rank == 0:
+        print(f"{NO_SHM_OP}=1: DeepSpeed's shared-memory comm op was not built; collectives on CPU use plain gloo",
+              file=sys.stderr, flush=True)
+    return rank, torch.distributed.get_world_size()
 
 
 def deepspeed_config(cfg: RunConfig) -> dict:

@@ -13,7 +13,7 @@ import torch
 from mlfound.config import RunConfig
 from mlfound.data.files import FolderInUseError, FolderLock, atomic_write_bytes
 from mlfound.data.loader import StepLoader
-from mlfound.meta.loss import LossWeights, potential_loss
+from mlfound.meta.loss import potential_loss
 from mlfound.meta.outer_step import inner_loop, inner_optimizer, pseudo_gradient, scale_task_heads, surrogate_loss
 from mlfound.metrics import error_table, format_error_table
 from mlfound.model import Potential
@@ -91,7 +91,7 @@ class Trainer:
         self.initial_weights = weights_digest(self.engine.module)  # export refuses a run that never moved them
         self.sampler = build_sampler(cfg, self.manifests)
         self.loader = build_loader(cfg, self.rank, self.world_size, self.sampler, self.device)
-        self.weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight, cfg.loss.stress_weight)
+        self.loss_weights = cfg.loss
         self.step = 0
         self._skipped_steps = 0
         self._window = self._new_window()
@@ -151,11 +151,11 @@ class Trainer:
                 tasks = self.tasks_of_step(self.step)
                 self.outer_step(tasks)
                 self.step += 1
-                if self.step % self.cfg.train.log_every == 0:
+                if _due(self.step, self.cfg.train.log_every):
                     self.log()
                 if self.step % self.cfg.train.save_every == 0:
                     self.save()
-                if self.step % self.cfg.train.eval_every == 0:
+                if _due(self.step, self.cfg.train.eval_every):
                     self.evaluate()
         finally:
             self.loader.close()  # stops the loader's workers, also when a step fails
@@ -176,7 +176,7 @@ class Trainer:
         losses: list[torch.Tensor] = []  # the loss each inner step optimises, kept on the device
 
         def loss_fn(model, batch):
-            loss, _ = potential_loss(model, batch, self.weights)
+            loss, _ = potential_loss(model, batch, self.loss_weights)
             losses.append(loss.detach())
             return loss
 
@@ -189,7 +189,7 @@ class Trainer:
         if meta.rescale_heads:
             scale_task_heads(handed, self.param_names, Potential.head_prefix(task), self.world_size / tasks.count(task))
         self.engine.backward(surrogate_loss(list(self.engine.module.parameters()), handed))
-        logged = (self.step + 1) % self.cfg.train.log_every == 0
+        logged = _due(self.step + 1, self.cfg.train.log_every)
         grad_norm = _local_grad_norm(self.engine.module) if logged else None
         self.engine.step()
         if logged:  # ZeRO's optimizers hold the (partitioned) gradients and compute the norm themselves
@@ -363,3 +363,8 @@ def drop_lines_after(path: Path, last_step: int) -> list[dict]:
     if path.exists():
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
     return kept
+
+
+def _due(step: int, every: int | None) -> bool:
+    """Whether a periodic action (a log line, a validation) falls on ``step``; ``every`` None: never."""
+    return every is not None and step % every == 0

@@ -15,7 +15,7 @@ import yaml
 
 from mlfound.config import load_config
 from mlfound.data.shard_stats import mean_neighbours
-from mlfound.meta.loss import LossWeights, potential_loss
+from mlfound.meta.loss import potential_loss
 from mlfound.meta.outer_step import inner_loop, scale_task_heads
 from mlfound.meta.sampling import TaskSampler
 from mlfound.model import Potential
@@ -68,7 +68,7 @@ def serial_run(cfg, reptile: bool) -> dict[str, torch.Tensor]:
     names = [n for n, _ in model.named_parameters()]
     batchers = [build_batchers(cfg, rank, 2) for rank in range(2)]
     sampler = TaskSampler({t: 1 for t in TASKS}, "uniform", seed=cfg.seed)
-    weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight)
+    weights = cfg.loss
     outer = (torch.optim.SGD if reptile else torch.optim.Adam)(model.parameters(), lr=cfg.meta.outer.lr)
     total, ratio = cfg.train.outer_steps, cfg.meta.outer.lr_final / cfg.meta.outer.lr
     for step in range(total):
@@ -318,6 +318,18 @@ def test_a_task_without_a_validation_split_is_named_not_silently_left_out(shard_
     assert sorted(evaluated) == sorted(t for t in TASKS if t != "hf_sto3g")
 
 
+def test_eval_and_log_every_none_mean_none_during_the_run_and_one_final_validation(shard_root, tmp_path):
+    """What the paper experiment asks for its pretraining runs (no magic large step counts), said so in the run:
+    no metrics lines, the final validation only; and the skipped shared-memory op is named on stderr."""
+    config = write_config(tmp_path, shard_root, train={"outer_steps": 4, "eval_every": None, "log_every": None})
+    done = run_one_process(config)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = load_config(config).run_dir
+    assert [json.loads(line)["step"] for line in (run_dir / "validation.jsonl").read_text().splitlines()] == [4]
+    assert not (run_dir / "metrics_rank0.jsonl").exists() or not (run_dir / "metrics_rank0.jsonl").read_text()
+    assert "MLFOUND_NO_SHM_OP=1: DeepSpeed's shared-memory comm op was not built" in done.stderr
+
+
 def test_a_task_with_no_data_derived_scale_says_its_scale_is_1_ev():
     from mlfound.train.build import task_scale_ev
 
@@ -337,7 +349,7 @@ def test_the_logged_loss_is_the_loss_the_step_optimises(shard_root, tmp_path):
     torch.manual_seed(cfg.seed)
     model = build_potential(cfg, load_manifests(cfg))
     batch = next(build_batchers(cfg, 0, 1)["hf_sto3g"])
-    expected = potential_loss(model, batch, LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight))[0].item()
+    expected = potential_loss(model, batch, cfg.loss)[0].item()
     logged = json.loads((cfg.run_dir / "metrics_rank0.jsonl").read_text().splitlines()[0])["loss"]["hf_sto3g"]
     assert logged == pytest.approx(expected, rel=1e-6)
 

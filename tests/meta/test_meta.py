@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from mlfound.config import LossConfig
 from mlfound.data.batching import collate
 from mlfound.data.readers import SourceSpec, read_source
-from mlfound.meta.loss import LossWeights, potential_loss
+from mlfound.meta.loss import potential_loss
 from mlfound.meta.outer_step import inner_loop, pseudo_gradient, scale_task_heads, surrogate_loss
 from mlfound.meta.sampling import TaskSampler
 from mlfound.model import Potential
@@ -45,7 +46,7 @@ def batches(demo_dir):
 
 
 def loss_fn(model, batch):
-    return potential_loss(model, batch, LossWeights())[0]
+    return potential_loss(model, batch, LossConfig())[0]
 
 
 def test_reptile_outer_step_moves_theta_toward_the_adapted_weights(batches):
@@ -129,7 +130,7 @@ def test_loss_counts_forces_only_where_a_graph_has_them(demo_dir):
     energy_only = dataclasses.replace(recs[1], forces_ev_a=None)
     mixed = collate([recs[0], energy_only, recs[2]], CONFIG.cutoff_a, TASKS)
     assert mixed.num_force_atoms == recs[0].num_atoms + recs[2].num_atoms
-    _, parts = potential_loss(model, mixed, LossWeights())
+    _, parts = potential_loss(model, mixed, LossConfig())
     assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in parts.values())
     _, forces_N3 = model(mixed)
     scale = model.scales_ev[TASKS.index("gfn2_xtb")].item()
@@ -137,7 +138,7 @@ def test_loss_counts_forces_only_where_a_graph_has_them(demo_dir):
     expected = (((forces_N3 - mixed.forces_ev_a) / scale)[keep] ** 2).mean()
     torch.testing.assert_close(parts["forces_mse"], expected.detach(), rtol=1e-6, atol=0)
     no_forces = collate([energy_only], CONFIG.cutoff_a, TASKS)
-    loss, parts = potential_loss(model, no_forces, LossWeights(energy=2.0))
+    loss, parts = potential_loss(model, no_forces, LossConfig(energy_weight=2.0))
     assert no_forces.num_force_atoms == 0 and "forces_mse" not in parts
     assert loss.item() == pytest.approx(2.0 * parts["energy_mse"].item())
 
@@ -153,7 +154,7 @@ def test_loss_counts_stress_only_where_a_graph_has_it(molecule):
     crystal.stress_ev_a3 = np.diag([0.01, -0.02, 0.005])
     batch = collate([molecule, crystal], CONFIG.cutoff_a, TASKS)
     assert batch.num_stress_graphs == 1 and batch.has_stress.tolist() == [False, True]
-    loss, parts = potential_loss(model, batch, LossWeights(energy=0.0, forces=0.0, stress=3.0))
+    loss, parts = potential_loss(model, batch, LossConfig(energy_weight=0.0, forces_weight=0.0, stress_weight=3.0))
     _, _, stress = model.energy_forces_stress(batch, compute_forces=False)
     scale = model.scales_ev[TASKS.index("gfn2_xtb")].item()
     volume = abs(np.linalg.det(crystal.cell_a))
@@ -163,7 +164,7 @@ def test_loss_counts_stress_only_where_a_graph_has_it(molecule):
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert any(p.grad.abs().sum() > 0 for p in model.parameters() if p.grad is not None)
-    _, parts = potential_loss(model, collate([molecule], CONFIG.cutoff_a, TASKS), LossWeights())
+    _, parts = potential_loss(model, collate([molecule], CONFIG.cutoff_a, TASKS), LossConfig())
     assert "stress_mse" not in parts
 
 
