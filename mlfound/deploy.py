@@ -39,7 +39,7 @@ from torch import nn
 from mlfound.data.batching import neighbour_list
 from mlfound.data.files import sha256_file
 from mlfound.data.record import Record
-from mlfound.model import Potential
+from mlfound.model import Potential, physics
 from mlfound.progress import stages
 from mlfound.release import Release
 
@@ -68,18 +68,17 @@ class DeployedHead(nn.Module):
         if bool((species < 0).any()) or bool(torch.isnan(self.references_ev[species]).any()):
             raise ValueError("an element this head has no reference energy for (mlfound.json lists its elements)")
         positions = positions_a.to(dtype).detach().requires_grad_(True)
-        strain = torch.zeros((3, 3), dtype=dtype, device=positions.device).requires_grad_(True)
-        vectors = positions[edge_index[1]] - positions[edge_index[0]] + edge_shift_a.to(dtype)
-        vectors = vectors + vectors @ ((strain + strain.transpose(0, 1)) / 2)
+        strain = torch.zeros((1, 3, 3), dtype=dtype, device=positions.device).requires_grad_(True)
+        one_graph = torch.zeros(edge_index.shape[1], dtype=torch.long, device=positions.device)
+        vectors = physics.edge_vectors(positions, edge_index, edge_shift_a, strain, one_graph)
         features = self.trunk(species, vectors, edge_index)
         atom_energy = self.references_ev[species] + self.scale_ev * self.readout(features).squeeze(-1).double()
         energy = atom_energy.sum()
         grads = torch.autograd.grad([energy], [positions, strain])
         forces, denergy_dstrain = grads[0], grads[1]
         assert forces is not None and denergy_dstrain is not None
-        volume = torch.abs(torch.linalg.det(cell_a.to(torch.float64)))
-        stress = denergy_dstrain.double() / volume if bool(volume > 0) else torch.full((3, 3), float("nan"),
-                                                                                       dtype=torch.float64)
+        volume = torch.abs(torch.linalg.det(cell_a.to(torch.float64))).reshape(1)
+        stress = physics.stress(denergy_dstrain.double(), volume)[0]
         return energy.detach(), -forces.detach(), stress.detach()  # results, not a graph to train through
 
 

@@ -2,18 +2,15 @@
 
 The per-task references e_Z (float64, from the shard manifests) absorb the LoT's absolute energy
 scale, so tasks that disagree by thousands of eV train together; σ_task puts the network's output
-in the task's natural unit. Total energies are summed in float64.
-
-Stress is the derivative of the energy under a homogeneous strain ε of each graph (positions and cell
-scaled by 1 + ε, as MACE and NequIP do): the energy sees atoms only through edge vectors, so straining the
-edge vectors strains both. ASE's sign: positive stress is tension, pressure is -trace/3.
+in the task's natural unit. Total energies are summed in float64. The strain and the stress are
+``mlfound.model.physics``'s, which the deployed TorchScript head shares.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from mlfound.model import compiled
+from mlfound.model import compiled, physics
 from mlfound.model.config import ModelConfig
 from mlfound.model.heads import TaskHeads
 from mlfound.model.ops import COMPILED_CONSTANT
@@ -115,11 +112,8 @@ class Potential(nn.Module):
         separately so forces (and stress) can differentiate them. ``species_N``: the species of ``batch.z`` when
         the caller has them (the compiled graph, which cannot read the unknown-element check on the host)."""
         species_N = self.species(batch.z) if species_N is None else species_N
-        sender, receiver = batch.edge_index
-        vectors_E3 = pos_N3[receiver] - pos_N3[sender] + batch.edge_shift_a.to(pos_N3.dtype)
-        if strain_G33 is not None:
-            symmetric_G33 = (strain_G33 + strain_G33.transpose(1, 2)) / 2  # exact symmetry also in bf16
-            vectors_E3 = vectors_E3 + torch.einsum("ei,eij->ej", vectors_E3, symmetric_G33[batch.graph_index[receiver]])
+        edge_graph_E = batch.graph_index[batch.edge_index[1]] if strain_G33 is not None else None
+        vectors_E3 = physics.edge_vectors(pos_N3, batch.edge_index, batch.edge_shift_a, strain_G33, edge_graph_E)
         features_NC = self.trunk(species_N, vectors_E3, batch.edge_index)
         task_N = batch.task_index[batch.graph_index]
         out_N = self.heads(features_NC, task_N)
@@ -147,10 +141,5 @@ class Potential(nn.Module):
         if not grads:
             return energy_G, None, None
         forces_N3 = -grads.pop(0) if compute_forces else None
-        stress_G33 = None
-        if compute_stress:
-            periodic_G11 = (batch.volume_a3 > 0)[:, None, None]
-            volume_G11 = torch.where(periodic_G11, batch.volume_a3[:, None, None], 1.0).to(grads[0].dtype)
-            # NaN as a constant, not a division by NaN: a loss that masks these graphs out keeps finite gradients
-            stress_G33 = torch.where(periodic_G11, grads[0] / volume_G11, torch.nan)
+        stress_G33 = physics.stress(grads[0], batch.volume_a3) if compute_stress else None
         return energy_G, forces_N3, stress_G33
