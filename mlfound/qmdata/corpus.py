@@ -1,7 +1,8 @@
 """Resumable, parallel generation of a recipe's corpus: one extxyz per LoT task.
 
 Work is split into units whose results are written atomically under ``<out>/.work/<recipe>/``:
-first one MD trajectory per (molecule or periodic box, temperature), then one label chunk per
+first one MD trajectory per (molecule or periodic box, temperature), or with normal-mode sampling one unit
+per molecule (its Hessian serves every temperature, a frames file each), then one label chunk per
 (task, molecule, temperature, chunk); a box's frames carry their cells, and its labels a stress.
 A killed run loses at most the units in flight; rerunning skips every unit already on disk. SCF
 failures go to ``<task>.rejects.jsonl``, never lost silently.
@@ -41,6 +42,7 @@ class LabelUnit:
     geometry: GeometryUnit
     frames: tuple[int, ...]  # MD frame indices, in order, every ``frame_step``-th of the trajectory
     frame_step: int
+    forces: bool | None = None  # the task's override of its LoT's with_forces
 
     @property
     def stem(self) -> str:
@@ -51,10 +53,15 @@ def make_corpus(recipe_name: str, recipe: Recipe, out_dir: Path, workers: int) -
     """Run (or resume) every unit of ``recipe`` and write ``<out_dir>/<task>.extxyz``; return counts."""
     work_dir = out_dir / ".work" / recipe_name
     geom_units = [GeometryUnit(m, t) for m in _molecules_used(recipe) for t in recipe.temperatures_k]
-    _run_units(_make_geometry, [(recipe, u, work_dir) for u in geom_units
-                                if not _geometry_path(work_dir, u).exists()], workers, "MD")
-    label_units = [LabelUnit(task.lot, GeometryUnit(m, t), chunk, task.frame_step)
-                   for task in recipe.tasks for m in task.molecules for t in recipe.temperatures_k
+    missing = [u for u in geom_units if not _geometry_path(work_dir, u).exists()]
+    if recipe.sampling == "normal_modes":  # one Hessian per molecule serves its temperatures: a unit per molecule
+        by_molecule = {u.molecule: [v for v in missing if v.molecule == u.molecule] for u in missing}
+        _run_units(_make_normal_mode_geometries, [(recipe, units, work_dir) for units in by_molecule.values()],
+                   workers, "normal modes")
+    else:
+        _run_units(_make_geometry, [(recipe, u, work_dir) for u in missing], workers, "MD")
+    label_units = [LabelUnit(task.lot, GeometryUnit(m, t), chunk, task.frame_step, task.forces)
+                   for task in recipe.tasks for m in recipe.molecules_of(task) for t in recipe.temperatures_k
                    for chunk in _chunks(range(0, recipe.frames_per_temperature, task.frame_step))]
     _run_units(_make_labels, [(u, work_dir) for u in label_units
                               if not _label_path(work_dir, u).exists()], workers, "labels")
@@ -64,7 +71,7 @@ def make_corpus(recipe_name: str, recipe: Recipe, out_dir: Path, workers: int) -
 
 def _molecules_used(recipe: Recipe) -> list[str]:
     """The molecules and boxes the tasks label, in the recipe's order."""
-    used = {m for task in recipe.tasks for m in task.molecules}
+    used = {m for task in recipe.tasks for m in recipe.molecules_of(task)}
     unknown = used - set(recipe.smiles) - set(recipe.boxes)
     boxed = {box.molecule for box in recipe.boxes.values()} - set(recipe.smiles)
     if unknown or boxed:
@@ -131,8 +138,25 @@ def _make_geometry(recipe: Recipe, unit: GeometryUnit, work_dir: Path) -> None:
     atomic_write(_geometry_path(work_dir, unit), lambda f: np.savez(f, **arrays))
 
 
-def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
+def _level(unit: LabelUnit) -> levels.LevelOfTheory:
     lot = levels.LEVELS[unit.task]
+    return lot if unit.forces is None else dataclasses.replace(lot, with_forces=unit.forces)
+
+
+def _make_normal_mode_geometries(recipe: Recipe, units: list[GeometryUnit], work_dir: Path) -> None:
+    """One molecule's frames at each of ``units``' temperatures, from one set of normal modes."""
+    molecule = units[0].molecule
+    symbols, pos0_a = geometries.rdkit_conformer(recipe.smiles[molecule], _seed(recipe.seed, molecule))
+    modes = geometries.normal_modes(symbols, pos0_a)
+    for unit in units:
+        frames_a = geometries.normal_mode_frames(modes, unit.temperature_k, recipe.frames_per_temperature,
+                                                 seed=_seed(recipe.seed, unit.stem))
+        arrays = {"symbols": np.array(symbols), "frames_a": frames_a}
+        atomic_write(_geometry_path(work_dir, unit), lambda f: np.savez(f, **arrays))
+
+
+def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
+    lot = _level(unit)
     geom = np.load(_geometry_path(work_dir, unit.geometry))
     symbols = [str(s) for s in geom["symbols"]]
     records, rejects = [], []
@@ -159,7 +183,7 @@ def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Pat
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
-    lot = levels.LEVELS[task]
+    lot = _level(units[0]) if units else levels.LEVELS[task]
     frames, rejects = [], []
     for unit in units:
         geom = np.load(_geometry_path(work_dir, unit.geometry))

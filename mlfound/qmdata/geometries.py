@@ -1,9 +1,13 @@
-"""Geometries: an RDKit conformer per molecule, then GFN2-xTB Langevin MD at a temperature.
+"""Geometries: an RDKit conformer per molecule, then GFN2-xTB Langevin MD or normal-mode sampling at a
+temperature.
 
 MD at several temperatures gives the near-equilibrium and distorted structures that real MLIP
-datasets (rMD17, ANI-1x, SPICE) contain. Every trajectory is seeded, so a rerun is identical.
+datasets (rMD17, ANI-1x, SPICE) contain; normal-mode sampling (ANI-1's) gives them for one Hessian per
+molecule. Every draw is seeded, so a rerun is identical.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -67,6 +71,73 @@ def xtb_md_frames(symbols: list[str], pos_a: np.ndarray, temperature_k: float, n
     for _ in range(num_frames):
         md.run(stride)
         frames.append(atoms.get_positions().copy())
+    return np.stack(frames)
+
+
+SOFTEST_CURVATURE = 0.05  # eV/Å²/amu: ω² of a ~116 cm⁻¹ vibration
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalModes:
+    """A molecule's GFN2-xTB minimum and its vibrations: what normal-mode sampling displaces along."""
+    minimum_a: np.ndarray  # (N, 3) Å
+    inv_sqrt_mass: np.ndarray  # (3N,) amu^-1/2, per Cartesian coordinate
+    curvature: np.ndarray  # (M,) ω² in eV/Å²/amu, the vibrations only
+    modes: np.ndarray  # (3N, M) mass-weighted unit vectors
+
+
+def normal_modes(symbols: list[str], pos_a: np.ndarray, fmax_ev_a: float = 0.01, step_a: float = 0.005
+                 ) -> NormalModes:
+    """The GFN2-xTB minimum near ``pos_a`` (LBFGS) and its normal modes from a Hessian of central differences of
+    xTB forces (6N force calls). The 6 lowest modes (5 for a linear molecule), translations and rotations, are
+    dropped; a vibration softer than ``SOFTEST_CURVATURE`` is kept at that curvature, so that a floppy torsion
+    is not swung by Ångströms (its energy share then moves it as a ~116 cm⁻¹ mode would)."""
+    from ase import Atoms
+    from ase.optimize import LBFGS
+    from tblite.ase import TBLite
+
+    atoms = Atoms(symbols, positions=pos_a)
+    atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
+    LBFGS(atoms, logfile=None).run(fmax=fmax_ev_a, steps=500)
+    minimum_a = atoms.get_positions().copy()
+    hessian = np.zeros((3 * len(atoms), 3 * len(atoms)))
+    for coordinate in range(3 * len(atoms)):
+        forces = []
+        for sign in (1, -1):
+            displaced = minimum_a.copy()
+            displaced.flat[coordinate] += sign * step_a
+            atoms.set_positions(displaced)
+            forces.append(atoms.get_forces().ravel())
+        hessian[coordinate] = -(forces[0] - forces[1]) / (2 * step_a)
+    inv_sqrt_mass = np.repeat(1 / np.sqrt(atoms.get_masses()), 3)
+    mass_weighted = (hessian + hessian.T) / 2 * inv_sqrt_mass[:, None] * inv_sqrt_mass[None, :]
+    curvature, modes = np.linalg.eigh(mass_weighted)  # ascending
+    linear = np.sum(atoms.get_moments_of_inertia() < 1e-3 * atoms.get_moments_of_inertia().max()) > 0
+    external = 5 if linear else 6
+    return NormalModes(minimum_a, inv_sqrt_mass, np.maximum(curvature[external:], SOFTEST_CURVATURE),
+                       modes[:, external:])
+
+
+def normal_mode_frames(modes: NormalModes, temperature_k: float, num_frames: int, seed: int,
+                       min_distance_a: float = 0.7) -> np.ndarray:
+    """``num_frames`` positions (num_frames, N, 3) Å by normal-mode sampling (as the ANI-1 data, Smith et al.,
+    Sci. Data 4, 170193, 2017): each frame puts a random share c_i of 3/2 N_a k T into mode i as harmonic energy,
+    with a random sign (c_i uniform, scaled so that their sum is uniform in [0, 1]). A frame with two atoms closer
+    than ``min_distance_a`` is drawn again."""
+    from ase import units
+
+    rng = np.random.default_rng(seed)
+    num_atoms = len(modes.minimum_a)
+    total_ev = 1.5 * num_atoms * units.kB * temperature_k
+    frames = []
+    while len(frames) < num_frames:
+        shares = rng.uniform(size=len(modes.curvature))
+        shares *= rng.uniform() / shares.sum()
+        amplitudes = rng.choice([-1.0, 1.0], size=len(shares)) * np.sqrt(2 * shares * total_ev / modes.curvature)
+        frame = modes.minimum_a + (modes.inv_sqrt_mass * (modes.modes @ amplitudes)).reshape(num_atoms, 3)
+        distances = np.linalg.norm(frame[:, None] - frame[None], axis=-1)[np.triu_indices(num_atoms, 1)]
+        if distances.min() >= min_distance_a:
+            frames.append(frame)
     return np.stack(frames)
 
 
