@@ -1,7 +1,8 @@
 """Energies, forces and stress of a model for a list of records under one head, batched by an atom budget.
 
 The single path from structures to predictions: fine-tuning's head scores, ``mlfound evaluate`` and
-the ASE calculator all go through ``predict``, so they cannot disagree about what a head predicts.
+the ASE calculator all go through ``predict``, so they cannot disagree about what a head predicts; the
+TorchScript head ``mlfound deploy`` writes shares the model's geometry and stress (``mlfound.model.physics``).
 """
 from __future__ import annotations
 
