@@ -3,7 +3,9 @@
     python tools/make_qm_dataset.py --recipe demo-pretrain demo-target --out data/demo --workers 2
     python tools/make_qm_dataset.py --scan paracetamol-amide --out data/demo --workers 2
 
-Recipes are resumable: kill the run and start the same command again to continue. When done, the
+Recipes are resumable: kill the run and start the same command again to continue. Each recipe's
+<out>/<recipe>.summary.json records per task the structures, rejects, label CPU hours, elements and sizes,
+and the geometries' CPU hours (the data README's table). When done, the
 folder's SHA256SUMS lists every extxyz in it, so a regenerated corpus can be checked against the one a
 result was measured on: `cd data/e2 && sha256sum -c SHA256SUMS`.
 """
@@ -36,9 +38,12 @@ def main(argv=None) -> int:
         for name in args.recipe:
             summary.update(make_corpus(name, RECIPES[name], args.out, args.workers))
     if summary:
-        print(f"{'task':<14}{'structures':>11}{'molecules':>10}{'rejected':>9}  forces")
+        print(f"{'task':<14}{'structures':>11}{'molecules':>10}{'rejected':>9}{'CPU h':>8}  forces  atoms per structure")
     for task, row in summary.items():
-        print(f"{task:<14}{row['structures']:>11}{row['molecules']:>10}{row['rejected']:>9}  {row['forces']}")
+        print(f"{task:<14}{row['structures']:>11}{row['molecules']:>10}{row['rejected']:>9}"
+              f"{row['label_cpu_hours']:>8.2f}  {str(row['forces']):<7} {row['atoms']}")
+    if summary:
+        print("(per recipe: <out>/<recipe>.summary.json, with the elements and the geometries' CPU hours)")
     print(f"wrote {write_checksums(args.out)}")
     return 0
 

@@ -13,7 +13,9 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import os
+import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +57,9 @@ def make_corpus(recipe_name: str, recipe: Recipe, out_dir: Path, workers: int) -
     geom_units = [GeometryUnit(m, t) for m in _molecules_used(recipe) for t in recipe.temperatures_k]
     missing = [u for u in geom_units if not _geometry_path(work_dir, u).exists()]
     if recipe.sampling == "normal_modes":  # one Hessian per molecule serves its temperatures: a unit per molecule
-        by_molecule = {u.molecule: [v for v in missing if v.molecule == u.molecule] for u in missing}
+        by_molecule: dict[str, list[GeometryUnit]] = {}
+        for unit in missing:
+            by_molecule.setdefault(unit.molecule, []).append(unit)
         _run_units(_make_normal_mode_geometries, [(recipe, units, work_dir) for units in by_molecule.values()],
                    workers, "normal modes")
     else:
@@ -65,8 +69,12 @@ def make_corpus(recipe_name: str, recipe: Recipe, out_dir: Path, workers: int) -
                    for chunk in _chunks(range(0, recipe.frames_per_temperature, task.frame_step))]
     _run_units(_make_labels, [(u, work_dir) for u in label_units
                               if not _label_path(work_dir, u).exists()], workers, "labels")
-    return {task.lot: _write_task(task.lot, recipe, [u for u in label_units if u.task == task.lot],
-                                  work_dir, out_dir) for task in recipe.tasks}
+    rows = {task.lot: _write_task(task.lot, recipe, [u for u in label_units if u.task == task.lot], work_dir,
+                                  out_dir) for task in recipe.tasks}
+    geometry_seconds = sum(_seconds(_geometry_path(work_dir, unit)) for unit in geom_units)
+    summary = {"recipe": recipe_name, "geometry_cpu_hours": geometry_seconds / 3600, "tasks": rows}
+    atomic_write(out_dir / f"{recipe_name}.summary.json", lambda f: f.write(json.dumps(summary, indent=1)), text=True)
+    return rows
 
 
 def _molecules_used(recipe: Recipe) -> list[str]:
@@ -117,6 +125,7 @@ def _seed(*parts) -> int:
 
 
 def _make_geometry(recipe: Recipe, unit: GeometryUnit, work_dir: Path) -> None:
+    started = time.perf_counter()
     box = recipe.boxes.get(unit.molecule)
     molecule = box.molecule if box else unit.molecule
     seed = _seed(recipe.seed, unit.stem)
@@ -135,6 +144,7 @@ def _make_geometry(recipe: Recipe, unit: GeometryUnit, work_dir: Path) -> None:
                                                           recipe.frames_per_temperature, seed,
                                                           stride=recipe.md_stride_steps, max_strain=box.max_strain)
         arrays = {"symbols": np.array(symbols), "frames_a": frames_a, "cells_a": cells_a}
+    arrays["seconds"] = np.array(time.perf_counter() - started)
     atomic_write(_geometry_path(work_dir, unit), lambda f: np.savez(f, **arrays))
 
 
@@ -145,18 +155,21 @@ def _level(unit: LabelUnit) -> levels.LevelOfTheory:
 
 def _make_normal_mode_geometries(recipe: Recipe, units: list[GeometryUnit], work_dir: Path) -> None:
     """One molecule's frames at each of ``units``' temperatures, from one set of normal modes."""
+    started = time.perf_counter()
     molecule = units[0].molecule
     symbols, pos0_a = geometries.rdkit_conformer(recipe.smiles[molecule], _seed(recipe.seed, molecule))
     modes = geometries.normal_modes(symbols, pos0_a)
     for unit in units:
         frames_a = geometries.normal_mode_frames(modes, unit.temperature_k, recipe.frames_per_temperature,
                                                  seed=_seed(recipe.seed, unit.stem))
-        arrays = {"symbols": np.array(symbols), "frames_a": frames_a}
+        seconds = (time.perf_counter() - started) / len(units)  # the Hessian's cost shared out
+        arrays = {"symbols": np.array(symbols), "frames_a": frames_a, "seconds": np.array(seconds)}
         atomic_write(_geometry_path(work_dir, unit), lambda f: np.savez(f, **arrays))
 
 
 def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
     lot = _level(unit)
+    started = time.perf_counter()
     geom = np.load(_geometry_path(work_dir, unit.geometry))
     symbols = [str(s) for s in geom["symbols"]]
     records, rejects = [], []
@@ -174,7 +187,7 @@ def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
         records.append({"frame": frame, "energy_ev": energy_ev,
                         "forces_ev_a": None if forces is None else forces.tolist(),
                         "stress_ev_a3": None if stress is None else stress.tolist()})
-    payload = json.dumps({"records": records, "rejects": rejects})
+    payload = json.dumps({"records": records, "rejects": rejects, "seconds": time.perf_counter() - started})
     atomic_write(_label_path(work_dir, unit), lambda f: f.write(payload.encode()))
 
 
@@ -213,4 +226,20 @@ def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Pat
     elif rejects_path.exists():
         rejects_path.unlink()
     return {"structures": len(frames), "rejected": len(rejects),
-            "molecules": len({a.info["molecule"] for a in frames}), "forces": lot.with_forces}
+            "molecules": len({a.info["molecule"] for a in frames}), "forces": lot.with_forces,
+            "label_cpu_hours": sum(json.loads(_label_path(work_dir, u).read_text()).get("seconds", 0.0)
+                                   for u in units) / 3600,
+            "elements": dict(sorted(Counter(s for a in frames for s in a.get_chemical_symbols()).items())),
+            "atoms": _size_histogram([len(a) for a in frames])}
+
+
+def _seconds(geometry_path: Path) -> float:
+    """The CPU seconds a geometry file's unit took (0 for files written before they were recorded)."""
+    with np.load(geometry_path) as geometry:
+        return float(geometry["seconds"]) if "seconds" in geometry else 0.0
+
+
+def _size_histogram(sizes: list[int]) -> dict[str, int]:
+    """Structures per size bin of ten atoms ("1-10", "11-20", ...)."""
+    bins = Counter((size - 1) // 10 for size in sizes)
+    return {f"{10 * b + 1}-{10 * b + 10}": bins[b] for b in sorted(bins)}

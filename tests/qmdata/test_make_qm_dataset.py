@@ -11,11 +11,22 @@ from mlfound.qmdata.corpus import make_corpus
 from mlfound.qmdata.recipes import RECIPES, TaskRecipe
 
 
+def counts(summary: dict) -> dict:
+    """make_corpus's rows without the measured CPU time, elements and sizes."""
+    return {task: {key: row[key] for key in ("structures", "rejected", "molecules", "forces")}
+            for task, row in summary.items()}
+
+
 def test_tiny_corpus_labels_resume_and_metadata(tmp_path):
     recipe = RECIPES["tiny"]
     summary = make_corpus("tiny", recipe, tmp_path, workers=1)
-    assert summary == {"gfn2_xtb": {"structures": 4, "rejected": 0, "molecules": 2, "forces": True},
-                       "hf_sto3g": {"structures": 2, "rejected": 0, "molecules": 1, "forces": True}}
+    assert counts(summary) == {"gfn2_xtb": {"structures": 4, "rejected": 0, "molecules": 2, "forces": True},
+                               "hf_sto3g": {"structures": 2, "rejected": 0, "molecules": 1, "forces": True}}
+    # the data README's table: water (3 atoms) and methanol (6), two frames each
+    assert summary["gfn2_xtb"]["elements"] == {"C": 2, "H": 12, "O": 4} and summary["gfn2_xtb"]["atoms"] == {"1-10": 4}
+    assert summary["hf_sto3g"]["label_cpu_hours"] > 0
+    written = json.loads((tmp_path / "tiny.summary.json").read_text())
+    assert written["tasks"] == summary and written["geometry_cpu_hours"] > 0
     frames = read(tmp_path / "hf_sto3g.extxyz", index=":")
     assert frames[0].info["lot_method"] == "HF" and frames[0].info["lot_basis"] == "STO-3G"
     assert frames[0].info["lot_code"] == "pyscf" and frames[0].info["energy_unit"] == "eV"
