@@ -26,10 +26,17 @@ def _reptile(k: int) -> dict:
             "meta": {"inner_steps": k, "inner": _REPTILE_INNER, "outer": _REPTILE_OUTER, "rescale_heads": True}}
 
 
+# adam_outer's inner SGD rate, chosen on E1's fine-tuning validation (seed 0, N = 10 and 50) among 0.003, 0.01 and
+# 0.03 (0.1 diverged): docs/results/e1-e2.md, "Equal optimizers"
+_ADAM_OUTER_INNER_LR = 3e-3
+
+
 def _adam_outer(k: int) -> dict:
-    return {"description": f"{k} inner SGD steps (lr 0.01), then joint's outer Adam on the pseudo-gradient: "
-                           "differs from joint in k alone" + (" (k = 1: joint itself)" if k == 1 else ""),
-            "meta": {**_JOINT, "inner_steps": k, "inner": {"name": "sgd", "lr": 1e-2, "persist": False}}}
+    inner = {"name": "sgd", "lr": _ADAM_OUTER_INNER_LR, "persist": False}
+    joint_itself = " (k = 1: joint itself)" if k == 1 else ""
+    return {"description": f"{k} inner SGD steps (lr {_ADAM_OUTER_INNER_LR:g}), then joint's outer Adam on the "
+                           f"pseudo-gradient: differs from joint in k alone{joint_itself}",
+            "meta": {**_JOINT, "inner_steps": k, "inner": inner}}
 
 
 METHODS: dict[str, dict] = {
