@@ -197,10 +197,11 @@ def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Pat
     from ase.io import write
 
     lot = _level(units[0]) if units else levels.LEVELS[task]
-    frames, rejects = [], []
+    frames, rejects, label_seconds = [], [], 0.0
     for unit in units:
         geom = np.load(_geometry_path(work_dir, unit.geometry))
         result = json.loads(_label_path(work_dir, unit).read_text())
+        label_seconds += result.get("seconds", 0.0)  # absent in units written before it was recorded
         box = recipe.boxes.get(unit.geometry.molecule)
         for rec in result["records"]:
             atoms = Atoms([str(s) for s in geom["symbols"]], positions=geom["frames_a"][rec["frame"]])
@@ -227,8 +228,7 @@ def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Pat
         rejects_path.unlink()
     return {"structures": len(frames), "rejected": len(rejects),
             "molecules": len({a.info["molecule"] for a in frames}), "forces": lot.with_forces,
-            "label_cpu_hours": sum(json.loads(_label_path(work_dir, u).read_text()).get("seconds", 0.0)
-                                   for u in units) / 3600,
+            "label_cpu_hours": label_seconds / 3600,
             "elements": dict(sorted(Counter(s for a in frames for s in a.get_chemical_symbols()).items())),
             "atoms": _size_histogram([len(a) for a in frames])}
 
