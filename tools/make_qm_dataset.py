@@ -2,12 +2,14 @@
 
     python tools/make_qm_dataset.py --recipe demo-pretrain demo-target --out data/demo --workers 2
     python tools/make_qm_dataset.py --scan paracetamol-amide --out data/demo --workers 2
+    python tools/make_qm_dataset.py --recipe scale-druglike --tasks b3lyp_631g pbe0_631gs --out data/scale
 
-Recipes are resumable: kill the run and start the same command again to continue. Each recipe's
-<out>/<recipe>.summary.json records per task the structures, rejects, label CPU hours, elements and sizes,
-and the geometries' CPU hours (the data README's table). When done, the
-folder's SHA256SUMS lists every extxyz in it, so a regenerated corpus can be checked against the one a
-result was measured on: `cd data/e2 && sha256sum -c SHA256SUMS`.
+Recipes are resumable: kill the run and start the same command again to continue. --tasks labels only the named
+tasks (the costly SCF ones first, say); a later run without it adds the rest and reuses every unit done. Each
+recipe's <out>/<recipe>.summary.json records per task the structures, rejects, label CPU hours, elements and
+sizes, and the geometries' CPU hours (the data README's table). When done, the folder's SHA256SUMS lists every
+extxyz in it, so a regenerated corpus can be checked against the one a result was measured on:
+`cd data/e2 && sha256sum -c SHA256SUMS`.
 """
 import argparse
 import sys
@@ -28,15 +30,24 @@ def main(argv=None) -> int:
                         help="torsion scans to label, each into <lot>_<scan>_scan.extxyz")
     parser.add_argument("--out", type=Path, required=True, help="folder for <task>.extxyz files")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (one core each)")
+    parser.add_argument("--tasks", nargs="+", metavar="LOT",
+                        help="label only these tasks of the recipes now; a later run without it adds the rest")
     args = parser.parse_args(argv)
     if not args.recipe and not args.scan:
         parser.error("name at least one --recipe or --scan")
+    recipes = {name: RECIPES[name] for name in args.recipe}
+    if args.tasks:
+        known = {task.lot for recipe in recipes.values() for task in recipe.tasks}
+        if unknown := sorted(set(args.tasks) - known):
+            parser.error(f"--tasks {' '.join(unknown)}: not a task of recipe {', '.join(args.recipe)}; "
+                         f"its tasks are {', '.join(sorted(known))}")
+        recipes = {name: recipe.only_tasks(set(args.tasks)) for name, recipe in recipes.items()}
     with FolderLock(args.out, "tools/make_qm_dataset.py run"):  # one generator per folder: they share work files
         for name in args.scan:
             print(f"wrote {make_scan(name, SCANS[name], args.out, args.workers)}")
         summary = {}
-        for name in args.recipe:
-            summary.update(make_corpus(name, RECIPES[name], args.out, args.workers))
+        for name, recipe in recipes.items():
+            summary.update(make_corpus(name, recipe, args.out, args.workers))
     if summary:
         print(f"{'task':<14}{'structures':>11}{'molecules':>10}{'rejected':>9}{'CPU h':>8}  forces  atoms per structure")
     for task, row in summary.items():

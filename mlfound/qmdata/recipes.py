@@ -87,6 +87,11 @@ class Recipe:
         """name -> SMILES of every molecule (a library is enumerated here, once)."""
         return dict(self.molecules) if isinstance(self.molecules, dict) else self.molecules.smiles()
 
+    def only_tasks(self, lots: set[str]) -> Recipe:
+        """This recipe with just the tasks whose LoT is in ``lots``: its costly tasks can run first, the rest later
+        (same seeds, so the same frames and work files)."""
+        return dataclasses.replace(self, tasks=tuple(task for task in self.tasks if task.lot in lots))
+
     def molecules_of(self, task: TaskRecipe) -> tuple[str, ...]:
         """The molecules (and boxes) ``task`` labels, by name."""
         if isinstance(task.molecules, int):

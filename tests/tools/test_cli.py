@@ -102,3 +102,19 @@ def test_make_qm_dataset_writes_a_checksum_list_that_sha256sum_verifies(tmp_path
     assert check.returncode == 0, check.stdout
     (tmp_path / "hf_sto3g.extxyz").write_text((tmp_path / "hf_sto3g.extxyz").read_text().replace("HF", "hf", 1))
     assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path, capture_output=True).returncode != 0
+
+
+def test_make_qm_dataset_labels_the_named_tasks_first_and_the_rest_later_reusing_their_units(tmp_path):
+    done = run("tools/make_qm_dataset.py", "--recipe", "tiny", "--tasks", "hf_sto3g", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(path.name for path in tmp_path.glob("*.extxyz")) == ["hf_sto3g.extxyz"]
+    first = {path: path.stat().st_mtime_ns for path in (tmp_path / ".work").rglob("*") if path.is_file()}
+    hf_sto3g = (tmp_path / "hf_sto3g.extxyz").read_text()
+    done = run("tools/make_qm_dataset.py", "--recipe", "tiny", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(path.name for path in tmp_path.glob("*.extxyz")) == ["gfn2_xtb.extxyz", "hf_sto3g.extxyz"]
+    assert {path: path.stat().st_mtime_ns for path in first} == first  # every unit of the first run reused
+    assert (tmp_path / "hf_sto3g.extxyz").read_text() == hf_sto3g
+    done = run("tools/make_qm_dataset.py", "--recipe", "tiny", "--tasks", "b3lyp_631g", "--out", tmp_path)
+    assert done.returncode == 2
+    assert "--tasks b3lyp_631g: not a task of recipe tiny; its tasks are gfn2_xtb, hf_sto3g" in done.stderr
