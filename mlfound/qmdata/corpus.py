@@ -5,12 +5,15 @@ first one MD trajectory per (molecule or periodic box, temperature), or with nor
 per molecule (its Hessian serves every temperature, a frames file each), then one label chunk per
 (task, molecule, temperature, chunk); a box's frames carry their cells, and its labels a stress.
 A killed run loses at most the units in flight; rerunning skips every unit already on disk. SCF
-failures go to ``<task>.rejects.jsonl``, never lost silently.
+failures go to ``<task>.rejects.jsonl``, never lost silently. A label chunk records a checksum of the frames
+it labelled, so labels carried to another machine (whose geometries are made again) are written only onto the
+same frames.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -187,8 +190,19 @@ def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
         records.append({"frame": frame, "energy_ev": energy_ev,
                         "forces_ev_a": None if forces is None else forces.tolist(),
                         "stress_ev_a3": None if stress is None else stress.tolist()})
-    payload = json.dumps({"records": records, "rejects": rejects, "seconds": time.perf_counter() - started})
+    payload = json.dumps({"records": records, "rejects": rejects, "seconds": time.perf_counter() - started,
+                          "frames_sha256": _frames_sha256(geom, unit.frames)})
     atomic_write(_label_path(work_dir, unit), lambda f: f.write(payload.encode()))
+
+
+def _frames_sha256(geometry, frames: tuple[int, ...]) -> str:
+    """Checksum of the positions (and cells) of ``frames``: what a label chunk was computed on."""
+    digest = hashlib.sha256()
+    for key in ("symbols", "frames_a", "cells_a"):
+        if key in geometry:
+            values = geometry[key] if key == "symbols" else geometry[key][list(frames)]
+            digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
 
 
 def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Path, out_dir: Path) -> dict:
@@ -200,7 +214,13 @@ def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Pat
     frames, rejects, label_seconds = [], [], 0.0
     for unit in units:
         geom = np.load(_geometry_path(work_dir, unit.geometry))
-        result = json.loads(_label_path(work_dir, unit).read_text())
+        label_path = _label_path(work_dir, unit)
+        result = json.loads(label_path.read_text())
+        recorded = result.get("frames_sha256")  # absent in units written before it was recorded
+        if recorded is not None and recorded != _frames_sha256(geom, unit.frames):
+            raise ValueError(f"{label_path} labels other frames than {_geometry_path(work_dir, unit.geometry)} holds "
+                             "(geometries made again elsewhere came out different); delete the label file to "
+                             "label these frames")
         label_seconds += result.get("seconds", 0.0)  # absent in units written before it was recorded
         box = recipe.boxes.get(unit.geometry.molecule)
         for rec in result["records"]:

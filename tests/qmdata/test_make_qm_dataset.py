@@ -41,6 +41,26 @@ def test_tiny_corpus_labels_resume_and_metadata(tmp_path):
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / ".work").rglob("*.*"))] == stamps
 
 
+def test_labels_are_written_only_onto_the_frames_they_were_computed_on(tmp_path):
+    """Label chunks carried to another machine meet geometries made again there: a changed frame is an error
+    naming the label file, never a label on the wrong structure; deleting that file relabels it."""
+    recipe = RECIPES["tiny"].only_tasks({"hf_sto3g"})
+    make_corpus("tiny", recipe, tmp_path, workers=1)
+    geometry_path = tmp_path / ".work" / "tiny" / "geometries" / "water_T300.npz"
+    with np.load(geometry_path) as geometry:
+        arrays = dict(geometry)
+    arrays["frames_a"][1, 0, 0] += 1e-6
+    np.savez(geometry_path, **arrays)
+    label_path = tmp_path / ".work" / "tiny" / "labels" / "hf_sto3g" / "water_T300_f0000_s1.json"
+    with pytest.raises(ValueError, match=f"{label_path} labels other frames than {geometry_path}"):
+        make_corpus("tiny", recipe, tmp_path, workers=1)
+    label_path.unlink()
+    make_corpus("tiny", recipe, tmp_path, workers=1)
+    assert label_path.exists()
+    frames = read(tmp_path / "hf_sto3g.extxyz", index=":")
+    np.testing.assert_allclose(frames[1].positions, arrays["frames_a"][1], atol=1e-7)  # extxyz keeps 8 decimals
+
+
 def test_forces_are_minus_energy_gradient_in_ev_per_angstrom(tmp_path):
     """Units check: PySCF's Hartree/Bohr gradient converted to eV/Å equals a finite difference in eV/Å."""
     lot = levels.LEVELS["hf_sto3g"]
