@@ -1,16 +1,15 @@
 """What the units share, made once and reused: the corpus's shards, the target's fixed split, the start
 models (scratch and one 2-rank DeepSpeed pretraining run per method and seed) and the single-task choice."""
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from experiments.config import ROOT, Experiment, portable, pretrain_config, run_overrides
+from experiments.config import Experiment, portable, pretrain_config, run_overrides
 from experiments.plan import start_model
 from mlfound.config import ConfigError
+from mlfound.data.shard_command import shard
 from mlfound.data.files import atomic_write_bytes, json_text
 from mlfound.data.sets import load_records, split_records, write_extxyz
 from mlfound.data.sets import subset as draw
@@ -35,9 +34,8 @@ def make_shards(exp: Experiment) -> None:
             "make the corpus first (tools/make_qm_dataset.py)"
         raise ConfigError(f"pretrain.corpus {corpus} has no *.extxyz and pretrain.shards {shards} lacks the tasks "
                           f"{_missing_tasks(shards, tasks)}: {make}")
-    cmd = [sys.executable, str(ROOT / "tools" / "shard_dataset.py"), *map(str, sources), "--out", str(shards),
-           "--val-fraction", "0.1"]
-    subprocess.run(cmd, check=True)
+    # in this process, so its errors (a folder another run shards, a bad record) reach the user as one line
+    shard([*map(str, sources), "--out", str(shards), "--val-fraction", "0.1"], prog="mlfound shard")
     if _missing_tasks(shards, tasks):
         raise ConfigError(f"pretrain.corpus {corpus} has no data for the pretraining tasks "
                           f"{_missing_tasks(shards, tasks)} (files are named <task>.extxyz)")

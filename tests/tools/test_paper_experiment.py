@@ -283,6 +283,18 @@ def test_unknown_recipe_key_fails_before_anything_runs(tmp_path):
     assert not (tmp_path / "shards").exists() and not out.exists()
 
 
+def test_a_shard_folder_another_run_writes_is_one_line_naming_it(tmp_path):
+    """Two experiments on one corpus start together: the second to shard it is refused in one line (the
+    sharding ran in a subprocess and ended in a traceback)."""
+    from mlfound.data.files import FolderLock
+
+    with FolderLock(tmp_path / "shards", "mlfound shard run"):
+        done = run(toy_experiment(tmp_path, RECIPES), tmp_path / "paper")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"error: {tmp_path / 'shards'} is in use by another mlfound shard run (host " in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_shipped_experiments_load_and_replay_reads_shards_from_the_repository_root(monkeypatch, tmp_path):
     """e1/e2.yaml validate as written; a replay recipe's relative shard_root is the repository's, like every
     path of the experiment, whatever the working directory."""
