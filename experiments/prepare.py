@@ -18,6 +18,7 @@ from mlfound.release import load, release_metadata, save_release
 from mlfound.train.build import build_potential, load_manifests
 from mlfound.train.checkpoint import latest_tag
 from mlfound.train.export import export
+from mlfound.train.guards import TrainingError
 from mlfound.train.launch import start
 
 
@@ -99,6 +100,9 @@ def pretrain(exp: Experiment, out: Path, method: str, seed: int, single_task: st
     done = start(exp.pretrain.config, run_overrides(exp, method, run_dir, seed, single_task), ranks=2,
                  resume="auto", env={"MLFOUND_NO_SHM_OP": "1"})
     if done.returncode != 0:
+        if stopped := [line for line in done.stderr.splitlines() if line.startswith("error: ")]:
+            # a rank stopped on a user error (a loss that is not finite, a checkpoint it cannot trust): its line
+            raise TrainingError(f"pretraining {method} seed {seed} ({run_dir}) stopped: {stopped[0][7:]}")
         raise RuntimeError(f"pretraining {method} seed {seed} failed:\n{done.stderr[-3000:]}")
     export(run_dir, release)
     print(f"pretrained {method} seed {seed} in {time.perf_counter() - tic:.0f} s", flush=True)

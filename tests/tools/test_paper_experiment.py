@@ -295,6 +295,17 @@ def test_a_shard_folder_another_run_writes_is_one_line_naming_it(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_a_pretraining_run_that_diverges_is_one_line_naming_the_run_and_the_step(tmp_path):
+    """A rank's own user error (here the non-finite guard) reaches the experiment's user as that one line."""
+    experiment = toy_experiment(tmp_path, RECIPES)
+    done = run(experiment, tmp_path / "paper", "pretrain.seeds=[0]",
+               "pretrain.overrides=[model.channels=8,meta.inner.lr=1.0e+12]")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"error: pretraining reptile_k5 seed 0 ({tmp_path / 'paper' / 'pretrain' / 'reptile_k5_s0'}) stopped: " \
+           "step 1: " in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
 def test_the_shipped_experiments_load_and_replay_reads_shards_from_the_repository_root(monkeypatch, tmp_path):
     """e1/e2.yaml validate as written; a replay recipe's relative shard_root is the repository's, like every
     path of the experiment, whatever the working directory."""
