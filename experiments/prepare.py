@@ -9,10 +9,10 @@ import torch
 from experiments.config import Experiment, portable, pretrain_config, run_overrides
 from experiments.plan import start_model
 from mlfound.config import ConfigError
-from mlfound.data.shard_command import shard
 from mlfound.data.files import atomic_write_bytes, json_text
 from mlfound.data.sets import load_records, split_records, write_extxyz
 from mlfound.data.sets import subset as draw
+from mlfound.data.shard_command import shard
 from mlfound.finetune import choose_init_head, head_scores
 from mlfound.release import load, release_metadata, save_release
 from mlfound.train.build import build_potential, load_manifests
@@ -102,7 +102,8 @@ def pretrain(exp: Experiment, out: Path, method: str, seed: int, single_task: st
     if done.returncode != 0:
         if stopped := [line for line in done.stderr.splitlines() if line.startswith("error: ")]:
             # a rank stopped on a user error (a loss that is not finite, a checkpoint it cannot trust): its line
-            raise TrainingError(f"pretraining {method} seed {seed} ({run_dir}) stopped: {stopped[0][7:]}")
+            reason = stopped[0].removeprefix("error: ")
+            raise TrainingError(f"pretraining {method} seed {seed} ({run_dir}) stopped: {reason}")
         raise RuntimeError(f"pretraining {method} seed {seed} failed:\n{done.stderr[-3000:]}")
     export(run_dir, release)
     print(f"pretrained {method} seed {seed} in {time.perf_counter() - tic:.0f} s", flush=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mlfound.data.files import atomic_write
+from mlfound.data.record import DataError
 from mlfound.progress import progress
 from mlfound.qmdata import geometries, levels
 from mlfound.qmdata.recipes import Crystal, Recipe
@@ -218,7 +219,7 @@ def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Pat
         result = json.loads(label_path.read_text())
         recorded = result.get("frames_sha256")  # absent in units written before it was recorded
         if recorded is not None and recorded != _frames_sha256(geom, unit.frames):
-            raise ValueError(f"{label_path} labels other frames than {_geometry_path(work_dir, unit.geometry)} holds "
+            raise DataError(f"{label_path} labels other frames than {_geometry_path(work_dir, unit.geometry)} holds "
                              "(geometries made again elsewhere came out different); delete the label file to "
                              "label these frames")
         label_seconds += result.get("seconds", 0.0)  # absent in units written before it was recorded

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from ase.io import read
 
+from mlfound.data import DataError
 from mlfound.qmdata import levels
 from mlfound.qmdata.corpus import make_corpus
 from mlfound.qmdata.recipes import RECIPES, TaskRecipe
@@ -52,7 +53,7 @@ def test_labels_are_written_only_onto_the_frames_they_were_computed_on(tmp_path)
     arrays["frames_a"][1, 0, 0] += 1e-6
     np.savez(geometry_path, **arrays)
     label_path = tmp_path / ".work" / "tiny" / "labels" / "hf_sto3g" / "water_T300_f0000_s1.json"
-    with pytest.raises(ValueError, match=f"{label_path} labels other frames than {geometry_path}"):
+    with pytest.raises(DataError, match=f"{label_path} labels other frames than {geometry_path}"):
         make_corpus("tiny", recipe, tmp_path, workers=1)
     label_path.unlink()
     make_corpus("tiny", recipe, tmp_path, workers=1)
