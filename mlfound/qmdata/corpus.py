@@ -174,7 +174,8 @@ def _make_normal_mode_geometries(recipe: Recipe, units: list[GeometryUnit], work
 def _make_labels(unit: LabelUnit, work_dir: Path) -> None:
     lot = _level(unit)
     started = time.perf_counter()
-    geom = np.load(_geometry_path(work_dir, unit.geometry))
+    with np.load(_geometry_path(work_dir, unit.geometry)) as stored:
+        geom = dict(stored)  # read once: each access of an npz member reads it from disk again
     symbols = [str(s) for s in geom["symbols"]]
     records, rejects = [], []
     for frame in unit.frames:
@@ -214,7 +215,8 @@ def _write_task(task: str, recipe: Recipe, units: list[LabelUnit], work_dir: Pat
     lot = _level(units[0]) if units else levels.LEVELS[task]
     frames, rejects, label_seconds = [], [], 0.0
     for unit in units:
-        geom = np.load(_geometry_path(work_dir, unit.geometry))
+        with np.load(_geometry_path(work_dir, unit.geometry)) as stored:
+            geom = dict(stored)  # read once, not once per record
         label_path = _label_path(work_dir, unit)
         result = json.loads(label_path.read_text())
         recorded = result.get("frames_sha256")  # absent in units written before it was recorded
